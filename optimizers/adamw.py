@@ -1,0 +1,307 @@
+"""AdamW (Loshchilov & Hutter 2019) and its AMSGrad variant (Reddi et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import (
+    advance_steps,
+    check_betas,
+    check_non_negative,
+    choose_impl,
+    clip_coefficient,
+    own_state,
+)
+from ._fused import FusedKernel, hyperparams, split_for_fused
+
+
+class AdamW(Optimizer):
+    r"""AdamW with decoupled weight decay; ``amsgrad=True`` gives AMSGrad.
+
+    .. math::
+        \begin{aligned}
+        & \theta_{t-1} \leftarrow (1 - \text{lr}\,\lambda)\,\theta_{t-1} \\
+        & m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+          v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        & \hat v_t = \max(\hat v_{t-1}, v_t) \text{ (amsgrad) else } v_t \\
+        & \theta_t = \theta_{t-1} - \frac{\text{lr}}{1-\beta_1^t}\,
+          \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+        \end{aligned}
+
+    Numerically the same as ``torch.optim.AdamW`` (the max is over the raw second moment, as
+    torch does), plus optional global gradient clipping and a compiled fused path.
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
+    ``step``: 8 (12) bytes per fp32 parameter.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        max_grad_norm: float = 0.0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        check_non_negative("lr", lr)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("max_grad_norm", max_grad_norm)
+        betas = check_betas(betas, 2)
+        if foreach and fused:
+            raise ValueError("Invalid options: foreach=True and fused=True cannot both be set")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of ``torch.optim.AdamW``."""
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            saved = {k: v for k, v in saved.items() if k in current}
+            saved["foreach"], saved["fused"] = current["foreach"], current["fused"]
+            groups.append(saved)
+        self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
+        super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["max_grad_norm"] = self.max_grad_norm
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            amsgrad = group["amsgrad"]
+            keys = (
+                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                if amsgrad
+                else ("exp_avg", "exp_avg_sq")
+            )
+            impl = choose_impl(params, group["foreach"], group["fused"])
+            beta1, beta2 = group["betas"]
+            for step, bucket in advance_steps(self.state, params, keys).items():
+                states = [self.state[p] for p in bucket]
+                _adamw(
+                    impl,
+                    bucket,
+                    [p.grad for p in bucket],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                    beta1=beta1,
+                    beta2=beta2,
+                    bias_correction1=1 - beta1**step,
+                    bias_correction2=1 - beta2**step,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    clip=clip,
+                )
+        return loss
+
+
+def _adamw(
+    impl: str,
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    **kwargs: Any,
+) -> None:
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
+
+    def run(fn: Callable[..., None], idx: list[int]) -> None:
+        sub = [[lst[i] for i in idx] for lst in lists]
+        fn(*sub[:4], sub[4] if max_exp_avg_sqs else None, **kwargs)
+
+    if impl == "fused":
+        big, small = split_for_fused(*lists)
+        if big:
+            run(_fused_adamw, big)
+        if small:
+            run(_multi_tensor_adamw, small)
+    elif impl == "foreach":
+        _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
+    else:
+        _single_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
+
+
+def _single_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    *,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+) -> None:
+    """The readable reference, operation for operation as torch.optim.AdamW."""
+    for i, param in enumerate(params):
+        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+        grad = grads[i].to(exp_avg.dtype)
+        if clip is not None:
+            grad = grad * clip
+        weight = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+
+        weight.mul_(1 - lr * weight_decay)  # decoupled weight decay
+        exp_avg.lerp_(grad, 1 - beta1)  # m_t
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t
+        if max_exp_avg_sqs is not None:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])  # max v_t
+            second = max_exp_avg_sqs[i]
+        else:
+            second = exp_avg_sq
+        denom = (second.sqrt() / bias_correction2**0.5).add_(eps)
+        weight.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if weight is not param:
+            param.copy_(weight)
+
+
+def _multi_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    *,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+) -> None:
+    """The same update with torch._foreach_* kernels."""
+    low_precision = any(p.dtype != m.dtype for p, m in zip(params, exp_avgs, strict=True))
+    if low_precision:
+        weights = [p.to(m.dtype) for p, m in zip(params, exp_avgs, strict=True)]
+        grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs, strict=True)]
+    else:
+        weights = params
+    if clip is not None:
+        grads = torch._foreach_mul(grads, clip)
+
+    torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m_t
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # v_t
+    if max_exp_avg_sqs is not None:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        denoms = torch._foreach_sqrt(max_exp_avg_sqs)
+    else:
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bias_correction2**0.5)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(weights, exp_avgs, denoms, value=-lr / bias_correction1)
+    if low_precision:
+        torch._foreach_copy_(params, weights)
+
+
+def _adamw_kernel(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, hp: Tensor
+) -> None:
+    """One 1-D tensor's AdamW update, for torch.compile (28 bytes per fp32 parameter)."""
+    beta1, beta2, step_size, bc2_sqrt, eps, decay, clip = hp.unbind()
+    grad = grad.to(exp_avg.dtype) * clip
+    exp_avg.lerp_(grad, 1 - beta1)  # m_t
+    exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)  # v_t
+    weight = param.to(exp_avg.dtype) * decay
+    param.copy_(weight - step_size * exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps))
+
+
+def _amsgrad_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    hp: Tensor,
+) -> None:
+    """AdamW with amsgrad, for torch.compile (36 bytes per fp32 parameter)."""
+    beta1, beta2, step_size, bc2_sqrt, eps, decay, clip = hp.unbind()
+    grad = grad.to(exp_avg.dtype) * clip
+    exp_avg.lerp_(grad, 1 - beta1)  # m_t
+    exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)  # v_t
+    max_exp_avg_sq.copy_(torch.maximum(max_exp_avg_sq, exp_avg_sq))  # max v_t
+    weight = param.to(exp_avg.dtype) * decay
+    param.copy_(weight - step_size * exp_avg / (max_exp_avg_sq.sqrt() / bc2_sqrt + eps))
+
+
+_ADAMW_FUSED = FusedKernel(_adamw_kernel)
+_AMSGRAD_FUSED = FusedKernel(_amsgrad_kernel)
+
+
+def _fused_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    *,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+) -> None:
+    """The same update as compiled kernels, one pass over memory per tensor."""
+    hp = hyperparams(
+        [
+            beta1,
+            beta2,
+            lr / bias_correction1,
+            math.sqrt(bias_correction2),
+            eps,
+            1 - lr * weight_decay,
+            1.0 if clip is None else clip,
+        ],
+        like=exp_avgs[0],
+    )
+    if max_exp_avg_sqs is None:
+        _ADAMW_FUSED([params, grads, exp_avgs, exp_avg_sqs], hp)
+    else:
+        _AMSGRAD_FUSED([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], hp)

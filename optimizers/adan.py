@@ -1,0 +1,370 @@
+"""Adan: Adaptive Nesterov Momentum (Xie et al. 2022, https://arxiv.org/abs/2208.06677)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import (
+    advance_steps,
+    check_betas,
+    check_non_negative,
+    choose_impl,
+    clip_coefficient,
+    own_state,
+)
+from ._fused import FusedKernel, hyperparams, split_for_fused
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+
+
+class Adan(Optimizer):
+    r"""Adan, Algorithm 1 of the paper with the bias correction of the authors' code.
+
+    .. math::
+        \begin{aligned}
+        & g_t \leftarrow c\,\nabla f(\theta_{t-1}),\quad
+          c = \min(1, \text{max\_grad\_norm} / (\lVert g \rVert_2 + \epsilon))
+          \text{ (when clipping)}, \quad g_0 := g_1 \\
+        & m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+        & v_t = \beta_2 v_{t-1} + (1-\beta_2)(g_t - g_{t-1}) \\
+        & n_t = \beta_3 n_{t-1} + (1-\beta_3)\,[g_t + \beta_2 (g_t - g_{t-1})]^2 \\
+        & \eta_t = \text{lr} / (\sqrt{n_t / (1-\beta_3^t)} + \epsilon) \\
+        & \theta_t = \big(\theta_{t-1} - \eta_t \odot (m_t/(1-\beta_1^t)
+          + \beta_2 v_t/(1-\beta_2^t))\big) / (1 + \text{lr}\,\lambda)
+          \quad\text{(proximal weight decay; no\_prox: }
+          \theta_{t-1} \leftarrow (1-\text{lr}\,\lambda)\theta_{t-1}\text{ first)}
+        \end{aligned}
+
+    The paper's betas are "1 - beta" here, as in the reference implementation
+    (github.com/sail-sg/Adan): defaults (0.98, 0.92, 0.99).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: (beta1, beta2, beta3) for the gradient, gradient-difference and squared moments.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay lambda.
+        no_prox: multiply by (1 - lr * wd) before the update instead of the proximal division.
+        max_grad_norm: clip all gradients by their global L2 norm (0 turns it off).
+        foreach: use the multi-tensor (torch._foreach_*) path.
+        fused: use compiled kernels (torch.compile). None picks the best available.
+
+    State per parameter (fp32 for bf16/fp16 parameters): ``exp_avg`` (m), ``exp_avg_diff`` (v),
+    ``exp_avg_sq`` (n), ``neg_pre_grad`` (-g_{t-1}) and ``step``: 16 bytes per fp32 parameter.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = Adan(model.parameters(), lr=1e-2, weight_decay=0.02)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        no_prox: bool = False,
+        max_grad_norm: float = 0.0,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        check_non_negative("lr", lr)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("max_grad_norm", max_grad_norm)
+        betas = check_betas(betas, 3)
+        if foreach and fused:
+            raise ValueError("Invalid options: foreach=True and fused=True cannot both be set")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            no_prox=no_prox,
+            foreach=foreach,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+        # Clipping is global across groups, so it is an optimizer setting, not a group one.
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """The paper's restart: zero the moments and start the step count (and bias
+        correction) again; the next step treats its gradient as the first."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+                        state[key].zero_()
+                    state["step"].zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this class or by the reference implementation
+        (sail-sg/Adan keeps ``step`` in each param group rather than per parameter)."""
+        original = state_dict
+        state_dict = {
+            "state": own_state(state_dict["state"]),
+            "param_groups": [dict(g) for g in state_dict["param_groups"]],
+        }
+        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            step = saved.pop("step", None)
+            if step is not None:
+                for idx in saved["params"]:
+                    entry = state_dict["state"].get(idx)
+                    if entry is not None and "step" not in entry:
+                        entry["step"] = torch.tensor(float(step))
+            # The implementation choice belongs to this process, not to the checkpoint.
+            saved["foreach"], saved["fused"] = current["foreach"], current["fused"]
+            saved.pop("max_grad_norm", None)
+            saved.setdefault("no_prox", False)
+        if "max_grad_norm" in original:
+            self.max_grad_norm = float(original["max_grad_norm"])
+        super().load_state_dict(state_dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["max_grad_norm"] = self.max_grad_norm
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            impl = choose_impl(params, group["foreach"], group["fused"])
+            buckets = advance_steps(self.state, params, _STATE_KEYS)
+            for step, bucket in buckets.items():
+                states = [self.state[p] for p in bucket]
+                grads = [p.grad for p in bucket]
+                neg_pre_grads = [s["neg_pre_grad"] for s in states]
+                if step == 1:  # g_0 := g_1, so the first gradient difference is zero
+                    for npg, grad in zip(neg_pre_grads, grads, strict=True):
+                        npg.copy_(grad).neg_()
+                        if clip is not None:
+                            npg.mul_(clip)
+                beta1, beta2, beta3 = group["betas"]
+                _adan(
+                    impl,
+                    bucket,
+                    grads,
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["exp_avg_diff"] for s in states],
+                    neg_pre_grads,
+                    beta1=beta1,
+                    beta2=beta2,
+                    beta3=beta3,
+                    bias_correction1=1 - beta1**step,
+                    bias_correction2=1 - beta2**step,
+                    bias_correction3=1 - beta3**step,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    no_prox=group["no_prox"],
+                    clip=clip,
+                )
+        return loss
+
+
+def _adan(impl: str, *tensor_lists: list[Tensor], **kwargs: Any) -> None:
+    if impl == "fused":
+        big, small = split_for_fused(*tensor_lists)
+        if big:
+            _fused_adan(*([lst[i] for i in big] for lst in tensor_lists), **kwargs)
+        if small:
+            _multi_tensor_adan(*([lst[i] for i in small] for lst in tensor_lists), **kwargs)
+    elif impl == "foreach":
+        _multi_tensor_adan(*tensor_lists, **kwargs)
+    else:
+        _single_tensor_adan(*tensor_lists, **kwargs)
+
+
+def _single_tensor_adan(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_diffs: list[Tensor],
+    neg_pre_grads: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    bias_correction3: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    no_prox: bool,
+    clip: Tensor | None,
+) -> None:
+    """The readable reference: one parameter at a time, one line per symbol of the paper."""
+    for i, param in enumerate(params):
+        exp_avg, exp_avg_sq, exp_avg_diff = exp_avgs[i], exp_avg_sqs[i], exp_avg_diffs[i]
+        neg_pre_grad = neg_pre_grads[i]
+        grad = grads[i].to(exp_avg.dtype)
+        if clip is not None:
+            grad = grad * clip
+        # Low-precision parameters are updated in fp32 and rounded once at the end.
+        weight = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+
+        diff = grad + neg_pre_grad  # g_t - g_{t-1}
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # m_t
+        exp_avg_diff.mul_(beta2).add_(diff, alpha=1 - beta2)  # v_t
+        nesterov = grad.add(diff, alpha=beta2)  # g_t + beta2 (g_t - g_{t-1})
+        exp_avg_sq.mul_(beta3).addcmul_(nesterov, nesterov, value=1 - beta3)  # n_t
+
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction3)).add_(eps)
+        if no_prox:
+            weight.mul_(1 - lr * weight_decay)
+        weight.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        weight.addcdiv_(exp_avg_diff, denom, value=-lr * beta2 / bias_correction2)
+        if not no_prox:
+            weight.div_(1 + lr * weight_decay)  # proximal weight decay
+        neg_pre_grad.copy_(grad).neg_()
+        if weight is not param:
+            param.copy_(weight)
+
+
+def _multi_tensor_adan(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_diffs: list[Tensor],
+    neg_pre_grads: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    bias_correction3: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    no_prox: bool,
+    clip: Tensor | None,
+) -> None:
+    """The same update with torch._foreach_* kernels, a few launches for all tensors."""
+    low_precision = [i for i, p in enumerate(params) if p.dtype != exp_avgs[i].dtype]
+    if low_precision:
+        weights = [p.to(exp_avgs[i].dtype) for i, p in enumerate(params)]
+        grads = [g.to(exp_avgs[i].dtype) for i, g in enumerate(grads)]
+    else:
+        weights = params
+    grads = torch._foreach_mul(grads, clip) if clip is not None else list(grads)
+
+    diffs = torch._foreach_add(grads, neg_pre_grads)  # g_t - g_{t-1}
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)  # m_t
+    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_add_(exp_avg_diffs, diffs, alpha=1 - beta2)  # v_t
+    torch._foreach_mul_(diffs, beta2)
+    torch._foreach_add_(diffs, grads)  # g_t + beta2 (g_t - g_{t-1})
+    torch._foreach_mul_(exp_avg_sqs, beta3)
+    torch._foreach_addcmul_(exp_avg_sqs, diffs, diffs, value=1 - beta3)  # n_t
+
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, math.sqrt(bias_correction3))
+    torch._foreach_add_(denoms, eps)
+    if no_prox:
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(weights, exp_avgs, denoms, value=-lr / bias_correction1)
+    torch._foreach_addcdiv_(weights, exp_avg_diffs, denoms, value=-lr * beta2 / bias_correction2)
+    if not no_prox:
+        torch._foreach_div_(weights, 1 + lr * weight_decay)
+    torch._foreach_copy_(neg_pre_grads, grads)
+    torch._foreach_neg_(neg_pre_grads)
+    if low_precision:
+        torch._foreach_copy_(params, weights)
+
+
+def _adan_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_diff: Tensor,
+    neg_pre_grad: Tensor,
+    hp: Tensor,
+) -> None:
+    """One 1-D tensor's update, written for torch.compile to fuse into a single pass."""
+    beta1, beta2, beta3, step_size, step_size_diff, bc3_sqrt, eps, decay, prox, clip = hp.unbind()
+    grad = grad.to(exp_avg.dtype) * clip
+    diff = grad + neg_pre_grad
+    exp_avg.mul_(beta1).add_((1 - beta1) * grad)  # m_t
+    exp_avg_diff.mul_(beta2).add_((1 - beta2) * diff)  # v_t
+    nesterov = grad + beta2 * diff
+    exp_avg_sq.mul_(beta3).add_((1 - beta3) * nesterov * nesterov)  # n_t
+    denom = exp_avg_sq.sqrt() / bc3_sqrt + eps
+    weight = param.to(exp_avg.dtype) * decay
+    weight = weight - step_size * exp_avg / denom - step_size_diff * exp_avg_diff / denom
+    param.copy_(weight / prox)
+    neg_pre_grad.copy_(-grad)
+
+
+_ADAN_FUSED = FusedKernel(_adan_kernel)
+
+
+def _fused_adan(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    exp_avg_diffs: list[Tensor],
+    neg_pre_grads: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    bias_correction3: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    no_prox: bool,
+    clip: Tensor | None,
+) -> None:
+    """The same update as compiled kernels: one pass over memory per tensor (44 bytes per
+    fp32 parameter: read p, g, m, v, n, -g_prev; write p, m, v, n, -g_prev)."""
+    wd = lr * weight_decay
+    hp = hyperparams(
+        [
+            beta1,
+            beta2,
+            beta3,
+            lr / bias_correction1,
+            lr * beta2 / bias_correction2,
+            math.sqrt(bias_correction3),
+            eps,
+            1 - wd if no_prox else 1.0,
+            1.0 if no_prox else 1 + wd,
+            1.0 if clip is None else clip,
+        ],
+        like=exp_avgs[0],
+    )
+    _ADAN_FUSED([params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads], hp)

@@ -1,0 +1,207 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2020, https://arxiv.org/abs/1904.00962)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._common import (
+    advance_steps,
+    check_betas,
+    check_non_negative,
+    choose_impl,
+    clip_coefficient,
+    own_state,
+)
+
+# (weights, updates) -> (||w_i||, ||u_i||) per tensor. ZeroOptimizer swaps in a version that
+# sums partial squares across ranks when one parameter is split between shards.
+NormFn = Callable[[list[Tensor], list[Tensor]], tuple[list[Tensor], list[Tensor]]]
+
+
+def local_norms(weights: list[Tensor], updates: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """L2 norm of each weight and each update tensor."""
+    return list(torch._foreach_norm(weights)), list(torch._foreach_norm(updates))
+
+
+class LAMB(Optimizer):
+    r"""LAMB, the large-batch baseline: Adam's direction rescaled per parameter tensor.
+
+    .. math::
+        \begin{aligned}
+        & m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+          v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        & u_t = \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+          + \lambda\theta_{t-1} \\
+        & r_t = \lVert\theta_{t-1}\rVert / \lVert u_t\rVert
+          \quad (r_t = 1 \text{ if either norm is } 0) \\
+        & \theta_t = \theta_{t-1} - \text{lr}\; r_t\, u_t
+        \end{aligned}
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq``, ``step`` (8 bytes per fp32 parameter).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_grad_norm: float = 0.0,
+        foreach: bool | None = None,
+    ) -> None:
+        check_non_negative("lr", lr)
+        check_non_negative("eps", eps)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("max_grad_norm", max_grad_norm)
+        betas = check_betas(betas, 2)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.norm_fn: NormFn = local_norms
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
+            saved = {k: v for k, v in saved.items() if k in current}
+            saved["foreach"] = current["foreach"]
+            groups.append(saved)
+        self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
+        super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["max_grad_norm"] = self.max_grad_norm
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimisation step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            impl = choose_impl(params, group["foreach"], fused=False)
+            beta1, beta2 = group["betas"]
+            for step, bucket in advance_steps(
+                self.state, params, ("exp_avg", "exp_avg_sq")
+            ).items():
+                states = [self.state[p] for p in bucket]
+                kernel = _multi_tensor_lamb if impl == "foreach" else _single_tensor_lamb
+                kernel(
+                    bucket,
+                    [p.grad for p in bucket],
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    beta1=beta1,
+                    beta2=beta2,
+                    bias_correction1=1 - beta1**step,
+                    bias_correction2=1 - beta2**step,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    clip=clip,
+                    norm_fn=self.norm_fn,
+                )
+        return loss
+
+
+def _trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
+    """||w|| / ||u||, or 1 when either norm is zero (fresh zero-initialised tensors)."""
+    ratio = weight_norm / update_norm
+    ok = (weight_norm > 0) & (update_norm > 0)
+    return torch.where(ok, ratio, torch.ones_like(ratio))
+
+
+def _single_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+    norm_fn: NormFn,
+) -> None:
+    """The readable reference."""
+    weights, updates = [], []
+    for i, param in enumerate(params):
+        exp_avg, exp_avg_sq = exp_avgs[i], exp_avg_sqs[i]
+        grad = grads[i].to(exp_avg.dtype)
+        if clip is not None:
+            grad = grad * clip
+        weight = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)  # m_t
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # v_t
+        adam = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
+        updates.append(adam.add_(weight, alpha=weight_decay))  # u_t
+        weights.append(weight)
+    weight_norms, update_norms = norm_fn(weights, updates)
+    for param, weight, update, wn, un in zip(
+        params, weights, updates, weight_norms, update_norms, strict=True
+    ):
+        weight.sub_(lr * _trust_ratio(wn, un) * update)  # r_t u_t
+        if weight is not param:
+            param.copy_(weight)
+
+
+def _multi_tensor_lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+    norm_fn: NormFn,
+) -> None:
+    """The same update with torch._foreach_* kernels."""
+    low_precision = any(p.dtype != m.dtype for p, m in zip(params, exp_avgs, strict=True))
+    if low_precision:
+        weights = [p.to(m.dtype) for p, m in zip(params, exp_avgs, strict=True)]
+        grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs, strict=True)]
+    else:
+        weights = params
+    if clip is not None:
+        grads = torch._foreach_mul(grads, clip)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)  # m_t
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)  # v_t
+    updates = torch._foreach_div(exp_avgs, bias_correction1)
+    denoms = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denoms)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_div_(updates, denoms)
+    torch._foreach_add_(updates, weights, alpha=weight_decay)  # u_t
+    weight_norms, update_norms = norm_fn(list(weights), list(updates))
+    ratios = [_trust_ratio(wn, un) for wn, un in zip(weight_norms, update_norms, strict=True)]
+    torch._foreach_mul_(updates, ratios)
+    torch._foreach_add_(weights, updates, alpha=-lr)
+    if low_precision:
+        torch._foreach_copy_(params, weights)
