@@ -93,7 +93,6 @@ def advance_steps(
     """Create each parameter's zeroed state on first use, count the step, and bucket the
     parameters by step count (they differ only when a parameter skipped steps, and then
     need their own bias correction)."""
-    buckets: dict[int, list[Tensor]] = {}
     for p in params:
         if p.grad.is_sparse:
             raise RuntimeError("Nestor optimizers do not support sparse gradients")
@@ -102,8 +101,11 @@ def advance_steps(
             entry["step"] = torch.tensor(0.0)
             for key in state_keys:
                 entry[key] = torch.zeros_like(p, dtype=state_dtype(p))
-        entry["step"] += 1
-        buckets.setdefault(int(entry["step"].item()), []).append(p)
+    steps = [state[p]["step"] for p in params]
+    torch._foreach_add_(steps, 1.0)  # one call, not one per parameter
+    buckets: dict[int, list[Tensor]] = {}
+    for p, step in zip(params, torch.stack(steps).tolist(), strict=True):
+        buckets.setdefault(int(step), []).append(p)
     return buckets
 
 

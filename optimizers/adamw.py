@@ -18,7 +18,7 @@ from ._common import (
     clip_coefficient,
     own_state,
 )
-from ._fused import FusedKernel, hyperparams, split_for_fused
+from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
 
 
 class AdamW(Optimizer):
@@ -70,6 +70,7 @@ class AdamW(Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
+        self._flat_views = FlatViews()
         self.max_grad_norm = max_grad_norm
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -127,6 +128,7 @@ class AdamW(Optimizer):
                     weight_decay=group["weight_decay"],
                     eps=group["eps"],
                     clip=clip,
+                    views=self._flat_views,
                 )
         return loss
 
@@ -138,20 +140,21 @@ def _adamw(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor] | None,
+    views: FlatViews,
     **kwargs: Any,
 ) -> None:
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
 
-    def run(fn: Callable[..., None], idx: list[int]) -> None:
+    def pick(idx: list[int]) -> list[list[Tensor] | None]:
         sub = [[lst[i] for i in idx] for lst in lists]
-        fn(*sub[:4], sub[4] if max_exp_avg_sqs else None, **kwargs)
+        return [*sub[:4], sub[4] if max_exp_avg_sqs else None]
 
     if impl == "fused":
         big, small = split_for_fused(*lists)
         if big:
-            run(_fused_adamw, big)
+            _fused_adamw(*pick(big), views=views, **kwargs)
         if small:
-            run(_multi_tensor_adamw, small)
+            _multi_tensor_adamw(*pick(small), **kwargs)
     elif impl == "foreach":
         _multi_tensor_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **kwargs)
     else:
@@ -287,6 +290,7 @@ def _fused_adamw(
     weight_decay: float,
     eps: float,
     clip: Tensor | None,
+    views: FlatViews | None = None,
 ) -> None:
     """The same update as compiled kernels, one pass over memory per tensor."""
     hp = hyperparams(
@@ -302,6 +306,6 @@ def _fused_adamw(
         like=exp_avgs[0],
     )
     if max_exp_avg_sqs is None:
-        _ADAMW_FUSED([params, grads, exp_avgs, exp_avg_sqs], hp)
+        _ADAMW_FUSED([params, grads, exp_avgs, exp_avg_sqs], hp, views)
     else:
-        _AMSGRAD_FUSED([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], hp)
+        _AMSGRAD_FUSED([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], hp, views)

@@ -18,7 +18,7 @@ from ._common import (
     clip_coefficient,
     own_state,
 )
-from ._fused import FusedKernel, hyperparams, split_for_fused
+from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
@@ -94,6 +94,7 @@ class Adan(Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
+        self._flat_views = FlatViews()
         # Clipping is global across groups, so it is an optimizer setting, not a group one.
         self.max_grad_norm = max_grad_norm
 
@@ -183,15 +184,16 @@ class Adan(Optimizer):
                     eps=group["eps"],
                     no_prox=group["no_prox"],
                     clip=clip,
+                    views=self._flat_views,
                 )
         return loss
 
 
-def _adan(impl: str, *tensor_lists: list[Tensor], **kwargs: Any) -> None:
+def _adan(impl: str, *tensor_lists: list[Tensor], views: FlatViews, **kwargs: Any) -> None:
     if impl == "fused":
         big, small = split_for_fused(*tensor_lists)
         if big:
-            _fused_adan(*([lst[i] for i in big] for lst in tensor_lists), **kwargs)
+            _fused_adan(*([lst[i] for i in big] for lst in tensor_lists), views=views, **kwargs)
         if small:
             _multi_tensor_adan(*([lst[i] for i in small] for lst in tensor_lists), **kwargs)
     elif impl == "foreach":
@@ -348,6 +350,7 @@ def _fused_adan(
     eps: float,
     no_prox: bool,
     clip: Tensor | None,
+    views: FlatViews | None = None,
 ) -> None:
     """The same update as compiled kernels: one pass over memory per tensor (44 bytes per
     fp32 parameter: read p, g, m, v, n, -g_prev; write p, m, v, n, -g_prev)."""
@@ -367,4 +370,4 @@ def _fused_adan(
         ],
         like=exp_avgs[0],
     )
-    _ADAN_FUSED([params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads], hp)
+    _ADAN_FUSED([params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads], hp, views)

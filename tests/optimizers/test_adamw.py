@@ -65,8 +65,13 @@ def test_loads_torch_adamw_state_dict_and_continues_identically():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"lr": -0.1}, "lr"), ({"betas": (0.9,)}, "betas"), ({"betas": (-0.1, 0.9)}, r"betas\[0\]"),
-     ({"eps": -1.0}, "eps"), ({"weight_decay": -1.0}, "weight_decay")],
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"betas": (-0.1, 0.9)}, r"betas\[0\]"),
+        ({"eps": -1.0}, "eps"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+    ],
 )
 def test_bad_hyperparameters_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"Invalid {field}"):

@@ -57,8 +57,16 @@ def test_matches_algorithm_1_by_hand(no_prox, impl):
     p0 = torch.randn(50, generator=gen, dtype=torch.float64)
     grads = [torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(6)]
     p = torch.nn.Parameter(p0.clone())
-    opt = Adan([p], lr=0.05, betas=(0.9, 0.8, 0.95), eps=1e-6, weight_decay=0.1,
-               no_prox=no_prox, foreach=impl == "foreach", fused=False)
+    opt = Adan(
+        [p],
+        lr=0.05,
+        betas=(0.9, 0.8, 0.95),
+        eps=1e-6,
+        weight_decay=0.1,
+        no_prox=no_prox,
+        foreach=impl == "foreach",
+        fused=False,
+    )
     for g in grads:
         p.grad = g.clone()
         opt.step()
@@ -70,10 +78,14 @@ def test_matches_algorithm_1_by_hand(no_prox, impl):
 @pytest.mark.parametrize("max_grad_norm", [0.0, 5.0])
 def test_matches_pytorch_optimizer_adan(no_prox, max_grad_norm):
     kw = dict(lr=0.01, betas=(0.98, 0.92, 0.99), weight_decay=0.02, max_grad_norm=max_grad_norm)
-    ours = run(lambda ps: Adan(ps, no_prox=no_prox, foreach=False, fused=False, **kw),
-               torch.float64, steps=10)
-    theirs = run(lambda ps: PoAdan(ps, weight_decouple=no_prox, foreach=False, **kw),
-                 torch.float64, steps=10)
+    ours = run(
+        lambda ps: Adan(ps, no_prox=no_prox, foreach=False, fused=False, **kw),
+        torch.float64,
+        steps=10,
+    )
+    theirs = run(
+        lambda ps: PoAdan(ps, weight_decouple=no_prox, foreach=False, **kw), torch.float64, steps=10
+    )
     # The reference computes the clipping norm in fp32 (Nestor in the gradient's dtype), so
     # with clipping on the two agree to fp32 rounding of that one scalar.
     assert max_diff(ours, theirs) < (1e-7 if max_grad_norm else 1e-12)

@@ -31,8 +31,9 @@ def test_matches_numpy_lamb(impl):
     params = make_params(torch.float64, SHAPES[:4])
     starts = [p.detach().numpy().copy() for p in params]
     grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(6)]
-    opt = LAMB(params, lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1,
-               foreach=impl == "foreach")
+    opt = LAMB(
+        params, lr=0.02, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, foreach=impl == "foreach"
+    )
     for step_grads in grads:
         for p, g in zip(params, step_grads, strict=True):
             p.grad = torch.from_numpy(g)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from optimizers import LAMB, Adan, AdamW, Lookahead, create_optimizer
+from optimizers import LAMB, AdamW, Adan, Lookahead, create_optimizer
 
 
 def test_matches_algorithm_1_around_sgd():
@@ -89,8 +89,9 @@ def test_add_param_group_reaches_base_and_copies_slow_weights():
     torch.testing.assert_close(opt.state[b]["slow_param"], torch.full((2,), 3.0))
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"k": 0}, "k"), ({"alpha": 0.0}, "alpha"),
-                                               ({"alpha": 1.5}, "alpha")])
+@pytest.mark.parametrize(
+    ("kwargs", "field"), [({"k": 0}, "k"), ({"alpha": 0.0}, "alpha"), ({"alpha": 1.5}, "alpha")]
+)
 def test_bad_hyperparameters_name_the_field(kwargs, field):
     p = torch.nn.Parameter(torch.ones(1))
     with pytest.raises(ValueError, match=f"Invalid {field}"):

@@ -8,8 +8,8 @@ import torch
 
 from optimizers import (
     LAMB,
-    Adan,
     AdamW,
+    Adan,
     Lookahead,
     OptimizerSpec,
     create_optimizer,
@@ -28,8 +28,14 @@ def test_spec_builds_the_described_optimizer():
     model = torch.nn.Linear(4, 3)
     opt = create_optimizer(
         model.parameters(),
-        {"name": "adan", "lr": 0.01, "betas": [0.98, 0.92, 0.99], "weight_decay": 0.02,
-         "lookahead": {"k": 6, "alpha": 0.6}, "max_grad_norm": 1.0},
+        {
+            "name": "adan",
+            "lr": 0.01,
+            "betas": [0.98, 0.92, 0.99],
+            "weight_decay": 0.02,
+            "lookahead": {"k": 6, "alpha": 0.6},
+            "max_grad_norm": 1.0,
+        },
     )
     assert isinstance(opt, Lookahead) and isinstance(opt.base_optimizer, Adan)
     assert (opt.k, opt.alpha) == (6, 0.6)
@@ -42,8 +48,11 @@ def test_spec_builds_the_described_optimizer():
 
 @pytest.mark.parametrize(
     ("name", "cls", "attrs"),
-    [("adanw", Adan, {"no_prox": True}), ("amsgrad", AdamW, {"amsgrad": True}),
-     ("lamb", LAMB, {"eps": 1e-6})],
+    [
+        ("adanw", Adan, {"no_prox": True}),
+        ("amsgrad", AdamW, {"amsgrad": True}),
+        ("lamb", LAMB, {"eps": 1e-6}),
+    ],
 )
 def test_variants_are_data(name, cls, attrs):
     opt = create_optimizer([torch.nn.Parameter(torch.ones(2, 2))], {"name": name})
@@ -95,8 +104,9 @@ def test_rosenbrock_converges(name):
     # Cosine decay to zero: LAMB's step is always lr * ||p||, so it only settles as lr -> 0.
     steps = 6000 if name.startswith("lookahead_") else 3000
     xy = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
-    opt = create_optimizer([xy], {"name": name, "lr": 0.05, "weight_decay": 0.0,
-                                  "no_decay_1d": False})
+    opt = create_optimizer(
+        [xy], {"name": name, "lr": 0.05, "weight_decay": 0.0, "no_decay_1d": False}
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = rosenbrock(xy).item()
     for _ in range(steps):
