@@ -18,6 +18,7 @@ from .registry import (
     list_optimizers,
     param_groups_weight_decay,
 )
+from .zero import ZeroOptimizer
 
 __all__ = [
     "LAMB",
@@ -26,6 +27,7 @@ __all__ = [
     "Lookahead",
     "LookaheadSpec",
     "OptimizerSpec",
+    "ZeroOptimizer",
     "create_optimizer",
     "list_optimizers",
     "param_groups_weight_decay",

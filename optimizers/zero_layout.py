@@ -1,0 +1,86 @@
+"""Partitioning arithmetic for ZeroOptimizer: pure functions, testable without a process group.
+
+Parameters of one class (same dtype, device and param group) are laid end to end in one flat
+buffer, cut into buckets of whole parameters of about ``bucket_numel`` elements, and each
+bucket is padded to a multiple of the world size. Rank r owns chunk r of every bucket: a
+contiguous slice of ``bucket.numel // world_size`` elements, which may cut a parameter in two.
+Buckets are the unit of communication (one reduce-scatter and one all-gather each), so stage 2
+can send a bucket as soon as backward has produced its gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parameter's place in its flat buffer."""
+
+    index: int  # position among the managed parameters
+    offset: int  # first element in the flat buffer
+    numel: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A run of whole parameters, padded so that every rank's chunk has the same size."""
+
+    start: int  # first element in the flat buffer
+    numel: int  # padded: a multiple of the world size
+    segments: tuple[Segment, ...]
+
+    def chunk(self, world_size: int) -> int:
+        return self.numel // world_size
+
+    def owned(self, rank: int, world_size: int) -> tuple[int, int]:
+        """[lo, hi) of the flat buffer that ``rank`` owns in this bucket."""
+        size = self.chunk(world_size)
+        lo = self.start + rank * size
+        return lo, lo + size
+
+    def pieces(self, rank: int, world_size: int) -> list[tuple[int, int, int]]:
+        """(parameter index, start in the rank's chunk, start in the parameter, length)
+        for each parameter that overlaps ``rank``'s chunk."""
+        lo, hi = self.owned(rank, world_size)
+        out = []
+        for seg in self.segments:
+            a, b = max(lo, seg.offset), min(hi, seg.offset + seg.numel)
+            if a < b:
+                out.append((seg.index, a - lo, a - seg.offset, b - a))
+        return out
+
+
+def plan_buckets(
+    numels: list[int], indices: list[int], world_size: int, bucket_numel: int
+) -> tuple[list[Bucket], int]:
+    """Cut parameters of ``numels`` (with global ``indices``) into padded buckets.
+
+    Returns the buckets and the flat buffer's total (padded) size. A parameter larger than
+    ``bucket_numel`` gets a bucket of its own; otherwise parameters are added in order until
+    the bucket holds at least ``bucket_numel`` elements.
+    """
+    if world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size}")
+    if bucket_numel < 1:
+        raise ValueError(f"Invalid bucket_numel: {bucket_numel}")
+    buckets: list[Bucket] = []
+    start = 0
+    current: list[Segment] = []
+    filled = 0
+
+    def close() -> None:
+        nonlocal start, current, filled
+        padded = -(-filled // world_size) * world_size
+        buckets.append(Bucket(start, padded, tuple(current)))
+        start += padded
+        current, filled = [], 0
+
+    for index, numel in zip(indices, numels, strict=True):
+        current.append(Segment(index, start + filled, numel))
+        filled += numel
+        if filled >= bucket_numel:
+            close()
+    if current:
+        close()
+    return buckets, start

@@ -1,0 +1,238 @@
+"""What each rank runs in the ZeroOptimizer tests (spawned processes, gloo on loopback).
+
+Every scenario trains the same small model on the same sequence of global batches; each
+rank takes its own part of every batch in micro-batches. Rank 0 also trains the model in
+one process with the plain optimizer on the whole batch, and records how far apart the two
+end up. Results go to ``out_dir/world{W}.json`` for the pytest side to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from optimizers import ZeroOptimizer, create_optimizer
+
+GLOBAL_BATCH = 24
+ACCUMULATION = 2
+STEPS = 20
+# ~100 fp32 elements per bucket: several buckets, parameters cut between ranks.
+BUCKET_MB = 400 / 2**20
+
+# (name, spec, stage, dtype)
+SCENARIOS: list[tuple[str, dict[str, Any], int, torch.dtype]] = [
+    (
+        f"{opt}-stage{stage}-fp64",
+        {"name": opt, "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5},
+        stage,
+        torch.float64,
+    )
+    for opt in ("adan", "adamw", "lamb", "lookahead_adan")
+    for stage in (1, 2)
+] + [
+    ("adan-stage0-fp64", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 0, torch.float64),
+    ("amsgrad-stage2-fp64", {"name": "amsgrad", "lr": 0.02}, 2, torch.float64),
+    ("adan-stage2-fp32", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 2, torch.float32),
+    ("lamb-stage1-fp32", {"name": "lamb", "lr": 0.02}, 1, torch.float32),
+]
+
+
+def make_model(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(7, 13),
+        torch.nn.Tanh(),
+        torch.nn.Linear(13, 11),
+        torch.nn.LayerNorm(11),
+        torch.nn.Linear(11, 3),
+    )
+    return model.to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 7, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(GLOBAL_BATCH, 3, generator=gen, dtype=torch.float64).to(dtype)
+    return x, y
+
+
+def zero_steps(model, opt, rank: int, world: int, dtype, first: int, last: int) -> None:
+    micro = GLOBAL_BATCH // (world * ACCUMULATION)
+    for step in range(first, last):
+        x, y = batch(step, dtype)
+        opt.zero_grad()
+        for j in range(ACCUMULATION):
+            lo = (rank * ACCUMULATION + j) * micro
+            loss = F.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro]) / ACCUMULATION
+            loss.backward()
+        opt.step()
+
+
+def plain_steps(model, opt, dtype, first: int, last: int) -> None:
+    for step in range(first, last):
+        x, y = batch(step, dtype)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def reference(spec: dict[str, Any], dtype: torch.dtype, with_state_bytes: bool = False):
+    """Parameters after STEPS plain single-process steps (and the state's size)."""
+    model = make_model(dtype)
+    opt = create_optimizer(model.named_parameters(), spec)
+    plain_steps(model, opt, dtype, 0, STEPS)
+    params = [p.detach().clone() for p in model.parameters()]
+    if not with_state_bytes:
+        return params
+    states = [opt.state] + ([opt.base_optimizer.state] if hasattr(opt, "base_optimizer") else [])
+    nbytes = sum(
+        v.nbytes
+        for s in states
+        for e in s.values()
+        for v in e.values()
+        if isinstance(v, torch.Tensor) and v.ndim > 0
+    )
+    return params, nbytes
+
+
+def max_diff(model: torch.nn.Module, expected: list[torch.Tensor]) -> float:
+    return max(
+        (p.detach().double() - e.double()).abs().max().item()
+        for p, e in zip(model.parameters(), expected, strict=True)
+    )
+
+
+def equality(rank: int, world: int, results: dict[str, Any]) -> None:
+    for name, spec, stage, dtype in SCENARIOS:
+        model = make_model(dtype)
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+        zero_steps(model, opt, rank, world, dtype, 0, STEPS)
+        state = torch.tensor([opt.state_nbytes()], dtype=torch.int64)
+        states = [torch.zeros_like(state) for _ in range(world)]
+        dist.all_gather(states, state)
+        opt.close()
+        if rank == 0:
+            expected, unsharded_bytes = reference(spec, dtype, with_state_bytes=True)
+            results[name] = {
+                "max_diff": max_diff(model, expected),
+                "state_bytes_per_rank": [int(s.item()) for s in states],
+                "unsharded_state_bytes": unsharded_bytes,
+                "padded_numel": sum(c.flat_param.numel() for c in opt._classes),
+                "grad_norm": float(opt.last_grad_norm),
+            }
+
+
+CHECKPOINT_SPECS = {
+    "adan-stage2": ({"name": "adan", "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5}, 2),
+    "lookahead_lamb-stage1": ({"name": "lookahead_lamb", "lr": 0.02}, 1),
+}
+
+
+def checkpoints(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
+    """World 4 and 3 save after 10 steps; 1 and 2 load (4 -> 1, 3 -> 2) and finish."""
+    dtype = torch.float64
+    source = {1: 4, 2: 3}.get(world)
+    for name, (spec, stage) in CHECKPOINT_SPECS.items():
+        model = make_model(dtype)
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+        if source is None:
+            zero_steps(model, opt, rank, world, dtype, 0, STEPS // 2)
+            opt.save_checkpoint(os.path.join(ckpt_dir, f"{name}-world{world}"))
+            zero_steps(model, opt, rank, world, dtype, STEPS // 2, STEPS)
+        else:
+            opt.load_checkpoint(os.path.join(ckpt_dir, f"{name}-world{source}"))
+            zero_steps(model, opt, rank, world, dtype, STEPS // 2, STEPS)
+        if rank == 0:
+            results[f"ckpt-{name}"] = {
+                "max_diff": max_diff(model, reference(spec, dtype)),
+                "from_world": source or world,
+            }
+        opt.close()
+
+
+def consolidation(rank: int, world: int, results: dict[str, Any]) -> None:
+    """Half the steps under ZeRO, then the plain optimizer from consolidated_state_dict."""
+    dtype = torch.float64
+    for name, spec, stage in [
+        ("adan", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05}, 2),
+        ("lookahead_adamw", {"name": "lookahead_adamw", "lr": 0.02}, 1),
+        ("lamb", {"name": "lamb", "lr": 0.02}, 1),
+    ]:
+        model = make_model(dtype)
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+        zero_steps(model, opt, rank, world, dtype, 0, STEPS // 2)
+        consolidated = opt.consolidated_state_dict()
+        opt.close()
+        if rank != 0:
+            assert consolidated is None
+            continue
+        plain_model = make_model(dtype)
+        with torch.no_grad():
+            for p, q in zip(plain_model.parameters(), model.parameters(), strict=True):
+                p.copy_(q)
+        plain = create_optimizer(plain_model.named_parameters(), spec)
+        plain.load_state_dict(consolidated)
+        plain_steps(plain_model, plain, dtype, STEPS // 2, STEPS)
+        results[f"consolidated-{name}"] = {
+            "max_diff": max_diff(plain_model, reference(spec, dtype))
+        }
+
+
+def misuse(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
+    errors: dict[str, str] = {}
+    # Different parameter sets on different ranks: every rank raises, none hangs.
+    model = make_model(torch.float64)
+    named = list(model.named_parameters())
+    if rank == 1:
+        named = named[:-1]
+    try:
+        ZeroOptimizer(named, {"name": "adan"}, stage=1)
+    except ValueError as e:
+        errors["different_params"] = str(e)
+    try:
+        ZeroOptimizer(model.named_parameters(), {"name": "adagrad"}, stage=1)
+    except ValueError as e:
+        errors["unknown_optimizer"] = str(e)
+    try:
+        ZeroOptimizer(model.named_parameters(), {"name": "adan"}, stage=3)
+    except ValueError as e:
+        errors["bad_stage"] = str(e)
+    # A checkpoint from another model.
+    other = torch.nn.Linear(7, 2).double()
+    opt = ZeroOptimizer(other.named_parameters(), {"name": "adan"}, stage=1)
+    path = os.path.join(ckpt_dir, f"other-world{world}")
+    opt.save_checkpoint(path)
+    mine = ZeroOptimizer(model.named_parameters(), {"name": "adan"}, stage=1)
+    try:
+        mine.load_checkpoint(path)
+    except ValueError as e:
+        errors["other_model_checkpoint"] = str(e)
+    results[f"misuse-rank{rank}"] = errors
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results: dict[str, Any] = {}
+    try:
+        equality(rank, world, results)
+        checkpoints(rank, world, ckpt_dir, results)
+        if world >= 2:
+            consolidation(rank, world, results)
+            misuse(rank, world, ckpt_dir, results)
+        if world >= 2 and rank == 1:  # rank 1's own view of the misuse errors
+            with open(os.path.join(out_dir, f"world{world}-rank1.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        if rank == 0:
+            with open(os.path.join(out_dir, f"world{world}.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        dist.destroy_process_group()
