@@ -165,6 +165,7 @@ class ZeroOptimizer(Optimizer):
         super().__init__(self.inner.param_groups, dict(self.inner.defaults))
         self.param_groups = self.inner.param_groups
         self.last_grad_norm: Tensor | None = None
+        self._needs_zero_grad = False
         self._hooks: list[Any] = []
         if stage == 2:
             self._init_stage2()
@@ -252,12 +253,15 @@ class ZeroOptimizer(Optimizer):
             for bi, b in enumerate(c.buckets)
         }
         self._free: list[list[Tensor]] = [[] for _ in self._classes]
+        # Per bucket: no reduction has landed in its gradient shard since the last step.
+        self._fresh = [[True] * len(c.buckets) for c in self._classes]
         self._owned_buffers = [0] * len(self._classes)
         self._reset_backward()
 
     def _reset_backward(self) -> None:
         self._remaining = dict(self._expected)
         self._staging: dict[tuple[int, int], Tensor] = {}  # buckets being filled
+        self._arrived: dict[tuple[int, int], set[int]] = {}
         self._pending: deque[tuple[tuple[int, int], list[Any], Tensor, Tensor]] = deque()
         self._next = 0
         self._in_backward = False
@@ -284,7 +288,11 @@ class ZeroOptimizer(Optimizer):
         for work in works:
             work.wait()
         with torch.no_grad():
-            self._classes[ci].grad_shards[bi].add_(out)
+            if self._fresh[ci][bi]:  # the first micro-batch since step(): no zeros to add to
+                self._classes[ci].grad_shards[bi].copy_(out)
+                self._fresh[ci][bi] = False
+            else:
+                self._classes[ci].grad_shards[bi].add_(out)
         if self._owned_buffers[ci] <= self._POOL:
             self._free[ci].append(buffer if buffer._base is None else buffer._base)
         else:  # an extra buffer made while the pool was exhausted: let it go
@@ -300,11 +308,17 @@ class ZeroOptimizer(Optimizer):
         key = (ci, bi)
         bucket = self._classes[ci].buckets[bi]
         if key not in self._staging:
-            self._staging[key] = self._take_buffer(ci)[: bucket.numel].zero_()
+            # Gradients will overwrite every segment: only the padding needs zeros now.
+            staging = self._take_buffer(ci)[: bucket.numel]
+            last = bucket.segments[-1]
+            staging[last.offset + last.numel - bucket.start :].zero_()
+            self._staging[key] = staging
+            self._arrived[key] = set()
         at = seg.offset - bucket.start
         with torch.no_grad():
             self._staging[key][at : at + seg.numel].copy_(p.grad.reshape(-1))
         p.grad = None
+        self._arrived[key].add(seg.index)
         self._remaining[key] -= 1
         self._launch(flush=False)
 
@@ -313,10 +327,15 @@ class ZeroOptimizer(Optimizer):
             key = self._order[self._next]
             if self._remaining[key] and not flush:
                 return
+            bucket = self._classes[key[0]].buckets[key[1]]
             staging = self._staging.pop(key, None)
             if staging is None:  # no gradient reached this bucket (unused parameters)
-                numel = self._classes[key[0]].buckets[key[1]].numel
-                staging = self._take_buffer(key[0])[:numel].zero_()
+                staging = self._take_buffer(key[0])[: bucket.numel].zero_()
+            elif self._remaining[key]:  # some parameters got no gradient: they count as 0
+                for seg in bucket.segments:
+                    if seg.index not in self._arrived[key]:
+                        at = seg.offset - bucket.start
+                        staging[at : at + seg.numel].zero_()
             works, out = self._reduce_scatter(staging)
             self._pending.append((key, works, out, staging))
             self._next += 1
@@ -366,6 +385,11 @@ class ZeroOptimizer(Optimizer):
     def _reduce_gradients(self) -> list[Tensor]:
         """Stages 0 and 1: sum the locally accumulated gradients over ranks. Returns each
         shard's summed gradient (a view of the flat gradient buffer where dtypes allow)."""
+        if self._needs_zero_grad:
+            raise RuntimeError(
+                "ZeroOptimizer: call zero_grad() between step() calls (at stages 0 and 1 the "
+                "reduction overwrites the local gradient sums)"
+            )
         grads: list[Tensor] = []
         for c in self._classes:
             assert c.flat_grad is not None
@@ -405,6 +429,10 @@ class ZeroOptimizer(Optimizer):
         if self.stage == 2:
             if self._in_backward:  # backward ran without reaching its end callback
                 self._end_backward()
+            for c, fresh in zip(self._classes, self._fresh, strict=True):
+                for g, untouched in zip(c.grad_shards, fresh, strict=True):
+                    if untouched:  # no backward since the last step: a zero gradient
+                        g.zero_()
             grads = [g for c in self._classes for g in c.grad_shards]
         else:
             grads = self._reduce_gradients()
@@ -429,12 +457,12 @@ class ZeroOptimizer(Optimizer):
         self.inner.step()
         for s in shards:
             s.grad = None
-        for c in self._classes:  # step() consumes the gradients
-            if c.flat_grad is not None:
-                c.flat_grad.zero_()
-            if self.stage == 2 or c.flat_grad is None:
-                for g in c.grad_shards:
-                    g.zero_()
+        # step() consumes the gradients: stage 2 starts its shards afresh, stages 0 and 1
+        # need zero_grad() (the reduction may have overwritten the local sums).
+        if self.stage == 2:
+            self._fresh = [[True] * len(c.buckets) for c in self._classes]
+        else:
+            self._needs_zero_grad = True
         self._gather_parameters()
         return loss
 
@@ -459,8 +487,9 @@ class ZeroOptimizer(Optimizer):
         for c in self._classes:
             if c.flat_grad is not None:
                 c.flat_grad.zero_()
-            for g in c.grad_shards:
-                g.zero_()
+        self._needs_zero_grad = False
+        if self.stage == 2:
+            self._fresh = [[True] * len(c.buckets) for c in self._classes]
 
     # ---------------------------------------------------------------- LAMB norms
     def _lamb_norms(

@@ -87,6 +87,7 @@ def test_misuse_fails_fast_with_clear_errors(zero_runs, world):
         assert "Unknown optimizer name: 'adagrad'" in errors["unknown_optimizer"]
         assert "Invalid stage: 3" in errors["bad_stage"]
         assert "from another model" in errors["other_model_checkpoint"]
+        assert "call zero_grad() between step() calls" in errors["missing_zero_grad"]
 
 
 def test_plan_buckets_pads_to_world_size_and_keeps_whole_parameters():

@@ -203,6 +203,14 @@ def misuse(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> Non
         ZeroOptimizer(model.named_parameters(), {"name": "adan"}, stage=3)
     except ValueError as e:
         errors["bad_stage"] = str(e)
+    # Stepping twice without zero_grad() (the reduction overwrote the local sums).
+    opt = ZeroOptimizer(model.named_parameters(), {"name": "adan"}, stage=1)
+    for _ in range(2):
+        model(torch.ones(2, 7, dtype=torch.float64)).sum().backward()
+        try:
+            opt.step()
+        except RuntimeError as e:
+            errors["missing_zero_grad"] = str(e)
     # A checkpoint from another model.
     other = torch.nn.Linear(7, 2).double()
     opt = ZeroOptimizer(other.named_parameters(), {"name": "adan"}, stage=1)
