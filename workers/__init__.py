@@ -1,0 +1,8 @@
+"""Nestor's training side: the job spec, datasets, models, the loop, and launching on Ray.
+
+Imports optimizers/; never SQLAlchemy or FastAPI.
+"""
+
+from .spec import DatasetSpec, LRScalingSpec, LRScheduleSpec, TrainSpec
+
+__all__ = ["DatasetSpec", "LRScalingSpec", "LRScheduleSpec", "TrainSpec"]

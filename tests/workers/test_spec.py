@@ -1,0 +1,94 @@
+"""TrainSpec validation, LR scaling and schedules, the data order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pydantic
+import pytest
+import torch
+
+from workers import LRScheduleSpec, TrainSpec
+from workers.loop import batch_indices
+from workers.schedule import lr_factor
+
+EXAMPLE = {
+    "model": "mnist1d-cnn",
+    "dataset": {"name": "mnist1d", "num_samples": 400000},
+    "optimizer": {"name": "adan", "lr": 0.01, "weight_decay": 0.02},
+    "batch_size": 32768,
+    "micro_batch_size": 2048,
+    "num_workers": 2,
+    "zero_stage": 2,
+    "max_steps": 100,
+    "lr_schedule": {"kind": "cosine", "warmup_steps": 10},
+    "lr_scaling": {"rule": "sqrt", "base_batch_size": 1024},
+    "max_grad_norm": 1.0,
+    "seed": 0,
+    "eval_every": 10,
+    "checkpoint_every": 20,
+    "use_gpu": False,
+}
+
+
+def test_the_issue_example_is_valid():
+    spec = TrainSpec.model_validate(EXAMPLE)
+    assert spec.accumulation_steps == 8
+    opt = spec.optimizer_spec()
+    assert math.isclose(opt.lr, 0.01 * math.sqrt(32))
+    assert opt.max_grad_norm == 1.0
+
+
+def errors(spec: dict) -> str:
+    with pytest.raises(pydantic.ValidationError) as info:
+        TrainSpec.model_validate(spec)
+    return str(info.value)
+
+
+def test_batch_arithmetic_error_names_fields_and_suggests_values():
+    msg = errors({**EXAMPLE, "batch_size": 30000})
+    assert "batch_size (30000) must equal micro_batch_size (2048) x num_workers (2)" in msg
+    assert "nearest valid batch_size: 28672 or 32768" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"model": "resnet50"}, "unknown model 'resnet50'"),
+        ({"dataset": {"name": "imagenet"}}, "unknown dataset 'imagenet'"),
+        ({"dataset": {"name": "digits"}}, "model 'mnist1d-cnn' does not take dataset 'digits'"),
+        ({"optimizer": {"name": "sgd"}}, "Unknown optimizer name: 'sgd'"),
+        ({"zero_stage": 3}, "zero_stage"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": 0.1}, "learning_rate"),
+        ({"lr_schedule": {"kind": "step"}}, "lr_schedule.kind"),
+        ({"num_workers": 0}, "num_workers"),
+    ],
+)
+def test_invalid_specs_name_the_field(change, expected):
+    assert expected in errors({**EXAMPLE, **change})
+
+
+def test_every_field_has_a_description_or_model():
+    for name, field in TrainSpec.model_fields.items():
+        assert field.description or field.annotation not in (int, float, bool, str), name
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    spec = LRScheduleSpec(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, 100, spec) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(50, 100, LRScheduleSpec(kind="constant")) == 1.0
+    assert lr_factor(55, 100, LRScheduleSpec(kind="linear", warmup_steps=10)) == pytest.approx(0.5)
+
+
+def test_batch_order_is_a_permutation_per_epoch_and_reproducible():
+    n, b = 10, 4
+    steps = torch.cat([batch_indices(s, b, n, seed=3) for s in range(5)])  # 2 epochs
+    assert sorted(steps[:10].tolist()) == list(range(10))
+    assert sorted(steps[10:20].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(2, b, n, seed=3), batch_indices(2, b, n, seed=3))
+    assert not torch.equal(batch_indices(0, 10, n, seed=3), batch_indices(0, 10, n, seed=4))

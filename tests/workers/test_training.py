@@ -1,0 +1,114 @@
+"""The training loop in local processes (no Ray): resume, NaN handling, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from service.cli import main as nestor
+from workers import TrainSpec
+from workers.launcher import run_local
+
+BASE = {
+    "model": "mnist1d-mlp",
+    "dataset": {"name": "mnist1d", "num_samples": 3000},
+    "optimizer": {"name": "adan", "lr": 0.01, "weight_decay": 0.02},
+    "batch_size": 512,
+    "micro_batch_size": 128,
+    "num_workers": 2,
+    "zero_stage": 2,
+    "max_steps": 24,
+    "eval_every": 8,
+    "checkpoint_every": 8,
+    "max_grad_norm": 1.0,
+}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, nestor_home):
+    spec = TrainSpec.model_validate(BASE)
+    full = run_local(spec, tmp_path / "full")
+    assert full["status"] == "succeeded"
+    # A run directory holding only the step-8 checkpoint of the first run: the second run
+    # resumes from it and must end bit for bit where the first one did.
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step-00000008", resumed_dir / "step-00000008"
+    )
+    resumed = run_local(spec, tmp_path / "resumed")
+    assert resumed["params_sha256"] == full["params_sha256"]
+    steps = [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert steps[0] == 9 and steps[-1] == 24
+    status = read_jsonl(tmp_path / "resumed" / "status.jsonl")
+    assert status[0] == {**status[0], "status": "running", "resumed_from_step": 8}
+
+
+def test_non_finite_loss_fails_the_job_with_a_clear_error(tmp_path, nestor_home):
+    spec = TrainSpec.model_validate(
+        {
+            **BASE,
+            "num_workers": 1,
+            "max_grad_norm": None,
+            "optimizer": {"name": "adamw", "lr": 1e9},
+            "max_bad_steps": 2,
+            "checkpoint_every": 0,
+        }
+    )
+    result = run_local(spec, tmp_path / "nan")
+    assert result["status"] == "failed"
+    assert "loss was non-finite" in result["error"] and "2 consecutive steps" in result["error"]
+    metrics = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
+    assert metrics[-1]["train_loss"] is None and metrics[-1]["skipped"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "spec file not found"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "a spec is a JSON object"),
+        (
+            json.dumps({**BASE, "batch_size": 500}),
+            "spec: batch_size (500) must equal micro_batch_size (128)",
+        ),
+        (json.dumps({**BASE, "optimizer": {"name": "adan", "lr": -1}}), "optimizer.lr"),
+    ],
+)
+def test_cli_reports_bad_spec_files(tmp_path, capsys, content, message):
+    path = tmp_path / "spec.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        nestor(["train", str(path), "--local"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_trains_and_writes_metrics_and_result(tmp_path, nestor_home):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**BASE, "num_workers": 1, "max_steps": 6, "eval_every": 3}))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", str(spec), "--local", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status"] == "succeeded"
+    assert "6/6" in proc.stderr  # the progress bar reached the end
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("train_loss", "lr", "grad_norm", "samples_per_s", "step_time", "opt_state_bytes"):
+        assert key in records[0]
+    assert "val_accuracy" in records[2]
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["params_sha256"]) == 64

@@ -1,0 +1,155 @@
+"""Running the training loop: on Ray (Ray Train's TorchTrainer) or in local processes.
+
+Everything a run leaves is in its run directory: ``metrics.jsonl`` (one object per report,
+with "step"), ``status.jsonl``, ``checkpoints/step-N/``, ``workers.jsonl`` (rank, pid,
+host of each worker start) and ``result.json`` (status, final metrics, ``params_sha256``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .loop import NonFiniteLossError, Session, train, write_result
+from .reporting import ConsoleReporter, Fanout, JsonlReporter, Reporter
+from .spec import TrainSpec
+
+
+def make_reporter(run_dir: Path, console: bool = False) -> Reporter:
+    """The JSON-lines file in ``run_dir`` (and the console, if asked)."""
+    jsonl = JsonlReporter(run_dir / "metrics.jsonl")
+    return Fanout(jsonl, ConsoleReporter()) if console else jsonl
+
+
+def _record_worker(run_dir: Path, rank: int) -> None:
+    entry = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    with open(run_dir / "workers.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def run_worker(spec: TrainSpec, session: Session, console: bool = False) -> dict[str, Any]:
+    """What every worker runs once its process group exists: train, and on rank 0 write
+    ``result.json``. A non-finite loss ends the run as failed, without retries (a restart
+    would diverge again); other errors propagate so that Ray can restart the group."""
+    _record_worker(session.run_dir, session.rank)
+    reporter = make_reporter(session.run_dir, console) if session.rank == 0 else None
+    try:
+        result = train(spec, session, reporter)
+    except NonFiniteLossError as e:
+        result = {"status": "failed", "error": str(e)}
+        if reporter:
+            reporter.status("failed", error=str(e))
+    if session.rank == 0:
+        write_result(session.run_dir, result)
+    return result
+
+
+# ----------------------------------------------------------------------------------- Ray
+def _ray_train_fn(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: a thin wrapper around ``run_worker``."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    session = Session(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        run_dir=Path(config["run_dir"]),
+    )
+    run_worker(TrainSpec.model_validate(config["spec"]), session, config.get("console", False))
+
+
+def run_on_ray(
+    spec: TrainSpec,
+    run_dir: str | os.PathLike[str],
+    *,
+    ray_address: str | None = None,
+    max_failures: int = 3,
+    cpus_per_worker: int = 1,
+    console: bool = False,
+) -> dict[str, Any]:
+    """Train ``spec`` with Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU) and return
+    ``result.json``. When a worker process dies, FailureConfig restarts the group and the
+    loop resumes from the latest checkpoint in ``run_dir`` (which every node must reach).
+
+    Uses the Ray cluster at ``ray_address``, or the one this process is connected to, or
+    starts a local one.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=console)
+    trainer = TorchTrainer(
+        _ray_train_fn,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "threads": cpus_per_worker,
+            "console": console,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.num_workers,
+            use_gpu=spec.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray's TrainingFailedError: out of retries
+        if not (run_dir / "result.json").exists():
+            write_result(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    return json.loads((run_dir / "result.json").read_text())
+
+
+# --------------------------------------------------------------------- local processes
+def _local_worker(rank: int, world: int, spec_json: str, run_dir: str, init: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        session = Session(rank, world, torch.device("cpu"), Path(run_dir))
+        run_worker(TrainSpec.model_validate_json(spec_json), session)
+    except Exception:
+        if rank == 0 and not (Path(run_dir) / "result.json").exists():
+            write_result(Path(run_dir), {"status": "failed", "error": traceback.format_exc()})
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(spec: TrainSpec, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Train in ``spec.num_workers`` local processes (gloo, CPU), without Ray: for tests,
+    debugging and machines without Ray. Returns ``result.json``."""
+    import torch.multiprocessing as mp
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
+            mp.spawn(
+                _local_worker,
+                args=(spec.num_workers, spec.model_dump_json(), str(run_dir), init),
+                nprocs=spec.num_workers,
+            )
+    return json.loads((run_dir / "result.json").read_text())

@@ -1,0 +1,240 @@
+"""The training loop: one function, read top to bottom, the same on 1 process or N workers.
+
+Per step: lr from the schedule -> this rank's part of the global batch, in micro-batches ->
+backward (ZeroOptimizer averages, clips and steps) -> metrics -> eval -> checkpoint.
+The distributed parts are a process group (set up by Ray Train, or by a test) and a
+``Session`` that says where checkpoints live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from optimizers import ZeroOptimizer
+
+from .datasets import Dataset, load_dataset
+from .models import build_model
+from .reporting import Reporter
+from .schedule import lr_factor
+from .spec import TrainSpec
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite for ``max_bad_steps`` consecutive steps."""
+
+
+@dataclass
+class Session:
+    """Where this worker stands: its rank, its device and the run's directory (checkpoints
+    under ``run_dir/checkpoints``, results in ``run_dir``; shared by all workers)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: Path
+
+
+# ----------------------------------------------------------------------------- data order
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Sample indices of global batch ``step``: a fresh permutation of the training set per
+    epoch (seeded by seed and epoch), read in order; a batch may span epochs."""
+    out, pos, end = [], step * batch_size, (step + 1) * batch_size
+    while pos < end:
+        epoch, offset = divmod(pos, n)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        take = min(n - offset, end - pos)
+        out.append(torch.randperm(n, generator=gen)[offset : offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+def _loss(model: torch.nn.Module, data: Dataset, x: torch.Tensor, y: torch.Tensor):
+    logits = model(x)  # (B, classes) or (B, T, vocab)
+    if data.kind == "lm":
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), logits
+    return F.cross_entropy(logits, y), logits
+
+
+@torch.no_grad()
+def evaluate(model, data: Dataset, session: Session, batch: int) -> dict[str, float]:
+    """Validation loss and accuracy (or bits per character) over the whole validation set,
+    each rank taking a share and the sums all-reduced."""
+    model.eval()
+    n = len(data.x_val)
+    lo, hi = n * session.rank // session.world_size, n * (session.rank + 1) // session.world_size
+    sums = torch.zeros(3, dtype=torch.float64, device=session.device)  # loss*count, correct, count
+    for i in range(lo, hi, batch):
+        x = data.x_val[i : min(hi, i + batch)].to(session.device)
+        y = data.y_val[i : min(hi, i + batch)].to(session.device)
+        loss, logits = _loss(model, data, x, y)
+        count = y.numel()
+        sums[0] += loss.double() * count
+        sums[1] += (logits.argmax(-1) == y).sum()
+        sums[2] += count
+    if session.world_size > 1:
+        dist.all_reduce(sums)
+    model.train()
+    val_loss = (sums[0] / sums[2]).item()
+    out = {"val_loss": val_loss, "val_accuracy": (sums[1] / sums[2]).item()}
+    if data.kind == "lm":
+        out["val_bits_per_char"] = val_loss / math.log(2)
+    return out
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint (its ``complete.json`` is written last)."""
+    found = []
+    for d in (run_dir / "checkpoints").glob("step-*"):
+        if (d / "complete.json").exists():
+            found.append((int(d.name.split("-")[1]), d))
+    return max(found) if found else None
+
+
+def save_checkpoint(opt: ZeroOptimizer, session: Session, step: int, best: dict) -> None:
+    """A collective: parameters and optimizer slices (ZeroOptimizer), each rank's RNG
+    state, and on rank 0 the loop's own position. The schedule is a function of the step,
+    and so is the data order."""
+    d = session.run_dir / "checkpoints" / f"step-{step:08d}"
+    opt.save_checkpoint(d)
+    torch.save({"torch": torch.get_rng_state()}, d / f"rng{session.rank}.pt")
+    if session.world_size > 1:
+        dist.barrier()
+    if session.rank == 0:
+        (d / "complete.json").write_text(json.dumps({"step": step, "best": best}))
+
+
+def params_sha256(model: torch.nn.Module) -> str:
+    """Digest of every parameter's bytes in name order, for bit-for-bit run comparison."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- the loop
+def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[str, Any]:
+    """Train ``spec`` on this rank; returns the final metrics and the parameters' digest.
+    Resumes from the run directory's latest checkpoint when there is one."""
+    rank, world, device = session.rank, session.world_size, session.device
+    if world != spec.num_workers:
+        raise ValueError(f"spec asks for {spec.num_workers} workers, running on {world}")
+    report = reporter if rank == 0 else None
+
+    data = load_dataset(spec.dataset, spec.seed)
+    model = build_model(spec.model, data, spec.seed).to(device)
+    opt = ZeroOptimizer(model.named_parameters(), spec.optimizer_spec(), stage=spec.zero_stage)
+    peak_lrs = [g["lr"] for g in opt.param_groups]
+
+    start, best = 0, {}
+    resumed = latest_checkpoint(session.run_dir)
+    if resumed is not None:
+        step_done, path = resumed
+        opt.load_checkpoint(path)
+        torch.set_rng_state(torch.load(path / f"rng{rank}.pt", weights_only=True)["torch"])
+        best = json.loads((path / "complete.json").read_text())["best"]
+        start = step_done
+        if report:
+            report.resume(step_done)
+            report.status("running", resumed_from_step=step_done)
+    elif report:
+        report.status("running")
+
+    per_rank = spec.batch_size // world
+    micro, accum = spec.micro_batch_size, spec.accumulation_steps
+    n_train = len(data.x_train)
+    bad_steps, metrics = 0, {}
+    for step in range(start, spec.max_steps):
+        t0 = time.perf_counter()
+        lr_now = lr_factor(step, spec.max_steps, spec.lr_schedule)
+        for group, peak in zip(opt.param_groups, peak_lrs, strict=True):
+            group["lr"] = peak * lr_now
+
+        # This rank's distinct part of the global batch, as `accum` micro-batches.
+        idx = batch_indices(step, spec.batch_size, n_train, spec.seed)
+        mine = idx[rank * per_rank : (rank + 1) * per_rank]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for j in range(accum):
+            sel = mine[j * micro : (j + 1) * micro]
+            x, y = data.x_train[sel].to(device), data.y_train[sel].to(device)
+            loss, _ = _loss(model, data, x, y)
+            (loss / accum).backward()
+            loss_sum += loss.detach().double() / accum
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item() / world
+
+        if not math.isfinite(train_loss):
+            bad_steps += 1
+            opt.zero_grad()
+            if report:
+                report.metrics(step + 1, {"train_loss": train_loss, "skipped": 1.0})
+            if bad_steps >= spec.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"loss was non-finite ({train_loss}) for {bad_steps} consecutive steps "
+                    f"(at step {step + 1}; max_bad_steps={spec.max_bad_steps}); lower the "
+                    f"learning rate or set max_grad_norm"
+                )
+            continue
+        bad_steps = 0
+        opt.step()
+        opt.zero_grad()
+        step_time = time.perf_counter() - t0
+
+        done = step + 1
+        metrics = {
+            "train_loss": train_loss,
+            "lr": opt.param_groups[0]["lr"],
+            "grad_norm": float(opt.last_grad_norm),
+            "samples_per_s": spec.batch_size / step_time,
+            "step_time": step_time,
+            "opt_state_bytes": float(opt.state_nbytes()),
+            "epoch": done * spec.batch_size / n_train,
+        }
+        if done % spec.eval_every == 0 or done == spec.max_steps:
+            metrics.update(evaluate(model, data, session, max(micro, 1024)))
+            if metrics["val_loss"] < best.get("val_loss", math.inf):
+                best = {"val_loss": metrics["val_loss"], "step": done}
+        if report and (
+            done % spec.log_every == 0 or done == spec.max_steps or "val_loss" in metrics
+        ):
+            report.metrics(done, metrics)
+        if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.max_steps:
+            save_checkpoint(opt, session, done, best)
+
+    if rank == 0:  # the trained model: a plain state dict (load with weights_only=True)
+        tmp = session.run_dir / "model.pt.tmp"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, session.run_dir / "model.pt")
+    result = {
+        "status": "succeeded",
+        "steps": spec.max_steps,
+        "final_metrics": metrics,
+        "best": best,
+        "params_sha256": params_sha256(model),
+        "world_size": world,
+    }
+    opt.close()
+    if report:
+        report.status("succeeded")
+    return result
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    """Write ``run_dir/result.json`` atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    os.replace(tmp, run_dir / "result.json")
