@@ -102,7 +102,10 @@ def worker(rank: int, contender: str, steps: int, init: str, out: str) -> None:
                 },
                 f,
             )
-    dist.destroy_process_group()
+    dist.barrier()
+    # Exit without tearing down: torch 2.13's DDP Reducer can deadlock in its destructor
+    # after destroy_process_group (seen here), and a benchmark must not hang.
+    os._exit(0)
 
 
 def main() -> None:

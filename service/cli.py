@@ -129,6 +129,107 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "succeeded" else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "database_url": args.database_url,
+            "ray_address": args.ray_address,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    app = create_app(settings)
+
+    @app.on_event("startup")
+    async def _announce() -> None:
+        where = app.state.admin_token_file or "NESTOR_ADMIN_TOKEN"
+        print(
+            f"nestor: serving on http://{settings.host}:{settings.port} "
+            f"(docs at /docs); admin token in {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .db import downgrade, upgrade
+    from .settings import Settings
+
+    url = args.database_url or Settings().db_url
+    if args.action == "upgrade":
+        upgrade(url, args.revision or "head")
+    else:
+        downgrade(url, args.revision or "base")
+    print(f"nestor: database {args.action}d ({url.split('@')[-1]})", file=sys.stderr)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from .client import Client
+
+    return Client(args.url, args.token)
+
+
+def _api_call(fn) -> int:
+    from .client import NestorError
+
+    try:
+        out = fn()
+    except NestorError as e:
+        _fail(f"{e.status}: {json.dumps(e.detail)}")
+    except OSError as e:
+        _fail(f"cannot reach the Nestor service: {e}")
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = load_spec_file(args.spec)
+    name = args.name or Path(args.spec).stem
+    return _api_call(
+        lambda: _client(args).submit(spec.model_dump(mode="json"), name, args.priority)
+    )
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from .client import NestorError
+
+    try:
+        jobs = _client(args).jobs(status=args.status, sweep=args.sweep)
+    except NestorError as e:
+        _fail(f"{e.status}: {json.dumps(e.detail)}")
+    except OSError as e:
+        _fail(f"cannot reach the Nestor service: {e}")
+    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<10} {'batch':>6}  name")
+    for j in jobs["data"]:
+        spec = j["spec"]
+        print(
+            f"{j['id']:>5}  {j['status']:<13} {j['last_step']:>7}  "
+            f"{spec['optimizer']['name']:<10} {spec['batch_size']:>6}  {j['name']}"
+        )
+    print(f"({jobs['count']} jobs)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    return _api_call(lambda: _client(args).job(args.id))
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _api_call(lambda: _client(args).cancel(args.id))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestor", description="Nestor: large-batch training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +249,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--local", action="store_true", help="local processes instead of Ray (debugging)"
     )
     train.set_defaults(func=cmd_train)
+
+    serve = sub.add_parser("serve", help="run the service (API, scheduler, embedded Ray)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--database-url", help="e.g. postgresql+psycopg://u:p@host/nestor")
+    serve.add_argument("--ray-address", help="existing Ray cluster (default: start one)")
+    serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="database migrations")
+    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("revision", nargs="?", help="default: head / base")
+    db.add_argument("--database-url")
+    db.set_defaults(func=cmd_db)
+
+    for name, fn, help_ in [
+        ("submit", cmd_submit, "queue a job spec"),
+        ("jobs", cmd_jobs, "list jobs"),
+        ("show", cmd_show, "show one job"),
+        ("cancel", cmd_cancel, "cancel a job"),
+    ]:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--url", help="service URL (default NESTOR_URL or 127.0.0.1:8000)")
+        p.add_argument("--token", help="API token (default NESTOR_TOKEN or the admin file)")
+        if name == "submit":
+            p.add_argument("spec")
+            p.add_argument("--name")
+            p.add_argument("--priority", type=int, default=0)
+        elif name == "jobs":
+            p.add_argument("--status")
+            p.add_argument("--sweep", type=int)
+        else:
+            p.add_argument("id", type=int)
+        p.set_defaults(func=fn)
     return parser
 
 

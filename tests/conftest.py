@@ -1,8 +1,9 @@
-"""Session-wide fixtures: one local Ray for the whole test session, NESTOR_HOME per session."""
+"""Session-wide fixtures: one local Ray cluster (a real head node) for the whole session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,17 +20,26 @@ def nestor_home(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(nestor_home):
-    """A local Ray started once per session (4 logical CPUs: 2 workers plus Ray's own
-    actors on this 2-core machine)."""
+def ray_cluster(nestor_home):
+    """`ray start --head` on loopback with the dashboard (the Jobs API), 4 logical CPUs on
+    this 2-core machine; started once, stopped at the end of the session."""
+    from service.ray_cluster import RayCluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
+    cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=4)
+    cluster.start()
+    yield cluster
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"NESTOR_HOME": nestor_home}},
-    )
-    yield ray
     ray.shutdown()
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This process connected to the session's cluster as a Ray driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
+    return ray

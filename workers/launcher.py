@@ -21,14 +21,22 @@ import torch
 import torch.distributed as dist
 
 from .loop import NonFiniteLossError, Session, train, write_result
-from .reporting import ConsoleReporter, Fanout, JsonlReporter, Reporter
+from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .spec import TrainSpec
 
 
-def make_reporter(run_dir: Path, console: bool = False) -> Reporter:
-    """The JSON-lines file in ``run_dir`` (and the console, if asked)."""
-    jsonl = JsonlReporter(run_dir / "metrics.jsonl")
-    return Fanout(jsonl, ConsoleReporter()) if console else jsonl
+def make_reporter(
+    run_dir: Path, console: bool = False, http: dict[str, Any] | None = None
+) -> Reporter:
+    """The JSON-lines file in ``run_dir``, plus the console and the service if asked.
+    ``http``: {"api_url", "job_id", "token_file"} of the Nestor service."""
+    reporters: list[Reporter] = [JsonlReporter(run_dir / "metrics.jsonl")]
+    if console:
+        reporters.append(ConsoleReporter())
+    if http:
+        token = Path(http["token_file"]).read_text().strip()
+        reporters.append(HttpReporter(http["api_url"], int(http["job_id"]), token))
+    return Fanout(*reporters)
 
 
 def _record_worker(run_dir: Path, rank: int) -> None:
@@ -37,18 +45,24 @@ def _record_worker(run_dir: Path, rank: int) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def run_worker(spec: TrainSpec, session: Session, console: bool = False) -> dict[str, Any]:
+def run_worker(
+    spec: TrainSpec, session: Session, console: bool = False, http: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What every worker runs once its process group exists: train, and on rank 0 write
     ``result.json``. A non-finite loss ends the run as failed, without retries (a restart
     would diverge again); other errors propagate so that Ray can restart the group."""
     _record_worker(session.run_dir, session.rank)
-    reporter = make_reporter(session.run_dir, console) if session.rank == 0 else None
+    reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
     try:
         result = train(spec, session, reporter)
     except NonFiniteLossError as e:
         result = {"status": "failed", "error": str(e)}
         if reporter:
             reporter.status("failed", error=str(e))
+    finally:
+        for r in getattr(reporter, "reporters", ()):
+            if hasattr(r, "close"):
+                r.close()
     if session.rank == 0:
         write_result(session.run_dir, result)
     return result
@@ -68,7 +82,12 @@ def _ray_train_fn(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         run_dir=Path(config["run_dir"]),
     )
-    run_worker(TrainSpec.model_validate(config["spec"]), session, config.get("console", False))
+    run_worker(
+        TrainSpec.model_validate(config["spec"]),
+        session,
+        config.get("console", False),
+        config.get("http"),
+    )
 
 
 def run_on_ray(
@@ -79,6 +98,7 @@ def run_on_ray(
     max_failures: int = 3,
     cpus_per_worker: int = 1,
     console: bool = False,
+    http: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` with Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU) and return
     ``result.json``. When a worker process dies, FailureConfig restarts the group and the
@@ -102,6 +122,7 @@ def run_on_ray(
             "run_dir": str(run_dir),
             "threads": cpus_per_worker,
             "console": console,
+            "http": http,
         },
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers,

@@ -98,3 +98,87 @@ class Fanout:
     def resume(self, step: int) -> None:
         for r in self.reporters:
             r.resume(step)
+
+
+class HttpReporter:
+    """Sends reports to the Nestor service in batches from a background thread, retrying
+    with backoff while the service is away (a restart loses nothing: the buffer waits, and
+    the service also backfills from metrics.jsonl when the job ends).
+
+    Uses only the standard library: workers never import the service's packages.
+    """
+
+    def __init__(
+        self, api_url: str, job_id: int, token: str, flush_every: float = 0.5, max_batch: int = 500
+    ) -> None:
+        import queue
+        import threading
+
+        self.url = f"{api_url.rstrip('/')}/v1/jobs/{job_id}/ingest"
+        self.token = token
+        self.flush_every, self.max_batch = flush_every, max_batch
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nestor-reporter", daemon=True)
+        self._thread.start()
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        self._queue.put({"points": [{"step": step, "time": time.time(), "values": _clean(values)}]})
+
+    def status(self, status: str, **details: Any) -> None:
+        if status in ("running", "succeeded", "failed"):
+            self._queue.put({"status": status, "error": details.get("error")})
+
+    def resume(self, step: int) -> None:
+        self._queue.put({"resume_from_step": step})
+
+    def _post(self, body: dict[str, Any]) -> None:
+        import urllib.request
+
+        req = urllib.request.Request(
+            self.url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+    def _drain(self) -> list[dict[str, Any]]:
+        """Merge queued items into batches, keeping order (a status or resume closes one)."""
+        batches: list[dict[str, Any]] = []
+        current: dict[str, Any] = {"points": []}
+        while not self._queue.empty() and len(current["points"]) < self.max_batch:
+            item = self._queue.get_nowait()
+            current["points"] += item.get("points", [])
+            if "status" in item or "resume_from_step" in item:
+                current.update({k: v for k, v in item.items() if k != "points"})
+                batches.append(current)
+                current = {"points": []}
+        if current["points"]:
+            batches.append(current)
+        return batches
+
+    def _run(self) -> None:
+        pending: list[dict[str, Any]] = []
+        delay = self.flush_every
+        while True:
+            stopping = self._stop.is_set()
+            pending += self._drain()
+            while pending:
+                try:
+                    self._post(pending[0])
+                except Exception:  # the service is away: keep the batch, back off
+                    delay = min(delay * 2, 10.0)
+                    break
+                pending.pop(0)
+                delay = self.flush_every
+            if stopping and (not pending or time.time() > self._deadline):
+                return
+            self._stop.wait(delay)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Flush what is left, retrying for up to ``timeout`` seconds."""
+        self._deadline = time.time() + timeout
+        self._stop.set()
+        self._thread.join(timeout + 5)

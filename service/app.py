@@ -1,0 +1,100 @@
+"""The FastAPI application: routers, auth, limits, Prometheus metrics, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from sqlalchemy import func, select
+
+from .api import jobs
+from .auth import ensure_admin_token
+from .db import Database, upgrade
+from .deps import UserDep
+from .models import STATUSES, Job
+from .ray_cluster import RayCluster
+from .settings import Settings
+
+log = logging.getLogger("nestor")
+
+
+def create_app(
+    settings: Settings | None = None, *, scheduler: bool = True, cluster: RayCluster | None = None
+) -> FastAPI:
+    """Build the app. ``scheduler=False`` serves the API without launching jobs (tests of
+    the API alone, or a second API replica); ``cluster`` schedules onto a Ray cluster that
+    someone else started and stops."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        upgrade(settings.db_url)  # Alembic owns the schema
+        with app.state.db.sessions() as db:
+            token_file = ensure_admin_token(db, settings.home_dir, settings.admin_token)
+        app.state.admin_token_file = token_file
+        if scheduler:
+            from .scheduler import Scheduler
+
+            app.state.scheduler = Scheduler(settings, app.state.db, cluster)
+            app.state.scheduler.start()
+        yield
+        if scheduler:
+            app.state.scheduler.stop()
+
+    app = FastAPI(
+        title="Nestor",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Large-batch distributed training with modern optimizers.",
+    )
+    app.state.settings = settings
+    app.state.db = Database(settings.db_url)
+    registry = CollectorRegistry()
+    app.state.ingested = Counter(
+        "nestor_metric_points_ingested", "metric points stored", registry=registry
+    )
+    jobs_gauge = Gauge("nestor_jobs", "jobs by status", ["status"], registry=registry)
+    queue_gauge = Gauge("nestor_queue_length", "queued jobs", registry=registry)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > settings.max_body_bytes:
+            return JSONResponse(
+                {"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # 422 with the field path and the reason for each error; never echo huge inputs.
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        """Liveness: no auth."""
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    def prometheus(_: UserDep) -> Response:
+        """Prometheus text format: jobs by status, queue length, points ingested."""
+        with app.state.db.sessions() as db:
+            counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for s in STATUSES:
+            jobs_gauge.labels(status=s).set(counts.get(s, 0))
+        queue_gauge.set(counts.get("queued", 0))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(jobs.router)
+    return app

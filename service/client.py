@@ -1,0 +1,94 @@
+"""A Python client for the Nestor API.
+
+>>> from service.client import Client
+>>> c = Client("http://127.0.0.1:8000", token=open("~/.nestor/admin_token").read())
+>>> job = c.submit(spec, name="adan-32k")
+>>> c.wait(job["id"])["status"]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class NestorError(RuntimeError):
+    """An API error: the HTTP status and the service's ``detail``."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def default_token() -> str | None:
+    """NESTOR_TOKEN, else the embedded service's admin token file in NESTOR_HOME."""
+    if os.environ.get("NESTOR_TOKEN"):
+        return os.environ["NESTOR_TOKEN"]
+    path = Path(os.environ.get("NESTOR_HOME", "~/.nestor")).expanduser() / "admin_token"
+    return path.read_text().strip() if path.exists() else None
+
+
+class Client:
+    def __init__(
+        self, url: str | None = None, token: str | None = None, timeout: float = 30.0
+    ) -> None:
+        self.url = (url or os.environ.get("NESTOR_URL", "http://127.0.0.1:8000")).rstrip("/")
+        token = token or default_token()
+        headers = {"Authorization": f"Bearer {token.strip()}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._http.request(method, path, **kw)
+        if resp.status_code >= 400:
+            try:
+                detail = resp.json().get("detail")
+            except ValueError:
+                detail = resp.text
+            raise NestorError(resp.status_code, detail)
+        return resp.json()
+
+    def submit(self, spec: dict[str, Any], name: str = "job", priority: int = 0) -> dict:
+        return self._call(
+            "POST", "/v1/jobs", json={"name": name, "spec": spec, "priority": priority}
+        )
+
+    def jobs(self, status: str | None = None, sweep: int | None = None, limit: int = 100) -> dict:
+        params = {
+            k: v
+            for k, v in {"status": status, "sweep": sweep, "limit": limit}.items()
+            if v is not None
+        }
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def job(self, job_id: int) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def cancel(self, job_id: int) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def retry(self, job_id: int) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+
+    def metrics(self, job_id: int, keys: list[str] | None = None, max_points: int = 2000) -> dict:
+        params: dict[str, Any] = {"max_points": max_points}
+        if keys:
+            params["keys"] = ",".join(keys)
+        return self._call("GET", f"/v1/jobs/{job_id}/metrics", params=params)
+
+    def events(self, job_id: int) -> list[dict]:
+        return self._call("GET", f"/v1/jobs/{job_id}/events/history")
+
+    def wait(self, job_id: int, timeout: float = 3600, poll: float = 1.0) -> dict:
+        """Poll until the job ends; returns the job."""
+        deadline = time.time() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] not in ("queued", "running"):
+                return job
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+            time.sleep(poll)

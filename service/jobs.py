@@ -1,0 +1,100 @@
+"""Job state: creation, the status machine (every change an event), ingest."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from .models import TERMINAL, Event, Job, Metric, utcnow
+from .schemas import MetricBatch
+
+# The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op.
+TRANSITIONS = {
+    "queued": {"running", "cancelled", "failed"},
+    "running": {"succeeded", "failed", "cancelled", "stopped_early"},
+}
+
+
+def create_job(
+    db: Session, name: str, spec: dict[str, Any], priority: int, sweep_id: int | None = None
+) -> Job:
+    job = Job(name=name, spec=spec, priority=priority, sweep_id=sweep_id, status="queued")
+    db.add(job)
+    db.flush()
+    db.add(Event(job_id=job.id, status="queued", reason="submitted"))
+    db.commit()
+    return job
+
+
+def transition(db: Session, job: Job, status: str, reason: str | None = None) -> bool:
+    """Move ``job`` to ``status`` with an event; False (and no change) if not allowed."""
+    if status not in TRANSITIONS.get(job.status, set()):
+        return False
+    job.status = status
+    now: datetime = utcnow()
+    if status == "running":
+        job.started_at = now
+    if status in TERMINAL:
+        job.finished_at = now
+        if status == "failed":
+            job.error = reason
+    db.add(Event(job_id=job.id, status=status, reason=reason))
+    db.commit()
+    return True
+
+
+def cancel_job(db: Session, job: Job, reason: str) -> bool:
+    """Cancel: a queued job ends now; a running one is marked and stopped by the scheduler
+    (which also records the event once Ray confirms), within seconds."""
+    if job.status in TERMINAL:
+        return False
+    if job.status == "queued" and job.submission_id is None:  # not yet handed to Ray
+        return transition(db, job, "cancelled", reason)
+    job.cancel_requested = True
+    db.commit()
+    return True
+
+
+def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
+    """Store points idempotently ((job, key, step) is unique: a re-sent point replaces
+    itself) and apply a reported status."""
+    rows = []
+    for point in batch.points:
+        t = point.time if point.time is not None else time.time()
+        for key, value in point.values.items():
+            rows.append(
+                {"job_id": job.id, "step": point.step, "key": key[:100], "value": value, "time": t}
+            )
+    if batch.resume_from_step is not None:  # a restart: points after it will come again
+        db.query(Metric).filter(
+            Metric.job_id == job.id, Metric.step > batch.resume_from_step
+        ).delete()
+    if rows:
+        upsert_metrics(db, rows)
+        job.last_step = max(job.last_step or 0, max(r["step"] for r in rows))
+    db.commit()
+    if batch.status == "running" and job.status == "queued":
+        transition(db, job, "running", "workers started")
+    elif batch.status == "succeeded":
+        transition(db, job, "succeeded", "training finished")
+    elif batch.status == "failed":
+        transition(db, job, "failed", batch.error or "worker reported failure")
+    return len(rows)
+
+
+def upsert_metrics(db: Session, rows: list[dict[str, Any]]) -> None:
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    for i in range(0, len(rows), 5000):
+        stmt = insert(Metric).values(rows[i : i + 5000])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "key", "step"],
+            set_={"value": stmt.excluded.value, "time": stmt.excluded.time},
+        )
+        db.execute(stmt)

@@ -1,0 +1,81 @@
+"""Request and response bodies: a schema family per resource (Create / Public / List)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers import TrainSpec
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("job", min_length=1, max_length=200)
+    spec: TrainSpec
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    status: str
+    spec: dict[str, Any]
+    priority: int
+    sweep_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    last_step: int
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class EventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    time: datetime
+    status: str
+    reason: str | None
+
+
+class Series(BaseModel):
+    step: list[int]
+    value: list[float | None]
+
+
+class MetricsPublic(BaseModel):
+    job_id: int
+    series: dict[str, Series]
+
+
+class MetricPoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+    time: float | None = None
+    values: dict[str, float | None] = Field(max_length=64)
+
+
+class MetricBatch(BaseModel):
+    """What workers send: points for one job, and optionally a status report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[MetricPoint] = Field(default_factory=list, max_length=10_000)
+    status: str | None = Field(None, pattern="^(running|succeeded|failed)$")
+    error: str | None = Field(None, max_length=20_000)
+    resume_from_step: int | None = Field(None, ge=0)
+
+
+class IngestResult(BaseModel):
+    accepted: int

@@ -1,0 +1,57 @@
+"""All service settings in one place: NESTOR_* environment variables (pydantic-settings),
+overridden by `nestor serve` flags."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Embedded defaults (one command, one machine) unless told otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="NESTOR_", extra="ignore")
+
+    home: Path = Field(Path("~/.nestor"), description="SQLite file, runs, datasets, tokens")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///HOME/nestor.db (WAL)"
+    )
+    ray_address: str | None = Field(
+        None, description="existing Ray cluster; default: start a local one"
+    )
+    host: str = Field("127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(8000, ge=1, le=65535)
+    admin_token: str | None = Field(
+        None, description="use this admin token instead of generating one on first start"
+    )
+    public_url: str | None = Field(
+        None, description="URL workers use to reach the API; default http://HOST:PORT"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit")
+    scheduler_interval: float = Field(1.0, gt=0, description="seconds between scheduling passes")
+    runs_dir: Path | None = Field(None, description="run directories; default HOME/runs")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'nestor.db'}"
+
+    @property
+    def run_root(self) -> Path:
+        return (self.runs_dir or self.home_dir / "runs").expanduser()
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return self.public_url or f"http://{host}:{self.port}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,158 @@
+"""The REST API on SQLite and PostgreSQL: jobs, validation, auth, ingest, downsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.downsample import min_max_downsample
+
+SPEC = {
+    "model": "mnist1d-mlp",
+    "dataset": {"name": "mnist1d", "num_samples": 1000},
+    "optimizer": {"name": "adan", "lr": 0.01},
+    "batch_size": 256,
+    "micro_batch_size": 128,
+    "num_workers": 1,
+    "max_steps": 5,
+}
+
+
+def submit(client, **kw):
+    resp = client.post("/v1/jobs", json={"name": "t", "spec": SPEC, **kw})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_health_needs_no_token_everything_else_does(client):
+    anon = {"Authorization": ""}
+    assert client.get("/healthz", headers=anon).json() == {"status": "ok"}
+    for method, path in [
+        ("get", "/v1/jobs"),
+        ("post", "/v1/jobs"),
+        ("get", "/v1/jobs/1"),
+        ("get", "/metrics"),
+        ("get", "/v1/jobs/1/metrics"),
+    ]:
+        assert getattr(client, method)(path, headers=anon).status_code == 401
+    bad = {"Authorization": "Bearer nst_wrong"}
+    assert client.get("/v1/jobs", headers=bad).json()["detail"] == "invalid or revoked token"
+
+
+def test_job_lifecycle_queued_cancel_retry(client):
+    job = submit(client, priority=5)
+    assert (
+        job["status"] == "queued" and job["priority"] == 5 and job["spec"]["model"] == "mnist1d-mlp"
+    )
+    assert client.get(f"/v1/jobs/{job['id']}").json()["id"] == job["id"]
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and "is cancelled" in again.json()["detail"]
+    retried = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert retried.status_code == 201 and retried.json()["status"] == "queued"
+    events = client.get(f"/v1/jobs/{job['id']}/events/history").json()
+    assert [e["status"] for e in events] == ["queued", "cancelled"]
+
+
+def test_list_filters_and_pages(client):
+    ids = [submit(client)["id"] for _ in range(5)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel")
+    page = client.get("/v1/jobs", params={"limit": 2, "skip": 1}).json()
+    assert page["count"] == 5 and [j["id"] for j in page["data"]] == [ids[3], ids[2]]
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()
+    assert [j["id"] for j in cancelled["data"]] == [ids[0]]
+    assert client.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("change", "loc", "text"),
+    [
+        ({"batch_size": 300}, ["body", "spec"], "batch_size (300) must equal"),
+        (
+            {"optimizer": {"name": "sgd"}},
+            ["body", "spec", "optimizer", "name"],
+            "Unknown optimizer name",
+        ),
+        ({"model": "gpt5"}, ["body", "spec", "model"], "unknown model 'gpt5'"),
+        ({"code": "import os"}, ["body", "spec", "code"], "Extra inputs"),
+    ],
+)
+def test_invalid_specs_get_422_with_the_field_path(client, change, loc, text):
+    resp = client.post("/v1/jobs", json={"name": "bad", "spec": {**SPEC, **change}})
+    assert resp.status_code == 422
+    err = resp.json()["detail"][0]
+    assert err["loc"][: len(loc)] == loc and text in err["msg"]
+    assert client.get("/v1/jobs").json()["count"] == 0  # nothing stored
+
+
+def test_unknown_ids_404_and_oversized_bodies_413(client):
+    assert client.get("/v1/jobs/999").status_code == 404
+    assert client.post("/v1/jobs/999/cancel").json()["detail"] == "job 999 not found"
+    huge = {"name": "x" * (2 << 20), "spec": SPEC}
+    assert client.post("/v1/jobs", json=huge).status_code == 413
+
+
+def test_ingest_is_idempotent_scoped_and_moves_status(client):
+    from service.auth import create_token
+
+    job = submit(client)
+    other = submit(client)
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=job["id"])
+    headers = {"Authorization": f"Bearer {worker}"}
+    batch = {
+        "points": [{"step": s, "values": {"train_loss": 1.0 / s, "lr": 0.1}} for s in range(1, 11)],
+        "status": "running",
+    }
+    assert client.post(f"/v1/jobs/{job['id']}/ingest", json=batch, headers=headers).json() == {
+        "accepted": 20
+    }
+    client.post(f"/v1/jobs/{job['id']}/ingest", json=batch, headers=headers)  # re-sent
+    series = client.get(f"/v1/jobs/{job['id']}/metrics", params={"keys": "train_loss"}).json()
+    assert series["series"]["train_loss"]["step"] == list(range(1, 11))
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+    assert (
+        client.post(f"/v1/jobs/{other['id']}/ingest", json=batch, headers=headers).status_code
+        == 403
+    )
+    assert client.get("/v1/jobs", headers=headers).status_code == 403  # workers only ingest
+    done = client.post(
+        f"/v1/jobs/{job['id']}/ingest", json={"status": "succeeded"}, headers=headers
+    )
+    assert done.status_code == 200
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
+def test_metrics_are_downsampled_keeping_extremes(client):
+    from service.auth import create_token
+
+    job = submit(client)
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=job["id"])
+    values = np.sin(np.arange(20_000) / 100.0)
+    values[12_345] = 50.0  # a spike must survive
+    points = [{"step": i + 1, "values": {"loss": float(v)}} for i, v in enumerate(values)]
+    for i in range(0, len(points), 5000):
+        client.post(
+            f"/v1/jobs/{job['id']}/ingest",
+            json={"points": points[i : i + 5000]},
+            headers={"Authorization": f"Bearer {worker}"},
+        )
+    s = client.get(f"/v1/jobs/{job['id']}/metrics", params={"max_points": 200}).json()
+    loss = s["series"]["loss"]
+    assert len(loss["step"]) <= 200 and 50.0 in loss["value"]
+    assert loss["step"] == sorted(loss["step"])
+
+
+def test_min_max_downsample_unit():
+    steps = np.arange(1_000_000)
+    values = np.random.default_rng(0).normal(size=1_000_000)
+    s, v = min_max_downsample(steps, values, 1000)
+    assert len(s) <= 1000 and values.max() in v and values.min() in v
+
+
+def test_prometheus_metrics(client):
+    submit(client)
+    text = client.get("/metrics").text
+    assert 'nestor_jobs{status="queued"} 1.0' in text and "nestor_queue_length 1.0" in text
