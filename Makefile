@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run demo test lint bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml (a CPU build pip takes from this machine's disk).
 $(STAMP): pyproject.toml
@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The service on the embedded defaults: SQLite and runs in NESTOR_HOME (~/.nestor), a local
+# Ray it starts, http://127.0.0.1:8000 (docs at /docs). Ctrl-C stops it and its Ray.
 run: install
+	$(BIN)/nestor serve
+
+demo: install
 	$(BIN)/python -m workers.demo
 
 lint: install

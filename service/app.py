@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,11 @@ log = logging.getLogger("nestor")
 
 
 def create_app(
-    settings: Settings | None = None, *, scheduler: bool = True, cluster: RayCluster | None = None
+    settings: Settings | None = None,
+    *,
+    scheduler: bool = True,
+    cluster: RayCluster | None = None,
+    announce: bool = False,
 ) -> FastAPI:
     """Build the app. ``scheduler=False`` serves the API without launching jobs (tests of
     the API alone, or a second API replica); ``cluster`` schedules onto a Ray cluster that
@@ -47,6 +52,14 @@ def create_app(
 
             app.state.scheduler = Scheduler(settings, app.state.db, cluster)
             app.state.scheduler.start()
+        if announce:
+            where = token_file or "NESTOR_ADMIN_TOKEN"
+            print(
+                f"nestor: serving on http://{settings.host}:{settings.port} (docs at /docs, "
+                f"database {settings.db_url.split('@')[-1]}); admin token in {where}",
+                file=sys.stderr,
+                flush=True,
+            )
         yield
         if scheduler:
             app.state.scheduler.stop()

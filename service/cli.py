@@ -146,18 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     settings = Settings(**overrides)
-    app = create_app(settings)
-
-    @app.on_event("startup")
-    async def _announce() -> None:
-        where = app.state.admin_token_file or "NESTOR_ADMIN_TOKEN"
-        print(
-            f"nestor: serving on http://{settings.host}:{settings.port} "
-            f"(docs at /docs); admin token in {where}",
-            file=sys.stderr,
-            flush=True,
-        )
-
+    app = create_app(settings, announce=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 

@@ -38,6 +38,7 @@ class RayCluster:
         self.home = home
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self._proc: subprocess.Popen | None = None
+        self._nodes: list[tuple[subprocess.Popen, int]] = []  # extra worker nodes
         if address is None:
             self.gcs_address, self.dashboard_url = "", ""
         elif address.startswith("http"):
@@ -97,22 +98,45 @@ class RayCluster:
                 time.sleep(0.5)
         raise RuntimeError(f"Ray dashboard at {self.dashboard_url} did not come up")
 
+    def add_node(self, num_cpus: int) -> None:
+        """Start one more node (a separate `ray start` process) joined to this head: a
+        multi-node cluster on one machine, for tests."""
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        log = open(self.home / "ray-node.log", "ab")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(
+            [
+                ray,
+                "start",
+                "--block",
+                f"--address={self.gcs_address}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}",
+                "--disable-usage-stats",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(),
+            start_new_session=True,
+        )
+        self._nodes.append((proc, num_cpus))
+
     def stop(self) -> None:
-        """Stop the head node this object started (its whole process group)."""
-        if self._proc is None:
-            return
-        try:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            self._proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc = None
+        """Stop the nodes this object started (each one's whole process group)."""
+        for proc, _ in [*self._nodes, (self._proc, 0)]:
+            if proc is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self._proc, self._nodes = None, []
 
     def total_cpus(self) -> float:
         """CPUs in the cluster."""
         if self.embedded:
-            return float(self.num_cpus)
+            return float(self.num_cpus + sum(n for _, n in self._nodes))
         import ray
 
         if not ray.is_initialized():

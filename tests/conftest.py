@@ -21,13 +21,15 @@ def nestor_home(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(nestor_home):
-    """`ray start --head` on loopback with the dashboard (the Jobs API), 4 logical CPUs on
-    this 2-core machine; started once, stopped at the end of the session."""
+    """Two Ray nodes on loopback, started as separate processes: a head with the dashboard
+    (the Jobs API) and a worker node, 2 logical CPUs each on this 2-core machine; started
+    once, stopped at the end of the session."""
     from service.ray_cluster import RayCluster
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
-    cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=4)
+    cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=2)
     cluster.start()
+    cluster.add_node(num_cpus=2)
     yield cluster
     import ray
 

@@ -39,19 +39,29 @@ def make_reporter(
     return Fanout(*reporters)
 
 
-def _record_worker(run_dir: Path, rank: int) -> None:
-    entry = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+def _record_worker(run_dir: Path, rank: int, node: str | None = None) -> None:
+    entry = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node": node,
+        "time": time.time(),
+    }
     with open(run_dir / "workers.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 
 def run_worker(
-    spec: TrainSpec, session: Session, console: bool = False, http: dict[str, Any] | None = None
+    spec: TrainSpec,
+    session: Session,
+    console: bool = False,
+    http: dict[str, Any] | None = None,
+    node: str | None = None,
 ) -> dict[str, Any]:
     """What every worker runs once its process group exists: train, and on rank 0 write
     ``result.json``. A non-finite loss ends the run as failed, without retries (a restart
     would diverge again); other errors propagate so that Ray can restart the group."""
-    _record_worker(session.run_dir, session.rank)
+    _record_worker(session.run_dir, session.rank, node)
     reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
     try:
         result = train(spec, session, reporter)
@@ -71,6 +81,7 @@ def run_worker(
 # ----------------------------------------------------------------------------------- Ray
 def _ray_train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a thin wrapper around ``run_worker``."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -87,6 +98,7 @@ def _ray_train_fn(config: dict[str, Any]) -> None:
         session,
         config.get("console", False),
         config.get("http"),
+        ray.get_runtime_context().get_node_id(),
     )
 
 
@@ -99,6 +111,7 @@ def run_on_ray(
     cpus_per_worker: int = 1,
     console: bool = False,
     http: dict[str, Any] | None = None,
+    placement_strategy: str = "PACK",
 ) -> dict[str, Any]:
     """Train ``spec`` with Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU) and return
     ``result.json``. When a worker process dies, FailureConfig restarts the group and the
@@ -128,6 +141,7 @@ def run_on_ray(
             num_workers=spec.num_workers,
             use_gpu=spec.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy=placement_strategy,
         ),
         run_config=RunConfig(
             name=run_dir.name,

@@ -81,3 +81,17 @@ def test_sigkill_of_a_worker_is_survived_with_identical_parameters(two_worker_ru
     assert outcome["params_sha256"] == uninterrupted["params_sha256"]
     steps = [r["step"] for r in read_jsonl(metrics)]
     assert steps == list(range(1, 31))  # every step reported once, after the restart too
+
+
+def test_two_worker_job_spreads_over_a_two_node_cluster(ray_session, tmp_path):
+    # The session cluster is a head and a worker node, separate processes; STRICT_SPREAD
+    # puts each training worker on its own node, and gloo joins them across nodes.
+    deadline = time.monotonic() + 60
+    while len([n for n in ray_session.nodes() if n["Alive"]]) < 2:
+        assert time.monotonic() < deadline, "the second Ray node did not join"
+        time.sleep(0.5)
+    spec = TrainSpec.model_validate({**SPEC, "max_steps": 6, "checkpoint_every": 0})
+    result = run_on_ray(spec, tmp_path, placement_strategy="STRICT_SPREAD")
+    assert result["status"] == "succeeded", result
+    nodes = {w["node"] for w in read_jsonl(tmp_path / "workers.jsonl")}
+    assert len(nodes) == 2
