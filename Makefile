@@ -31,7 +31,11 @@ test: install lint
 	$(BIN)/python -m pytest
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/optimizers.py
+	$(BIN)/python bench/zero.py
+	$(BIN)/python bench/throughput.py --rounds 2
+	$(BIN)/python bench/service.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

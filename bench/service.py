@@ -1,0 +1,250 @@
+"""Metric ingest rate and API latency: the Nestor service beside an MLflow tracking server.
+
+Both servers run on loopback in their own processes with SQLite stores, one server process
+each; the same client threads drive them, alternating round by round:
+
+- ingest: 4 threads, each sending batches of 200 steps x 5 keys (1000 values, MLflow's
+  log-batch limit) for its own job / run (Nestor: POST /v1/jobs/{id}/ingest; MLflow:
+  POST /api/2.0/mlflow/runs/log-batch);
+- create: p50/p99 latency of POST /v1/jobs vs POST runs/create, 4 concurrent threads;
+- read: p50/p99 of GET /v1/jobs/{id}/metrics (one 10k-point series, max_points=1000) vs
+  GET metrics/get-history (the same 10k points; MLflow has no downsampling).
+
+    python bench/service.py [--rounds 2] [--batches 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+THREADS, STEPS_PER_BATCH, KEYS = 4, 200, ("loss", "val_loss", "lr", "grad_norm", "acc")
+TOKEN = "nst_bench_admin_token"
+SPEC = {
+    "model": "mnist1d-mlp",
+    "dataset": {"name": "mnist1d"},
+    "optimizer": {"name": "adan"},
+    "batch_size": 256,
+    "micro_batch_size": 256,
+    "num_workers": 1,
+    "max_steps": 10,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            httpx.get(url, timeout=2)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_nestor(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    code = (
+        "import uvicorn; from service.app import create_app; from service.settings import "
+        f"Settings; s = Settings(home={str(tmp / 'nestor')!r}, admin_token={TOKEN!r}); "
+        f"uvicorn.run(create_app(s, scheduler=False), host='127.0.0.1', port={port}, "
+        "log_level='warning')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz")
+    return proc, url
+
+
+def start_mlflow(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(tmp / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health")
+    return proc, url
+
+
+class Nestor:
+    name = "Nestor (FastAPI, SQLite)"
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+        )
+
+    def new_run(self) -> int:
+        return self.http.post("/v1/jobs", json={"name": "bench", "spec": SPEC}).json()["id"]
+
+    def log(self, run: int, first_step: int) -> None:
+        points = [
+            {"step": s, "time": time.time(), "values": {k: 0.5 for k in KEYS}}
+            for s in range(first_step, first_step + STEPS_PER_BATCH)
+        ]
+        r = self.http.post(f"/v1/jobs/{run}/ingest", json={"points": points})
+        r.raise_for_status()
+
+    def read(self, run: int) -> None:
+        self.http.get(
+            f"/v1/jobs/{run}/metrics", params={"keys": "loss", "max_points": 1000}
+        ).raise_for_status()
+
+
+class MLflow:
+    name = "MLflow tracking server (SQLite)"
+
+    def __init__(self, url: str) -> None:
+        self.http = httpx.Client(base_url=f"{url}/api/2.0/mlflow", timeout=60)
+        self.experiment = self.http.post(
+            "/experiments/create", json={"name": f"bench-{time.time()}"}
+        ).json()["experiment_id"]
+
+    def new_run(self) -> str:
+        r = self.http.post(
+            "/runs/create",
+            json={"experiment_id": self.experiment, "start_time": int(time.time() * 1000)},
+        )
+        return r.json()["run"]["info"]["run_id"]
+
+    def log(self, run: str, first_step: int) -> None:
+        now = int(time.time() * 1000)
+        metrics = [
+            {"key": k, "value": 0.5, "timestamp": now, "step": s}
+            for s in range(first_step, first_step + STEPS_PER_BATCH)
+            for k in KEYS
+        ]
+        self.http.post(
+            "/runs/log-batch", json={"run_id": run, "metrics": metrics}
+        ).raise_for_status()
+
+    def read(self, run: str) -> None:
+        self.http.get(
+            "/metrics/get-history",
+            params={"run_id": run, "metric_key": "loss", "max_results": 25000},
+        ).raise_for_status()
+
+
+def concurrently(fn, n: int) -> None:
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def ingest_rate(server, batches: int) -> float:
+    runs = [server.new_run() for _ in range(THREADS)]
+    start = time.perf_counter()
+    concurrently(
+        lambda i: [server.log(runs[i], 1 + b * STEPS_PER_BATCH) for b in range(batches)], THREADS
+    )
+    values = THREADS * batches * STEPS_PER_BATCH * len(KEYS)
+    return values / (time.perf_counter() - start)
+
+
+def latencies(fn, count: int) -> list[float]:
+    out: list[float] = []
+    lock = threading.Lock()
+
+    def worker(_: int) -> None:
+        for _ in range(count // THREADS):
+            t0 = time.perf_counter()
+            fn()
+            with lock:
+                out.append(time.perf_counter() - t0)
+
+    concurrently(worker, THREADS)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    return statistics.quantiles(xs, n=100)[q - 1] * 1e3 if len(xs) > 1 else xs[0] * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=40, help="per thread per round")
+    args = parser.parse_args()
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        try:
+            p1, nestor_url = start_nestor(Path(tmp))
+            p2, mlflow_url = start_mlflow(Path(tmp))
+            procs = [p1, p2]
+            servers = [Nestor(nestor_url), MLflow(mlflow_url)]
+            for s in servers:  # a 10k-point series to read back
+                run = s.new_run()
+                for b in range(0, 10_000, STEPS_PER_BATCH):
+                    s.log(run, b + 1)
+                s.read_run = run
+            for _ in range(args.rounds):
+                for s in servers:
+                    r = results.setdefault(s.name, {"ingest": [], "create": [], "read": []})
+                    r["ingest"].append(ingest_rate(s, args.batches))
+                    r["create"] += latencies(s.new_run, 40)
+                    r["read"] += latencies(lambda s=s: s.read(s.read_run), 40)
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=30)
+    print(
+        f"{THREADS} client threads, batches of {STEPS_PER_BATCH * len(KEYS)} values, "
+        f"{args.rounds} interleaved rounds, loopback, one server process each"
+    )
+    print(
+        "| server | ingest values/s | create p50 ms | create p99 ms | read p50 ms | read p99 ms |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {statistics.median(r['ingest']):,.0f} | {pct(r['create'], 50):.1f} "
+            f"| {pct(r['create'], 99):.1f} | {pct(r['read'], 50):.1f} | "
+            f"{pct(r['read'], 99):.1f} |"
+        )
+    names = list(results)
+    ratio = statistics.median(results[names[0]]["ingest"]) / statistics.median(
+        results[names[1]]["ingest"]
+    )
+    print(f"Nestor ingests {ratio:.1f}x MLflow's rate")
+
+
+if __name__ == "__main__":
+    main()
