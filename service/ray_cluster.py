@@ -54,31 +54,40 @@ class RayCluster:
             env["RAY_AUTH_MODE"] = "disabled"  # loopback only
         return env
 
-    def start(self) -> None:
-        if not self.embedded or self._proc is not None:
-            return
-        gcs, dash = free_port(), free_port()
+    def _ray_start(self, args: list[str], log_name: str) -> subprocess.Popen:
+        """`ray start ARGS --block` in its own process group, output to HOME/log_name."""
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.home / "ray-head.log", "ab")  # noqa: SIM115 - lives with the process
-        self._proc = subprocess.Popen(
+        log = open(self.home / log_name, "ab")  # noqa: SIM115 - lives with the process
+        return subprocess.Popen(
             [
                 ray,
                 "start",
-                "--head",
                 "--block",
                 "--node-ip-address=127.0.0.1",
-                f"--port={gcs}",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dash}",
-                f"--num-cpus={self.num_cpus}",
                 "--disable-usage-stats",
+                *args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env(),
             start_new_session=True,
+        )
+
+    def start(self) -> None:
+        if not self.embedded or self._proc is not None:
+            return
+        gcs, dash = free_port(), free_port()
+        self._proc = self._ray_start(
+            [
+                "--head",
+                f"--port={gcs}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--num-cpus={self.num_cpus}",
+            ],
+            "ray-head.log",
         )
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dash}"
@@ -101,22 +110,8 @@ class RayCluster:
     def add_node(self, num_cpus: int) -> None:
         """Start one more node (a separate `ray start` process) joined to this head: a
         multi-node cluster on one machine, for tests."""
-        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-        log = open(self.home / "ray-node.log", "ab")  # noqa: SIM115 - lives with the process
-        proc = subprocess.Popen(
-            [
-                ray,
-                "start",
-                "--block",
-                f"--address={self.gcs_address}",
-                "--node-ip-address=127.0.0.1",
-                f"--num-cpus={num_cpus}",
-                "--disable-usage-stats",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env(),
-            start_new_session=True,
+        proc = self._ray_start(
+            [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"], "ray-node.log"
         )
         self._nodes.append((proc, num_cpus))
 

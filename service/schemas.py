@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from workers import TrainSpec
 
@@ -58,12 +58,17 @@ class MetricsPublic(BaseModel):
     series: dict[str, Series]
 
 
+MetricKey = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class MetricPoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    step: int = Field(ge=0)
-    time: float | None = None
-    values: dict[str, float | None] = Field(max_length=64)
+    step: int = Field(ge=0, le=2**31 - 1)
+    time: float | None = Field(None, allow_inf_nan=False)
+    # Finite numbers or null (JSON has no NaN; a client that sends one gets a 422).
+    values: dict[MetricKey, FiniteFloat | None] = Field(max_length=64)
 
 
 class MetricBatch(BaseModel):
@@ -74,7 +79,7 @@ class MetricBatch(BaseModel):
     points: list[MetricPoint] = Field(default_factory=list, max_length=10_000)
     status: str | None = Field(None, pattern="^(running|succeeded|failed)$")
     error: str | None = Field(None, max_length=20_000)
-    resume_from_step: int | None = Field(None, ge=0)
+    resume_from_step: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class IngestResult(BaseModel):

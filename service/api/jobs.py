@@ -7,7 +7,7 @@ import json
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -28,6 +28,9 @@ from ..schemas import (
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_ID = 2**31 - 1  # ids and steps are 32-bit in every supported database
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="a job id")]
 
 
 def get_job(db: Session, job_id: int) -> Job:
@@ -50,7 +53,7 @@ def list_jobs(
     status_: Annotated[
         str | None, Query(alias="status", pattern=f"^({'|'.join(STATUSES)})$")
     ] = None,
-    sweep: int | None = None,
+    sweep: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     skip: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
@@ -66,12 +69,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def show(job_id: int, db: SessionDep, _: UserDep) -> Job:
+def show(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
     return get_job(db, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel(job_id: int, db: SessionDep, _: UserDep) -> Job:
+def cancel(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
     """Cancel a queued or running job (409 if it has already ended)."""
     job = get_job(db, job_id)
     if not cancel_job(db, job, "cancelled by user"):
@@ -83,7 +86,7 @@ def cancel(job_id: int, db: SessionDep, _: UserDep) -> Job:
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def retry(job_id: int, db: SessionDep, _: UserDep) -> Job:
+def retry(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
     """A new queued job with the same spec."""
     job = get_job(db, job_id)
     return create_job(
@@ -92,19 +95,19 @@ def retry(job_id: int, db: SessionDep, _: UserDep) -> Job:
 
 
 @router.get("/{job_id}/events/history", response_model=list[EventPublic])
-def events_history(job_id: int, db: SessionDep, _: UserDep) -> list[Event]:
+def events_history(job_id: JobId, db: SessionDep, _: UserDep) -> list[Event]:
     get_job(db, job_id)
     return list(db.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
 def metrics(
-    job_id: int,
+    job_id: JobId,
     db: SessionDep,
     _: UserDep,
     keys: Annotated[str | None, Query(description="comma-separated; default all")] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
-    since_step: Annotated[int, Query(ge=0)] = 0,
+    since_step: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> MetricsPublic:
     """Series per key, downsampled on the server (each bucket's min and max kept)."""
     get_job(db, job_id)
@@ -131,7 +134,7 @@ def metrics(
 
 @router.post("/{job_id}/ingest", response_model=IngestResult)
 def ingest_metrics(
-    job_id: int, batch: MetricBatch, db: SessionDep, token: TokenDep, request: Request
+    job_id: JobId, batch: MetricBatch, db: SessionDep, token: TokenDep, request: Request
 ) -> IngestResult:
     """Workers send metric points (idempotent: a re-sent point replaces itself) and their
     status. A worker token is valid for its own job only."""
@@ -144,7 +147,7 @@ def ingest_metrics(
 
 
 @router.get("/{job_id}/events")
-async def events(job_id: int, request: Request, _: UserDep) -> StreamingResponse:
+async def events(job_id: JobId, request: Request, _: UserDep) -> StreamingResponse:
     """Server-sent events: `status` (status changes) and `metrics` (new points), live until
     the job ends."""
     db_factory = request.app.state.db.sessions

@@ -156,3 +156,16 @@ def test_prometheus_metrics(client):
     submit(client)
     text = client.get("/metrics").text
     assert 'nestor_jobs{status="queued"} 1.0' in text and "nestor_queue_length 1.0" in text
+
+
+def test_out_of_range_ids_and_non_finite_values_are_422_not_500(client):
+    assert client.get(f"/v1/jobs/{2**70}").status_code == 422
+    assert client.post(f"/v1/jobs/{2**70}/cancel").status_code == 422
+    job = submit(client)
+    bad = '{"points": [{"step": 1, "values": {"loss": NaN}}]}'
+    resp = client.post(
+        f"/v1/jobs/{job['id']}/ingest", content=bad, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 422
+    huge_step = {"points": [{"step": 2**40, "values": {"loss": 1.0}}]}
+    assert client.post(f"/v1/jobs/{job['id']}/ingest", json=huge_step).status_code == 422

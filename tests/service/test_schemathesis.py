@@ -29,7 +29,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: the same cases on every run, so CI is reproducible (it found 5xx on ids
+# beyond 64 bits once; tests/service/test_api.py keeps those cases).
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
     response = case.call(headers={"Authorization": f"Bearer {_TOKEN}"})
     assert response.status_code < 500, (case.method, case.path, response.text[:500])
