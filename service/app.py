@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 from sqlalchemy import func, select
 
-from .api import jobs
+from .api import jobs, sweeps
 from .auth import ensure_admin_token
 from .db import Database, upgrade
 from .deps import UserDep
@@ -110,4 +110,5 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(jobs.router)
+    app.include_router(sweeps.router)
     return app

@@ -219,6 +219,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _api_call(lambda: _client(args).cancel(args.id))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        _fail(f"sweep file not found: {args.file}")
+    try:
+        body = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        _fail(f"{args.file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    return _api_call(lambda: _client(args).sweep(body))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestor", description="Nestor: large-batch training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("jobs", cmd_jobs, "list jobs"),
         ("show", cmd_show, "show one job"),
         ("cancel", cmd_cancel, "cancel a job"),
+        ("sweep", cmd_sweep, "create a sweep from a JSON file"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", help="service URL (default NESTOR_URL or 127.0.0.1:8000)")
@@ -265,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("spec")
             p.add_argument("--name")
             p.add_argument("--priority", type=int, default=0)
+        elif name == "sweep":
+            p.add_argument("file", help="sweep JSON (see examples/)")
         elif name == "jobs":
             p.add_argument("--status")
             p.add_argument("--sweep", type=int)

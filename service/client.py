@@ -82,6 +82,20 @@ class Client:
     def events(self, job_id: int) -> list[dict]:
         return self._call("GET", f"/v1/jobs/{job_id}/events/history")
 
+    def sweep(self, body: dict[str, Any]) -> dict:
+        """Create a sweep: {"name", "base": TrainSpec, "space", "search", ...}."""
+        return self._call("POST", "/v1/sweeps", json=body)
+
+    def sweeps(self) -> dict:
+        return self._call("GET", "/v1/sweeps")
+
+    def sweep_detail(self, sweep_id: int, sort: str | None = None, order: str = "asc") -> dict:
+        params = {"order": order, **({"sort": sort} if sort else {})}
+        return self._call("GET", f"/v1/sweeps/{sweep_id}", params=params)
+
+    def cancel_sweep(self, sweep_id: int) -> dict:
+        return self._call("POST", f"/v1/sweeps/{sweep_id}/cancel")
+
     def wait(self, job_id: int, timeout: float = 3600, poll: float = 1.0) -> dict:
         """Poll until the job ends; returns the job."""
         deadline = time.time() + timeout

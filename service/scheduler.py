@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session
 from .auth import create_token
 from .db import Database
 from .jobs import transition, upsert_metrics
-from .models import Job
+from .models import Job, Sweep
 from .ray_cluster import RayCluster
 from .settings import Settings
+from .sweeps import update_sweep_status
 
 log = logging.getLogger("nestor.scheduler")
 
@@ -68,6 +69,8 @@ class Scheduler:
         with self.db.sessions() as db:
             self.reconcile(db)
             self.start_queued(db)
+            for sweep in db.scalars(select(Sweep).where(Sweep.status == "running")).all():
+                update_sweep_status(db, sweep)
 
     def reconcile(self, db: Session) -> None:
         """Bring running jobs' rows in line with Ray, and carry out cancel requests."""
@@ -150,17 +153,31 @@ class Scheduler:
         ).all()
         used = sum(cpus_needed(j.spec) for j in running)
         free = self.cluster.total_cpus() - used
+        # Trials running per sweep, against each sweep's max_concurrent.
+        active: dict[int, int] = {}
+        for j in running:
+            if j.sweep_id is not None:
+                active[j.sweep_id] = active.get(j.sweep_id, 0) + 1
+        limits = {
+            s.id: s.spec.get("max_concurrent", 1)
+            for s in db.scalars(select(Sweep).where(Sweep.status == "running"))
+        }
         queued = db.scalars(
             select(Job)
             .where(Job.status == "queued", Job.submission_id.is_(None))
             .order_by(Job.priority.desc(), Job.id)
         ).all()
         for job in queued:
+            sweep = job.sweep_id
+            if sweep is not None and active.get(sweep, 0) >= limits.get(sweep, 1):
+                continue  # its sweep is at max_concurrent: other jobs may go ahead
             need = cpus_needed(job.spec)
             if need > free:
                 break
             self.launch(db, job)
             free -= need
+            if sweep is not None:
+                active[sweep] = active.get(sweep, 0) + 1
 
     def launch(self, db: Session, job: Job) -> None:
         run_dir = self.settings.run_root / f"job-{job.id}"

@@ -54,7 +54,7 @@ def list_jobs(
         str | None, Query(alias="status", pattern=f"^({'|'.join(STATUSES)})$")
     ] = None,
     sweep: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    skip: Annotated[int, Query(ge=0)] = 0,
+    skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobList:
     """Jobs, newest first, filtered by status and sweep."""

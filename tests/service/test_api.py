@@ -169,3 +169,8 @@ def test_out_of_range_ids_and_non_finite_values_are_422_not_500(client):
     assert resp.status_code == 422
     huge_step = {"points": [{"step": 2**40, "values": {"loss": 1.0}}]}
     assert client.post(f"/v1/jobs/{job['id']}/ingest", json=huge_step).status_code == 422
+
+
+def test_paging_beyond_64_bits_is_422(client):
+    assert client.get("/v1/jobs", params={"skip": 2**70}).status_code == 422
+    assert client.get("/v1/sweeps", params={"skip": 2**70}).status_code == 422

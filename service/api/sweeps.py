@@ -1,0 +1,149 @@
+"""/v1/sweeps: create (expanded into jobs), list, show with a sortable summary, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, status
+from pydantic import BaseModel
+from sqlalchemy import and_, func, select
+
+from ..deps import SessionDep, UserDep
+from ..models import Job, Metric, Sweep
+from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+SweepId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a sweep id")]
+
+
+class SweepPublic(BaseModel):
+    id: int
+    name: str
+    status: str
+    spec: dict[str, Any]
+    priority: int
+    trials: int = 0
+
+
+class SweepList(BaseModel):
+    data: list[SweepPublic]
+    count: int
+
+
+class Trial(BaseModel):
+    job_id: int
+    status: str
+    varied: dict[str, Any]
+    last_step: int
+    final: dict[str, float | None]
+
+
+class SweepDetail(SweepPublic):
+    trials_summary: list[Trial]
+
+
+def _public(db, sweep: Sweep) -> SweepPublic:
+    count = db.scalar(select(func.count()).where(Job.sweep_id == sweep.id)) or 0
+    return SweepPublic(
+        id=sweep.id,
+        name=sweep.name,
+        status=sweep.status,
+        spec=sweep.spec,
+        priority=sweep.priority,
+        trials=count,
+    )
+
+
+def _get(db, sweep_id: int) -> Sweep:
+    sweep = db.get(Sweep, sweep_id)
+    if sweep is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"sweep {sweep_id} not found")
+    return sweep
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
+def create(body: SweepCreate, db: SessionDep, _: UserDep) -> SweepPublic:
+    """Expand the space, validate every trial's spec (422 names the combination that
+    failed, and nothing is queued), and queue one job per trial."""
+    try:
+        sweep = create_sweep(db, body)
+    except SweepError as e:
+        db.rollback()
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, {"combination": e.varied, "errors": e.errors}
+        ) from None
+    return _public(db, sweep)
+
+
+@router.get("", response_model=SweepList)
+def list_sweeps(
+    db: SessionDep,
+    _: UserDep,
+    skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SweepList:
+    count = db.scalar(select(func.count()).select_from(Sweep)) or 0
+    rows = db.scalars(select(Sweep).order_by(Sweep.id.desc()).offset(skip).limit(limit))
+    return SweepList(data=[_public(db, s) for s in rows], count=count)
+
+
+@router.get("/{sweep_id}", response_model=SweepDetail)
+def show(
+    sweep_id: SweepId,
+    db: SessionDep,
+    _: UserDep,
+    sort: Annotated[
+        str | None, Query(max_length=100, description="a final metric to sort by")
+    ] = None,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "asc",
+) -> SweepDetail:
+    """The sweep, and per trial its varied parameters, status and final metrics (each
+    metric's value at its last reported step), sorted by ``sort`` if given."""
+    sweep = _get(db, sweep_id)
+    jobs = list(db.scalars(select(Job).where(Job.sweep_id == sweep.id).order_by(Job.id)))
+    last = (
+        select(Metric.job_id, Metric.key, func.max(Metric.step).label("step"))
+        .where(Metric.job_id.in_([j.id for j in jobs]))
+        .group_by(Metric.job_id, Metric.key)
+        .subquery()
+    )
+    rows = db.execute(
+        select(Metric.job_id, Metric.key, Metric.value).join(
+            last,
+            and_(
+                Metric.job_id == last.c.job_id, Metric.key == last.c.key, Metric.step == last.c.step
+            ),
+        )
+    ).all()
+    finals: dict[int, dict[str, float | None]] = {}
+    for job_id, key, value in rows:
+        finals.setdefault(job_id, {})[key] = value
+    trials = [
+        Trial(
+            job_id=j.id,
+            status=j.status,
+            varied=varied_values(sweep, j),
+            last_step=j.last_step,
+            final=finals.get(j.id, {}),
+        )
+        for j in jobs
+    ]
+    if sort:
+        missing = [t for t in trials if t.final.get(sort) is None]
+        present = sorted(
+            (t for t in trials if t.final.get(sort) is not None),
+            key=lambda t: t.final[sort],
+            reverse=order == "desc",
+        )
+        trials = present + missing  # trials without the metric last, whatever the order
+    return SweepDetail(**_public(db, sweep).model_dump(), trials_summary=trials)
+
+
+@router.post("/{sweep_id}/cancel", response_model=SweepPublic)
+def cancel(sweep_id: SweepId, db: SessionDep, _: UserDep) -> SweepPublic:
+    """Cancel every trial that has not ended (409 if the sweep already has)."""
+    sweep = _get(db, sweep_id)
+    if sweep.status != "running":
+        raise HTTPException(status.HTTP_409_CONFLICT, f"sweep {sweep_id} is {sweep.status}")
+    cancel_sweep(db, sweep)
+    return _public(db, sweep)

@@ -1,0 +1,199 @@
+"""Sweeps: a search space over TrainSpec fields, expanded into ordinary jobs."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import random
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from workers import TrainSpec
+
+from .jobs import cancel_job, create_job
+from .models import TERMINAL, Event, Job, Sweep, utcnow
+
+
+class EarlyStopping(BaseModel):
+    """Asynchronous successive halving on a reported metric."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field("val_loss", description="a metric the trials report")
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(10, ge=1, description="steps before a trial can be stopped")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class SweepCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sweep", min_length=1, max_length=200)
+    base: dict[str, Any] = Field(description="a TrainSpec the space's values are applied to")
+    space: dict[str, Any] = Field(
+        description="dotted spec path -> list of values, or for random search "
+        '{"uniform": [a, b]}, {"log_uniform": [a, b]}, {"choice": [...]}',
+        min_length=1,
+        max_length=32,
+    )
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1, le=1000, description="trials drawn by random search")
+    max_concurrent: int = Field(4, ge=1, le=1000, description="trials running at once")
+    early_stopping: EarlyStopping | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="random search draws")
+
+    @model_validator(mode="after")
+    def _space_fits_search(self) -> SweepCreate:
+        for path, values in self.space.items():
+            if isinstance(values, dict):
+                if self.search == "grid":
+                    raise ValueError(f"space[{path!r}]: grid search takes a list of values")
+                if len(values) != 1 or next(iter(values)) not in DISTRIBUTIONS:
+                    raise ValueError(
+                        f"space[{path!r}]: a distribution is one of "
+                        f"{sorted(DISTRIBUTIONS)}, got {values!r}"
+                    )
+            elif not isinstance(values, list) or not values:
+                raise ValueError(f"space[{path!r}]: expected a non-empty list of values")
+        if self.search == "grid" and math.prod(len(v) for v in self.space.values()) > 1000:
+            raise ValueError("grid has more than 1000 combinations")
+        return self
+
+
+def _uniform(rng: random.Random, args: list[float]) -> float:
+    return rng.uniform(args[0], args[1])
+
+
+def _log_uniform(rng: random.Random, args: list[float]) -> float:
+    return math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
+
+
+DISTRIBUTIONS = {
+    "uniform": _uniform,
+    "log_uniform": _log_uniform,
+    "choice": lambda rng, args: rng.choice(args),
+}
+
+
+def combinations(sweep: SweepCreate) -> list[dict[str, Any]]:
+    """The varied values of every trial: the grid's product, or num_samples seeded draws."""
+    paths = list(sweep.space)
+    if sweep.search == "grid":
+        return [
+            dict(zip(paths, combo, strict=True))
+            for combo in itertools.product(*(sweep.space[p] for p in paths))
+        ]
+    rng = random.Random(sweep.seed)
+    out = []
+    for _ in range(sweep.num_samples):
+        trial = {}
+        for path in paths:
+            values = sweep.space[path]
+            if isinstance(values, list):
+                trial[path] = rng.choice(values)
+            else:
+                ((kind, args),) = values.items()
+                trial[path] = DISTRIBUTIONS[kind](rng, args)
+        out.append(trial)
+    return out
+
+
+def apply(base: dict[str, Any], varied: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with each dotted path set, e.g. {"optimizer.lr": 0.1}."""
+    spec = copy.deepcopy(base)
+    for path, value in varied.items():
+        node = spec
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{path!r}: {key!r} is not an object in the base spec")
+        node[leaf] = value
+    return spec
+
+
+class SweepError(ValueError):
+    """A trial's spec is invalid: which combination, and why."""
+
+    def __init__(self, varied: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+        super().__init__(f"invalid trial {varied}: {errors}")
+        self.varied, self.errors = varied, errors
+
+
+def expand(sweep: SweepCreate) -> list[tuple[dict[str, Any], TrainSpec]]:
+    """Every trial's varied values and validated spec; raises SweepError on the first
+    invalid combination, before anything is stored."""
+    out = []
+    for varied in combinations(sweep):
+        try:
+            spec = TrainSpec.model_validate(apply(sweep.base, varied))
+        except (ValidationError, ValueError) as e:
+            errors = (
+                [{"loc": list(err["loc"]), "msg": err["msg"]} for err in e.errors()]
+                if isinstance(e, ValidationError)
+                else [{"loc": [], "msg": str(e)}]
+            )
+            raise SweepError(varied, errors) from None
+        out.append((varied, spec))
+    return out
+
+
+def create_sweep(db: Session, sweep: SweepCreate) -> Sweep:
+    trials = expand(sweep)
+    row = Sweep(
+        name=sweep.name,
+        status="running",
+        priority=sweep.priority,
+        spec=sweep.model_dump(mode="json"),
+    )
+    db.add(row)
+    db.flush()
+    db.add(Event(sweep_id=row.id, status="running", reason=f"{len(trials)} trials"))
+    for i, (varied, spec) in enumerate(trials):
+        name = f"{sweep.name}/{i}: " + ", ".join(f"{k}={v}" for k, v in varied.items())
+        create_job(db, name[:200], spec.model_dump(mode="json"), sweep.priority, sweep_id=row.id)
+    db.commit()
+    return row
+
+
+def varied_values(sweep: Sweep, job: Job) -> dict[str, Any]:
+    """The values this trial's spec has at the sweep's varied paths."""
+    out = {}
+    for path in sweep.spec["space"]:
+        node: Any = job.spec
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        out[path] = node
+    return out
+
+
+def cancel_sweep(db: Session, sweep: Sweep) -> None:
+    for job in db.scalars(select(Job).where(Job.sweep_id == sweep.id)):
+        cancel_job(db, job, f"sweep {sweep.id} cancelled")
+    sweep.spec = {**sweep.spec, "cancel_requested": True}
+    db.commit()
+
+
+def update_sweep_status(db: Session, sweep: Sweep) -> None:
+    """running until every trial has ended; then failed if one failed, cancelled if the
+    sweep was cancelled, else succeeded (stopped_early trials count as done)."""
+    if sweep.status != "running":
+        return
+    statuses = [j.status for j in db.scalars(select(Job).where(Job.sweep_id == sweep.id))]
+    if not all(s in TERMINAL for s in statuses):
+        return
+    if sweep.spec.get("cancel_requested") or "cancelled" in statuses:
+        status = "cancelled"
+    elif "failed" in statuses:
+        status = "failed"
+    else:
+        status = "succeeded"
+    sweep.status = status
+    sweep.finished_at = utcnow()
+    db.add(Event(sweep_id=sweep.id, status=status, reason="all trials ended"))
+    db.commit()

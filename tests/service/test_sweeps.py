@@ -1,0 +1,181 @@
+"""Sweeps: expansion (grid, seeded random), validation naming the failing combination,
+the summary, cancel, and max_concurrent in the scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.auth import create_token
+from service.db import Database, upgrade
+from service.models import Job, Sweep
+from service.ray_cluster import RayCluster
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.sweeps import SweepCreate, apply, combinations, create_sweep, update_sweep_status
+
+from .test_api import SPEC
+
+GRID = {
+    "name": "lb",
+    "base": SPEC,
+    "search": "grid",
+    "max_concurrent": 2,
+    "space": {"optimizer.name": ["adan", "adamw", "lamb"], "batch_size": [256, 512]},
+}
+
+
+def test_grid_is_the_product_of_the_lists():
+    combos = combinations(SweepCreate.model_validate(GRID))
+    assert len(combos) == 6
+    assert {(c["optimizer.name"], c["batch_size"]) for c in combos} == {
+        (o, b) for o in ("adan", "adamw", "lamb") for b in (256, 512)
+    }
+
+
+def test_random_search_is_reproducible_from_its_seed_and_respects_bounds():
+    body = {
+        **GRID,
+        "search": "random",
+        "num_samples": 20,
+        "seed": 7,
+        "space": {
+            "optimizer.lr": {"log_uniform": [1e-4, 1e-1]},
+            "optimizer.weight_decay": {"uniform": [0.0, 0.1]},
+            "optimizer.name": {"choice": ["adan", "lamb"]},
+        },
+    }
+    a = combinations(SweepCreate.model_validate(body))
+    b = combinations(SweepCreate.model_validate(body))
+    c = combinations(SweepCreate.model_validate({**body, "seed": 8}))
+    assert a == b and a != c and len(a) == 20
+    assert all(1e-4 <= t["optimizer.lr"] <= 1e-1 for t in a)
+    assert all(0.0 <= t["optimizer.weight_decay"] <= 0.1 for t in a)
+    # log-uniform: about as many draws below the geometric midpoint as above it
+    below = sum(t["optimizer.lr"] < math.sqrt(1e-5) for t in a)
+    assert 4 <= below <= 16
+
+
+def test_apply_sets_dotted_paths_without_touching_the_base():
+    out = apply(SPEC, {"optimizer.lookahead": {"k": 5}, "batch_size": 512})
+    assert out["optimizer"]["lookahead"] == {"k": 5} and out["batch_size"] == 512
+    assert "lookahead" not in SPEC["optimizer"]
+
+
+def test_create_sweep_queues_one_tagged_job_per_trial(client):
+    resp = client.post("/v1/sweeps", json=GRID)
+    assert resp.status_code == 201, resp.text
+    sweep = resp.json()
+    assert sweep["trials"] == 6 and sweep["status"] == "running"
+    jobs = client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()
+    assert jobs["count"] == 6 and all(j["status"] == "queued" for j in jobs["data"])
+    detail = client.get(f"/v1/sweeps/{sweep['id']}").json()
+    assert {t["varied"]["optimizer.name"] for t in detail["trials_summary"]} == {
+        "adan",
+        "adamw",
+        "lamb",
+    }
+
+
+def test_an_invalid_combination_is_named_and_nothing_is_queued(client):
+    bad = {**GRID, "space": {**GRID["space"], "batch_size": [256, 300]}}
+    resp = client.post("/v1/sweeps", json=bad)
+    assert resp.status_code == 422
+    detail = resp.json()["detail"]
+    assert detail["combination"] == {"optimizer.name": "adan", "batch_size": 300}
+    assert "batch_size (300) must equal" in detail["errors"][0]["msg"]
+    assert client.get("/v1/jobs").json()["count"] == 0
+    assert client.get("/v1/sweeps").json()["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "text"),
+    [
+        ({"space": {"optimizer.lr": {"uniform": [0, 1]}}}, "grid search takes a list"),
+        ({"search": "random", "space": {"optimizer.lr": {"normal": [0, 1]}}}, "distribution"),
+        ({"space": {"batch_size": []}}, "non-empty list"),
+    ],
+)
+def test_bad_spaces_are_422(client, change, text):
+    resp = client.post("/v1/sweeps", json={**GRID, **change})
+    assert resp.status_code == 422 and text in str(resp.json()["detail"])
+
+
+def test_summary_sorts_by_a_final_metric_and_cancel_cancels_trials(client):
+    sweep = client.post("/v1/sweeps", json=GRID).json()
+    jobs = client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["data"]
+    with client.app.state.db.sessions() as db:
+        for i, job in enumerate(jobs[:3]):
+            token = create_token(db, "w", "worker", job_id=job["id"])
+            points = [{"step": s, "values": {"val_loss": 10.0 - s - i}} for s in (1, 2)]
+            client.post(
+                f"/v1/jobs/{job['id']}/ingest",
+                json={"points": points},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+    detail = client.get(
+        f"/v1/sweeps/{sweep['id']}", params={"sort": "val_loss", "order": "asc"}
+    ).json()
+    finals = [t["final"].get("val_loss") for t in detail["trials_summary"]]
+    assert finals[:3] == [6.0, 7.0, 8.0] and finals[3:] == [None, None, None]
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 200
+    statuses = {
+        j["status"] for j in client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["data"]
+    }
+    assert statuses == {"cancelled"}
+    with client.app.state.db.sessions() as db:
+        row = db.get(Sweep, sweep["id"])
+        update_sweep_status(db, row)
+        assert row.status == "cancelled"
+    assert client.post(f"/v1/sweeps/{sweep['id']}/cancel").status_code == 409
+
+
+def test_scheduler_respects_max_concurrent(tmp_path):
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    upgrade(url)
+    db = Database(url)
+    scheduler = Scheduler(Settings(home=tmp_path), db, RayCluster(None, tmp_path, num_cpus=16))
+    launched = []
+
+    def launch(session, job):
+        launched.append(job.id)
+        job.submission_id = f"test-{job.id}"
+        session.commit()
+
+    scheduler.launch = launch
+    with db.sessions() as s:
+        create_sweep(s, SweepCreate.model_validate(GRID))  # 6 trials, max_concurrent 2
+        scheduler.start_queued(s)
+        assert len(launched) == 2  # CPUs for all six, but the sweep allows two at once
+        first = s.get(Job, launched[0])
+        first.status = "succeeded"
+        s.commit()
+        scheduler.start_queued(s)
+        assert len(launched) == 3
+
+
+@pytest.mark.parametrize("name", ["sweep-large-batch-small.json", "sweep-large-batch-cluster.json"])
+def test_example_sweeps_expand_to_valid_trials(name):
+    import json
+    from pathlib import Path
+
+    from service.sweeps import expand
+
+    body = json.loads((Path(__file__).parents[2] / "examples" / name).read_text())
+    trials = expand(SweepCreate.model_validate(body))
+    names = {spec.optimizer.name for _, spec in trials}
+    assert names == {"adan", "adamw", "lamb"} and len(trials) >= 9
+
+
+def test_cli_sweep_reports_a_missing_or_invalid_file(tmp_path, capsys):
+    from service.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", str(tmp_path / "nope.json")])
+    assert "sweep file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(SystemExit):
+        main(["sweep", str(bad)])
+    assert "not valid JSON" in capsys.readouterr().err
