@@ -3,6 +3,7 @@ API server restart with no metric point lost."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -104,3 +105,37 @@ def test_api_restart_mid_job_loses_no_metric_point(service):
     assert done["status"] == "succeeded"
     steps = client.metrics(job["id"], keys=["train_loss"], max_points=10_000)
     assert steps["series"]["train_loss"]["step"] == list(range(1, 151))
+
+
+def test_grid_sweep_runs_every_trial_within_max_concurrent(service):
+    _, client = service
+    base = {**TINY, "max_steps": 8, "eval_every": 4}
+    sweep = client.sweep(
+        {
+            "name": "grid",
+            "base": base,
+            "max_concurrent": 1,
+            "space": {"optimizer.name": ["adan", "adamw", "lamb"]},
+        }
+    )
+    assert sweep["trials"] == 3
+
+    def ended():
+        s = client.sweep_detail(sweep["id"])
+        return s if s["status"] != "running" else None
+
+    done = wait_for(ended, timeout=400, every=1.0)
+    assert done["status"] == "succeeded"
+    assert {t["status"] for t in done["trials_summary"]} == {"succeeded"}
+    assert {t["varied"]["optimizer.name"] for t in done["trials_summary"]} == {
+        "adan",
+        "adamw",
+        "lamb",
+    }
+    assert all("val_loss" in t["final"] for t in done["trials_summary"])
+    # max_concurrent = 1: no two trials' [started, finished] intervals overlap.
+    jobs = sorted(
+        (client.job(t["job_id"]) for t in done["trials_summary"]), key=lambda j: j["started_at"]
+    )
+    for a, b in itertools.pairwise(jobs):
+        assert a["finished_at"] <= b["started_at"], (a, b)
