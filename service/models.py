@@ -62,6 +62,7 @@ class Job(Base):
     submission_id: Mapped[str | None] = mapped_column(String(100))  # the Ray job
     run_dir: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    stop_reason: Mapped[str | None] = mapped_column(Text)  # set when stopped early
     last_step: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)

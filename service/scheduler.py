@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from .auth import create_token
 from .db import Database
 from .jobs import transition, upsert_metrics
-from .models import Job, Sweep
+from .models import TERMINAL, Job, Sweep
 from .ray_cluster import RayCluster
 from .settings import Settings
 from .sweeps import update_sweep_status
@@ -37,6 +37,7 @@ class Scheduler:
         self._owns_cluster = cluster is None
         self.cluster = cluster or RayCluster(settings.ray_address, settings.home_dir)
         self._stop = threading.Event()
+        self._stopper = None  # early stopping, created for the first sweep that asks
         self._thread: threading.Thread | None = None
         self._client = None
 
@@ -68,6 +69,7 @@ class Scheduler:
     def run_once(self) -> None:
         with self.db.sessions() as db:
             self.reconcile(db)
+            self.early_stop(db)
             self.start_queued(db)
             for sweep in db.scalars(select(Sweep).where(Sweep.status == "running")).all():
                 update_sweep_status(db, sweep)
@@ -84,8 +86,8 @@ class Scheduler:
                     self._finish(db, job, "failed", f"Ray lost the job ({e})")
                 continue
             state = str(info.status).split(".")[-1]
-            if job.cancel_requested and state in ("PENDING", "RUNNING"):
-                self._client.stop_job(job.submission_id)
+            if (job.cancel_requested or job.stop_reason) and state in ("PENDING", "RUNNING"):
+                self.stop_job(job)
                 continue
             if state == "RUNNING" and job.status == "queued":
                 transition(db, job, "running", "Ray job started")
@@ -100,13 +102,41 @@ class Scheduler:
                 reason = result.get("error") or info.message or "Ray job failed"
                 self._finish(db, job, "failed", reason)
             elif state == "STOPPED":
-                status = "cancelled" if job.cancel_requested else "failed"
-                self._finish(
-                    db,
-                    job,
-                    status,
-                    "cancelled by user" if job.cancel_requested else "stopped outside Nestor",
-                )
+                if job.stop_reason:
+                    self._finish(db, job, "stopped_early", job.stop_reason)
+                elif job.cancel_requested:
+                    self._finish(db, job, "cancelled", "cancelled by user")
+                else:
+                    self._finish(db, job, "failed", "stopped outside Nestor")
+
+    def stop_job(self, job: Job) -> None:
+        """Ask Ray to stop the job's driver and workers."""
+        self._client.stop_job(job.submission_id)
+
+    def early_stop(self, db: Session) -> None:
+        """Feed each running trial's metric to its sweep's ASHA and stop the ones it prunes;
+        close the trials of jobs that have ended."""
+        sweeps = [
+            s
+            for s in db.scalars(select(Sweep).where(Sweep.status == "running"))
+            if s.spec.get("early_stopping")
+        ]
+        if not sweeps:
+            return
+        if self._stopper is None:
+            from .early_stopping import EarlyStopper
+
+            self._stopper = EarlyStopper(self.settings.optuna_db_url)
+        for sweep in sweeps:
+            for job in db.scalars(select(Job).where(Job.sweep_id == sweep.id)):
+                if job.status == "running" and not job.stop_reason:
+                    reason = self._stopper.should_stop(db, sweep, job)
+                    if reason:
+                        job.stop_reason = reason
+                        db.commit()
+                        self.stop_job(job)
+                elif job.status in TERMINAL:
+                    self._stopper.finish(sweep, job)
 
     def _result(self, job: Job) -> dict[str, Any]:
         path = Path(job.run_dir or "") / "result.json"

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit")
     scheduler_interval: float = Field(1.0, gt=0, description="seconds between scheduling passes")
     runs_dir: Path | None = Field(None, description="run directories; default HOME/runs")
+    optuna_url: str | None = Field(
+        None, description="Optuna storage for sweep early stopping; default HOME/optuna.db"
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -41,6 +44,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home_dir / 'nestor.db'}"
+
+    @property
+    def optuna_db_url(self) -> str:
+        return self.optuna_url or f"sqlite:///{self.home_dir / 'optuna.db'}"
 
     @property
     def run_root(self) -> Path:

@@ -179,3 +179,53 @@ def test_cli_sweep_reports_a_missing_or_invalid_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", str(bad)])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_asha_stops_the_diverging_trials_and_keeps_their_metrics(client, tmp_path):
+    """Optuna's SuccessiveHalvingPruner decides; Ray's stop is recorded instead of sent."""
+    body = {
+        **GRID,
+        "max_concurrent": 4,
+        "space": {"optimizer.lr": [0.001, 0.002, 5.0, 9.0]},
+        "early_stopping": {
+            "metric": "val_loss",
+            "mode": "min",
+            "grace_period": 2,
+            "reduction_factor": 2,
+        },
+    }
+    sweep = client.post("/v1/sweeps", json=body).json()
+    jobs = sorted(
+        client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["data"], key=lambda j: j["id"]
+    )
+    db = client.app.state.db
+    settings = Settings(home=tmp_path, optuna_url=f"sqlite:///{tmp_path / 'optuna.db'}")
+    scheduler = Scheduler(settings, db, RayCluster(None, tmp_path, num_cpus=16))
+    stopped = []
+    scheduler.stop_job = lambda job: stopped.append(job.id)
+    losses = {0: 1.0, 1: 0.9, 2: 50.0, 3: 80.0}  # the large learning rates diverge
+    with db.sessions() as s:
+        for i, job in enumerate(jobs):
+            row = s.get(Job, job["id"])
+            row.status, row.submission_id = "running", f"test-{row.id}"
+            s.commit()
+            token = create_token(s, "w", "worker", job_id=row.id)
+            points = [
+                {"step": step, "values": {"val_loss": losses[i] + 1.0 / step}}
+                for step in range(1, 5)
+            ]
+            client.post(
+                f"/v1/jobs/{row.id}/ingest",
+                json={"points": points},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            scheduler.early_stop(s)  # trials report in turn, as they would live
+        assert sorted(stopped) == [jobs[2]["id"], jobs[3]["id"]]
+        for job_id in stopped:  # what reconcile does once Ray reports the job STOPPED
+            row = s.get(Job, job_id)
+            assert "stopped early by ASHA" in row.stop_reason
+            scheduler._finish(s, row, "stopped_early", row.stop_reason)
+    trial = client.get(f"/v1/jobs/{jobs[2]['id']}").json()
+    assert trial["status"] == "stopped_early"
+    kept = client.get(f"/v1/jobs/{jobs[2]['id']}/metrics", params={"keys": "val_loss"}).json()
+    assert kept["series"]["val_loss"]["step"] == [1, 2, 3, 4]
