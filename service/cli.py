@@ -24,19 +24,25 @@ def _reason(err: dict[str, Any]) -> str:
     return str(original) if isinstance(original, ValueError) else err["msg"]
 
 
-def load_spec_file(path: str, overrides: dict[str, Any] | None = None):
-    """Read and validate a TrainSpec JSON file, with errors that name the file and field."""
-    from workers import TrainSpec
-
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or exit with an error naming the file and the problem."""
     p = Path(path)
     if not p.is_file():
-        _fail(f"spec file not found: {path}")
+        _fail(f"{what} file not found: {path}")
     try:
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         _fail(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
     if not isinstance(raw, dict):
-        _fail(f"{path}: a spec is a JSON object, got {type(raw).__name__}")
+        _fail(f"{path}: a {what} is a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def load_spec_file(path: str, overrides: dict[str, Any] | None = None):
+    """Read and validate a TrainSpec JSON file, with errors that name the file and field."""
+    from workers import TrainSpec
+
+    raw = read_json_object(path, "spec")
     raw.update(overrides or {})
     try:
         return TrainSpec.model_validate(raw)
@@ -220,13 +226,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if not path.is_file():
-        _fail(f"sweep file not found: {args.file}")
-    try:
-        body = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        _fail(f"{args.file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    body = read_json_object(args.file, "sweep")
     return _api_call(lambda: _client(args).sweep(body))
 
 
