@@ -139,3 +139,35 @@ def test_grid_sweep_runs_every_trial_within_max_concurrent(service):
     )
     for a, b in itertools.pairwise(jobs):
         assert a["finished_at"] <= b["started_at"], (a, b)
+
+
+def test_sweep_survives_an_api_restart(service):
+    live, client = service
+    base = {**TINY, "max_steps": 60, "eval_every": 20}
+    sweep = client.sweep(
+        {
+            "name": "restart",
+            "base": base,
+            "max_concurrent": 1,
+            "space": {"optimizer.name": ["adan", "lamb"]},
+        }
+    )
+    first = wait_for(
+        lambda: [
+            t for t in client.sweep_detail(sweep["id"])["trials_summary"] if t["last_step"] >= 2
+        ]
+    )
+    live.stop()  # mid-trial: one running, one still queued
+    time.sleep(2)
+    live.start()
+    done = wait_for(
+        lambda: (lambda s: s if s["status"] != "running" else None)(
+            client.sweep_detail(sweep["id"])
+        ),
+        timeout=400,
+        every=1.0,
+    )
+    assert done["status"] == "succeeded"
+    assert [t["status"] for t in done["trials_summary"]] == ["succeeded", "succeeded"]
+    assert first[0]["job_id"] in [t["job_id"] for t in done["trials_summary"]]
+    assert all(t["last_step"] == 60 for t in done["trials_summary"])
