@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from contextlib import asynccontextmanager
 
@@ -25,8 +24,6 @@ from .deps import UserDep
 from .models import STATUSES, Job
 from .ray_cluster import RayCluster
 from .settings import Settings
-
-log = logging.getLogger("nestor")
 
 
 def create_app(

@@ -18,10 +18,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 class EarlyStopper:
     def __init__(self, storage_url: str) -> None:
         self.storage = optuna.storages.RDBStorage(storage_url)
+        self._studies: dict[int, optuna.Study] = {}  # loaded once per sweep, not per pass
 
     def _study(self, sweep: Sweep) -> optuna.Study:
+        if sweep.id in self._studies:
+            return self._studies[sweep.id]
         es = sweep.spec["early_stopping"]
-        return optuna.create_study(
+        self._studies[sweep.id] = optuna.create_study(
             study_name=f"nestor-sweep-{sweep.id}",
             storage=self.storage,
             load_if_exists=True,
@@ -30,6 +33,7 @@ class EarlyStopper:
                 min_resource=es["grace_period"], reduction_factor=es["reduction_factor"]
             ),
         )
+        return self._studies[sweep.id]
 
     def _trial(self, study: optuna.Study, job: Job) -> optuna.trial.Trial:
         for frozen in study.get_trials(deepcopy=False):

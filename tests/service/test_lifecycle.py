@@ -75,6 +75,16 @@ def wait_for(fn, timeout=180.0, every=0.5):
     raise AssertionError("timed out")
 
 
+def wait_for_sweep(client, sweep_id, timeout=400.0):
+    """The sweep's detail once it is no longer running."""
+
+    def ended():
+        detail = client.sweep_detail(sweep_id)
+        return detail if detail["status"] != "running" else None
+
+    return wait_for(ended, timeout=timeout, every=1.0)
+
+
 def test_job_runs_to_success_with_metrics_and_events(service):
     _, client = service
     job = client.submit(TINY, name="tiny")
@@ -120,11 +130,7 @@ def test_grid_sweep_runs_every_trial_within_max_concurrent(service):
     )
     assert sweep["trials"] == 3
 
-    def ended():
-        s = client.sweep_detail(sweep["id"])
-        return s if s["status"] != "running" else None
-
-    done = wait_for(ended, timeout=400, every=1.0)
+    done = wait_for_sweep(client, sweep["id"])
     assert done["status"] == "succeeded"
     assert {t["status"] for t in done["trials_summary"]} == {"succeeded"}
     assert {t["varied"]["optimizer.name"] for t in done["trials_summary"]} == {
@@ -160,13 +166,7 @@ def test_sweep_survives_an_api_restart(service):
     live.stop()  # mid-trial: one running, one still queued
     time.sleep(2)
     live.start()
-    done = wait_for(
-        lambda: (lambda s: s if s["status"] != "running" else None)(
-            client.sweep_detail(sweep["id"])
-        ),
-        timeout=400,
-        every=1.0,
-    )
+    done = wait_for_sweep(client, sweep["id"])
     assert done["status"] == "succeeded"
     assert [t["status"] for t in done["trials_summary"]] == ["succeeded", "succeeded"]
     assert first[0]["job_id"] in [t["job_id"] for t in done["trials_summary"]]
