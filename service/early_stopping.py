@@ -54,17 +54,21 @@ class EarlyStopper:
             .where(Metric.job_id == job.id, Metric.key == metric)
             .order_by(Metric.step)
         ).all()
-        last = None
+        es = sweep.spec["early_stopping"]
+        last_seen = max(seen, default=0)
         for step, value in rows:
-            if value is not None and step not in seen:
-                trial.report(value, step)
-                last = (step, value)
-        if last is not None and trial.should_prune():
-            step, value = last
-            return (
-                f"stopped early by ASHA at step {step}: {metric}={value:.4g} not in the "
-                f"top 1/{sweep.spec['early_stopping']['reduction_factor']} of its rung"
-            )
+            if value is None or step in seen:
+                continue
+            trial.report(value, step)
+            # Ask at the first point on or past each rung, so a batch of points arriving at
+            # once is judged rung by rung with the value at that rung, as ASHA defines it.
+            rung = _crosses_rung(last_seen, step, es["grace_period"], es["reduction_factor"])
+            if rung and trial.should_prune():
+                return (
+                    f"stopped early by ASHA at step {step}: {metric}={value:.4g} not in "
+                    f"the top 1/{es['reduction_factor']} of its rung"
+                )
+            last_seen = step
         return None
 
     def finish(self, sweep: Sweep, job: Job) -> None:
@@ -81,3 +85,13 @@ class EarlyStopper:
             study.tell(trial, values[max(values)])
         else:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _crosses_rung(previous: int, step: int, grace_period: int, reduction_factor: int) -> bool:
+    """Whether a rung (grace_period * reduction_factor**k steps) lies in (previous, step]."""
+    rung = grace_period
+    while rung <= step:
+        if rung > previous:
+            return True
+        rung *= reduction_factor
+    return False

@@ -31,6 +31,7 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    stop_reason: str | None = Field(None, description="why a sweep's early stopping ended it")
     last_step: int
 
 

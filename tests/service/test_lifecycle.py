@@ -171,3 +171,46 @@ def test_sweep_survives_an_api_restart(service):
     assert [t["status"] for t in done["trials_summary"]] == ["succeeded", "succeeded"]
     assert first[0]["job_id"] in [t["job_id"] for t in done["trials_summary"]]
     assert all(t["last_step"] == 60 for t in done["trials_summary"])
+
+
+def test_asha_stops_the_diverging_trials_of_a_sweep(service):
+    """Two learning rates that train and two that blow the loss up (finite, so the trials are
+    not failed by the NaN policy): ASHA stops the blown-up ones at their first rungs against the
+    curves of the good ones, and their metrics stay."""
+    _, client = service
+    base = {
+        **TINY,
+        "optimizer": {"name": "adamw", "lr": 0.003},
+        "num_workers": 1,
+        "micro_batch_size": 256,
+        "max_steps": 1500,  # long enough that a stop lands before a bad trial could end
+        "eval_every": 10,
+    }
+    sweep = client.sweep(
+        {
+            "name": "asha",
+            "base": base,
+            "max_concurrent": 2,
+            "space": {"optimizer.lr": [0.003, 0.01, 3.0, 5.0]},
+            "early_stopping": {
+                "metric": "val_loss",
+                "mode": "min",
+                "grace_period": 10,
+                "reduction_factor": 2,
+            },
+        }
+    )
+    done = wait_for_sweep(client, sweep["id"], timeout=600)
+    by_lr = {t["varied"]["optimizer.lr"]: t for t in done["trials_summary"]}
+    for lr in (3.0, 5.0):
+        trial = by_lr[lr]
+        assert trial["status"] == "stopped_early", trial
+        assert trial["last_step"] < 1500
+        job = client.job(trial["job_id"])
+        assert "stopped early by ASHA at step 10:" in job["stop_reason"], job["stop_reason"]
+        kept = client.metrics(trial["job_id"], keys=["val_loss"])["series"]["val_loss"]
+        assert kept["step"] and kept["step"][0] == 10
+    # The good trials meet only each other at their rungs, so at least one runs to the end.
+    good = [by_lr[lr] for lr in (0.003, 0.01)]
+    assert any(t["status"] == "succeeded" and t["last_step"] == 1500 for t in good), good
+    assert done["status"] == "succeeded"
