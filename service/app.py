@@ -17,6 +17,7 @@ from prometheus_client import (
 )
 from sqlalchemy import func, select
 
+from . import dashboard
 from .api import jobs, sweeps
 from .auth import ensure_admin_token
 from .db import Database, upgrade
@@ -108,4 +109,5 @@ def create_app(
 
     app.include_router(jobs.router)
     app.include_router(sweeps.router)
+    dashboard.mount(app)
     return app

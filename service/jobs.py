@@ -6,6 +6,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from .models import TERMINAL, Event, Job, Metric, utcnow
@@ -100,3 +101,32 @@ def upsert_metrics(db: Session, rows: list[dict[str, Any]]) -> None:
     placeholder = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     params = [(r["job_id"], r["step"], r["key"], r["value"], r["time"]) for r in rows]
     conn.exec_driver_sql(_UPSERT.format(p=placeholder), params)
+
+
+def final_metrics(
+    db: Session, job_ids: list[int], keys: list[str] | None = None
+) -> dict[int, dict[str, float | None]]:
+    """Per job, each metric's value at its last reported step (only ``keys`` if given)."""
+    if not job_ids:
+        return {}
+    where = [Metric.job_id.in_(job_ids)]
+    if keys is not None:
+        where.append(Metric.key.in_(keys))
+    last = (
+        select(Metric.job_id, Metric.key, func.max(Metric.step).label("step"))
+        .where(*where)
+        .group_by(Metric.job_id, Metric.key)
+        .subquery()
+    )
+    rows = db.execute(
+        select(Metric.job_id, Metric.key, Metric.value).join(
+            last,
+            and_(
+                Metric.job_id == last.c.job_id, Metric.key == last.c.key, Metric.step == last.c.step
+            ),
+        )
+    ).all()
+    finals: dict[int, dict[str, float | None]] = {}
+    for job_id, key, value in rows:
+        finals.setdefault(job_id, {})[key] = value
+    return finals

@@ -33,6 +33,9 @@ class JobPublic(BaseModel):
     error: str | None
     stop_reason: str | None = Field(None, description="why a sweep's early stopping ended it")
     last_step: int
+    latest: dict[str, float | None] = Field(
+        default_factory=dict, description="train_loss, val_loss, val_accuracy at their last step"
+    )
 
 
 class JobList(BaseModel):

@@ -6,15 +6,14 @@ import asyncio
 import json
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ..deps import SessionDep, TokenDep, UserDep
-from ..downsample import min_max_downsample
-from ..jobs import cancel_job, create_job, ingest
+from ..downsample import query_series
+from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric
 from ..schemas import (
     EventPublic,
@@ -30,6 +29,7 @@ from ..schemas import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_ID = 2**31 - 1  # ids and steps are 32-bit in every supported database
+LATEST_KEYS = ["train_loss", "val_loss", "val_accuracy"]
 JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="a job id")]
 
 
@@ -38,6 +38,14 @@ def get_job(db: Session, job_id: int) -> Job:
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     return job
+
+
+def with_latest(db: Session, jobs: list[Job]) -> list[JobPublic]:
+    latest = final_metrics(db, [j.id for j in jobs], LATEST_KEYS)
+    return [
+        JobPublic.model_validate(j).model_copy(update={"latest": latest.get(j.id, {})})
+        for j in jobs
+    ]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
@@ -65,12 +73,12 @@ def list_jobs(
         query = query.where(Job.sweep_id == sweep)
     count = db.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = db.scalars(query.order_by(Job.id.desc()).offset(skip).limit(limit)).all()
-    return JobList(data=[JobPublic.model_validate(r) for r in rows], count=count)
+    return JobList(data=with_latest(db, rows), count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def show(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
-    return get_job(db, job_id)
+def show(job_id: JobId, db: SessionDep, _: UserDep) -> JobPublic:
+    return with_latest(db, [get_job(db, job_id)])[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
@@ -116,19 +124,8 @@ def metrics(
         wanted = list(db.scalars(select(Metric.key).where(Metric.job_id == job_id).distinct()))
     series = {}
     for key in wanted:
-        rows = db.execute(
-            select(Metric.step, Metric.value)
-            .where(Metric.job_id == job_id, Metric.key == key, Metric.step > since_step)
-            .order_by(Metric.step)
-        ).all()
-        steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        values = np.fromiter(
-            (np.nan if r[1] is None else r[1] for r in rows), dtype=np.float64, count=len(rows)
-        )
-        steps, values = min_max_downsample(steps, values, max_points)
-        series[key] = Series(
-            step=steps.tolist(), value=[None if np.isnan(v) else float(v) for v in values]
-        )
+        steps, values = query_series(db, job_id, key, max_points, since_step)
+        series[key] = Series(step=steps, value=values)
     return MetricsPublic(job_id=job_id, series=series)
 
 
@@ -147,15 +144,31 @@ def ingest_metrics(
 
 
 @router.get("/{job_id}/events")
-async def events(job_id: JobId, request: Request, _: UserDep) -> StreamingResponse:
+async def events(
+    job_id: JobId,
+    request: Request,
+    _: UserDep,
+    since_step: Annotated[
+        int, Query(ge=0, le=MAX_ID, description="send only metric points after this step")
+    ] = 0,
+) -> StreamingResponse:
     """Server-sent events: `status` (status changes) and `metrics` (new points), live until
-    the job ends."""
+    the job ends. A page that has already drawn the series up to a step passes it as
+    ``since_step`` instead of receiving the whole history again."""
     db_factory = request.app.state.db.sessions
     with db_factory() as db:
         get_job(db, job_id)
+        first_new = (
+            db.scalar(
+                select(func.min(Metric.id)).where(Metric.job_id == job_id, Metric.step > since_step)
+            )
+            if since_step
+            else None
+        )
 
     async def stream():
-        last_event, last_metric = 0, 0
+        last_event = 0
+        last_metric = first_new - 1 if first_new is not None else 0
         while True:
             with db_factory() as db:
                 job = db.get(Job, job_id)
@@ -169,7 +182,11 @@ async def events(job_id: JobId, request: Request, _: UserDep) -> StreamingRespon
                     yield f"event: status\nid: e{ev.id}\ndata: {json.dumps(data)}\n\n"
                 rows = db.execute(
                     select(Metric.id, Metric.step, Metric.key, Metric.value)
-                    .where(Metric.job_id == job_id, Metric.id > last_metric)
+                    .where(
+                        Metric.job_id == job_id,
+                        Metric.id > last_metric,
+                        Metric.step > since_step,
+                    )
                     .order_by(Metric.id)
                     .limit(5000)
                 ).all()

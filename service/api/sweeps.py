@@ -6,10 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
-from sqlalchemy import and_, func, select
+from sqlalchemy import func, select
 
 from ..deps import SessionDep, UserDep
-from ..models import Job, Metric, Sweep
+from ..jobs import final_metrics
+from ..models import Job, Sweep
 from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -101,23 +102,7 @@ def show(
     metric's value at its last reported step), sorted by ``sort`` if given."""
     sweep = _get(db, sweep_id)
     jobs = list(db.scalars(select(Job).where(Job.sweep_id == sweep.id).order_by(Job.id)))
-    last = (
-        select(Metric.job_id, Metric.key, func.max(Metric.step).label("step"))
-        .where(Metric.job_id.in_([j.id for j in jobs]))
-        .group_by(Metric.job_id, Metric.key)
-        .subquery()
-    )
-    rows = db.execute(
-        select(Metric.job_id, Metric.key, Metric.value).join(
-            last,
-            and_(
-                Metric.job_id == last.c.job_id, Metric.key == last.c.key, Metric.step == last.c.step
-            ),
-        )
-    ).all()
-    finals: dict[int, dict[str, float | None]] = {}
-    for job_id, key, value in rows:
-        finals.setdefault(job_id, {})[key] = value
+    finals = final_metrics(db, [j.id for j in jobs])
     trials = [
         Trial(
             job_id=j.id,

@@ -14,7 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.client import Client
 from service.settings import Settings
+
+from .live import LiveService
 
 ADMIN = "nst_test_admin_token"
 
@@ -107,3 +110,56 @@ def client(db_url, tmp_path):
     with TestClient(create_app(settings, scheduler=False)) as c:
         c.headers["Authorization"] = f"Bearer {ADMIN}"
         yield c
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    """The whole service on the session's real Ray cluster, served by uvicorn on loopback;
+    yields (LiveService, Client with the admin token)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path_factory.mktemp("svc")
+    settings = Settings(home=home, admin_token=ADMIN, port=port, scheduler_interval=0.5)
+    live = LiveService(settings, ray_cluster)
+    live.start()
+    yield live, Client(f"http://127.0.0.1:{port}", ADMIN)
+    live.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("NESTOR_TEST_ARTIFACTS", Path(__file__).parents[2] / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright, headless. Missing browser: skipped locally,
+    a failure under CI=true."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Chromium (Debian package chromium) is not installed")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-background-networking"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh browser context per test at a laptop size; a screenshot is saved under
+    artifacts/screenshots/ when the test ends, pass or fail."""
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / f"{request.node.name}.png"), full_page=True)
+    context.close()

@@ -146,10 +146,46 @@ def test_metrics_are_downsampled_keeping_extremes(client):
 
 
 def test_min_max_downsample_unit():
-    steps = np.arange(1_000_000)
+    steps = np.arange(1, 1_000_001)
     values = np.random.default_rng(0).normal(size=1_000_000)
     s, v = min_max_downsample(steps, values, 1000)
     assert len(s) <= 1000 and values.max() in v and values.min() in v
+
+
+def test_sql_downsampling_equals_the_numpy_reference(client):
+    """The database computes exactly the reference's points: gaps in the steps, NaN holes,
+    ties (the first step wins), a constant stretch and a spike."""
+    from service.auth import create_token
+    from service.downsample import query_series
+
+    job = submit(client)
+    rng = np.random.default_rng(1)
+    steps = np.sort(rng.choice(np.arange(1, 30_000), size=9_000, replace=False))
+    values = np.round(rng.normal(size=len(steps)), 1)  # rounding makes ties common
+    values[rng.choice(len(steps), 300, replace=False)] = np.nan
+    values[4000:4500] = 0.25
+    values[7777] = 1e6
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=job["id"])
+    points = [
+        {"step": int(st), "values": {"loss": None if np.isnan(v) else float(v)}}
+        for st, v in zip(steps, values, strict=True)
+    ]
+    for i in range(0, len(points), 5000):
+        client.post(
+            f"/v1/jobs/{job['id']}/ingest",
+            json={"points": points[i : i + 5000]},
+            headers={"Authorization": f"Bearer {worker}"},
+        )
+    for max_points in (2, 7, 100, 1000, 8999):
+        want_s, want_v = min_max_downsample(steps, values, max_points)
+        with client.app.state.db.sessions() as db:
+            got_s, got_v = query_series(db, job["id"], "loss", max_points)
+        assert got_s == want_s.tolist() and got_v == want_v.tolist(), max_points
+    with client.app.state.db.sessions() as db:  # short enough: returned whole, NULLs kept
+        got_s, got_v = query_series(db, job["id"], "loss", 9000)
+    assert got_s == steps.tolist()
+    assert sum(v is None for v in got_v) == np.isnan(values).sum() > 0
 
 
 def test_prometheus_metrics(client):

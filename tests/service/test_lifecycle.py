@@ -4,85 +4,9 @@ API server restart with no metric point lost."""
 from __future__ import annotations
 
 import itertools
-import socket
-import threading
 import time
 
-import pytest
-import uvicorn
-
-from service.app import create_app
-from service.client import Client
-from service.settings import Settings
-
-ADMIN = "nst_lifecycle_admin"
-TINY = {
-    "model": "mnist1d-mlp",
-    "dataset": {"name": "mnist1d", "num_samples": 2000},
-    "optimizer": {"name": "adan", "lr": 0.01},
-    "batch_size": 256,
-    "micro_batch_size": 128,
-    "num_workers": 2,
-    "max_steps": 20,
-    "eval_every": 10,
-}
-
-
-class LiveService:
-    """uvicorn serving the app in a thread, on a fixed loopback port (restartable)."""
-
-    def __init__(self, settings: Settings, cluster) -> None:
-        self.settings, self.cluster = settings, cluster
-        self.server: uvicorn.Server | None = None
-
-    def start(self) -> None:
-        app = create_app(self.settings, cluster=self.cluster)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.settings.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                return
-            time.sleep(0.05)
-        raise RuntimeError("service did not start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path_factory.mktemp("svc")
-    settings = Settings(home=home, admin_token=ADMIN, port=port, scheduler_interval=0.5)
-    live = LiveService(settings, ray_cluster)
-    live.start()
-    yield live, Client(f"http://127.0.0.1:{port}", ADMIN)
-    live.stop()
-
-
-def wait_for(fn, timeout=180.0, every=0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
-
-
-def wait_for_sweep(client, sweep_id, timeout=400.0):
-    """The sweep's detail once it is no longer running."""
-
-    def ended():
-        detail = client.sweep_detail(sweep_id)
-        return detail if detail["status"] != "running" else None
-
-    return wait_for(ended, timeout=timeout, every=1.0)
+from .live import TINY, wait_for, wait_for_sweep
 
 
 def test_job_runs_to_success_with_metrics_and_events(service):

@@ -1,0 +1,148 @@
+// "/jobs/{id}": spec, status, events, charts; live over server-sent events while it runs.
+import { api, badge, el, fmt, fmtTime, layout, notice, optimizerLabel, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+
+const CHARTS = [
+  { id: "loss", title: "loss", keys: ["train_loss", "val_loss"] },
+  { id: "accuracy", title: "validation accuracy", keys: ["val_accuracy"] },
+  { id: "lr", title: "learning rate", keys: ["lr"] },
+  { id: "grad_norm", title: "gradient norm (before clipping)", keys: ["grad_norm"] },
+  { id: "throughput", title: "samples / s", keys: ["samples_per_s"] },
+  { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"] },
+];
+const KEYS = CHARTS.flatMap((c) => c.keys);
+const MAX_POINTS = 2000;
+const LIVE = new Set(["queued", "running"]);
+
+const jobId = Number(location.pathname.split("/").pop());
+
+function specSummary(job) {
+  const s = job.spec;
+  return el("dl", { class: "summary" },
+    ...[["model", s.model], ["dataset", s.dataset.name], ["optimizer", optimizerLabel(s)],
+      ["lr", fmt(s.optimizer.lr)], ["batch size", s.batch_size], ["workers", s.num_workers],
+      ["ZeRO stage", s.zero_stage], ["steps", `${job.last_step} / ${s.max_steps}`],
+      ["started", fmtTime(job.started_at)], ["finished", fmtTime(job.finished_at)]]
+      .map(([k, v]) => el("div", {}, el("dt", { class: "muted" }, k), el("dd", {}, v))));
+}
+
+start(async (main) => {
+  let job = await api(`/v1/jobs/${jobId}`).catch((err) => {
+    main.replaceChildren(notice("error", err.status === 404 ? `Job ${jobId} does not exist.` : err.message));
+    return null;
+  });
+  if (!job) return;
+  document.title = `Nestor — #${job.id} ${job.name}`;
+  const statusSlot = el("span", { id: "status" }, badge(job.status));
+  const cancelBtn = el("button", { id: "cancel", class: "danger", type: "button" }, "Cancel job");
+  const retryBtn = el("button", { id: "retry", type: "button" }, "Retry");
+  const message = el("div", { id: "message" });
+  const summary = el("div", { id: "summary" }, specSummary(job));
+  const events = el("ol", { class: "events", id: "events" });
+  const charts = el("div", { class: "grid", id: "charts" },
+    CHARTS.map((c) => el("div", { class: "card" }, el("div", { class: "chart", id: `chart-${c.id}` },
+      el("p", { class: "loading" }, "Loading…")))));
+  main.replaceChildren(
+    el("h1", {}, `#${job.id} ${job.name} `, statusSlot),
+    el("div", { class: "actions" }, cancelBtn, retryBtn,
+      job.sweep_id ? el("a", { href: `/sweeps/${job.sweep_id}` }, `part of sweep #${job.sweep_id}`) : null),
+    message,
+    charts,
+    el("div", { class: "row" },
+      el("div", { class: "card" }, el("h2", {}, "Run"), summary),
+      el("div", { class: "card" }, el("h2", {}, "Events"), events),
+      el("div", { class: "card" }, el("h2", {}, "Spec"), el("pre", { id: "spec" }, JSON.stringify(job.spec, null, 2)))),
+  );
+
+  function showJob(next) {
+    job = next;
+    statusSlot.replaceChildren(badge(job.status));
+    summary.replaceChildren(specSummary(job));
+    cancelBtn.disabled = !LIVE.has(job.status);
+    retryBtn.disabled = LIVE.has(job.status);
+    const why = job.error || job.stop_reason;
+    message.replaceChildren(why ? notice(job.status === "failed" ? "error" : "empty", why) : "");
+  }
+  function addEvent(e) {
+    events.append(el("li", {}, badge(e.status), ` ${fmtTime(e.time)} `, el("span", { class: "muted" }, e.reason || "")));
+  }
+  showJob(job);
+  cancelBtn.addEventListener("click", async () => {
+    cancelBtn.disabled = true;
+    try { showJob(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" })); } catch (err) {
+      message.replaceChildren(notice("error", `Cancel failed: ${err.message}`));
+    }
+  });
+  retryBtn.addEventListener("click", async () => {
+    try { location.href = `/jobs/${(await api(`/v1/jobs/${jobId}/retry`, { method: "POST" })).id}`; } catch (err) {
+      message.replaceChildren(notice("error", `Retry failed: ${err.message}`));
+    }
+  });
+
+  const [history, metrics] = await Promise.all([
+    api(`/v1/jobs/${jobId}/events/history`),
+    api(`/v1/jobs/${jobId}/metrics?keys=${KEYS.join(",")}&max_points=${MAX_POINTS}`),
+  ]);
+  history.forEach(addEvent);
+  let lastEventTime = history.length ? history[history.length - 1].time : null;
+
+  // One trace per key, in CHARTS order; traceOf[key] = [div, index].
+  const traceOf = {};
+  let lastStep = 0;
+  await Promise.all(CHARTS.map((c) => {
+    const div = document.getElementById(`chart-${c.id}`);
+    div.replaceChildren();
+    const traces = c.keys.map((key, i) => {
+      traceOf[key] = [div, i];
+      const s = metrics.series[key] || { step: [], value: [] };
+      if (s.step.length) lastStep = Math.max(lastStep, s.step[s.step.length - 1]);
+      return { x: s.step, y: s.value, name: key, mode: key.startsWith("val_") ? "lines+markers" : "lines", type: "scattergl" };
+    });
+    const extra = c.id === "state" ? { yaxis: { rangemode: "tozero" } } : {};
+    return Plotly.newPlot(div, traces, layout(c.title, extra), PLOT_CONFIG);
+  }));
+  document.body.dataset.drawn = "true";
+  performance.mark("nestor:charts-drawn");
+
+  // Live: append new points in batches (at most a few redraws per second).
+  let pending = {};
+  let flushing = false;
+  function flush() {
+    flushing = false;
+    const byDiv = new Map();
+    for (const [key, pts] of Object.entries(pending)) {
+      const [div, index] = traceOf[key];
+      if (!byDiv.has(div)) byDiv.set(div, { x: [], y: [], idx: [] });
+      const b = byDiv.get(div);
+      b.x.push(pts.map((p) => p.step)); b.y.push(pts.map((p) => p.value)); b.idx.push(index);
+    }
+    pending = {};
+    for (const [div, b] of byDiv) Plotly.extendTraces(div, { x: b.x, y: b.y }, b.idx);
+  }
+  const handlers = {
+    metrics(points) {
+      for (const p of points) {
+        if (!(p.key in traceOf)) continue;
+        (pending[p.key] ||= []).push(p);
+      }
+      for (const p of points) lastStep = Math.max(lastStep, p.step);
+      if (!flushing) { flushing = true; setTimeout(flush, 300); }
+    },
+    status(e) {
+      if (lastEventTime && e.time <= lastEventTime) return; // already listed from the history
+      lastEventTime = e.time;
+      addEvent(e);
+      api(`/v1/jobs/${jobId}`).then(showJob);
+    },
+    end() { api(`/v1/jobs/${jobId}`).then(showJob); },
+  };
+  while (LIVE.has(job.status)) {
+    try {
+      await streamEvents(`/v1/jobs/${jobId}/events?since_step=${lastStep}`, handlers);
+      break; // the server closed the stream: the job has ended
+    } catch (err) {
+      if (err.status === 401 || err.status === 404) break;
+      await new Promise((r) => setTimeout(r, 2000)); // server restarting: reconnect
+      job = await api(`/v1/jobs/${jobId}`).catch(() => job);
+    }
+  }
+});

@@ -1,0 +1,185 @@
+// Shared by the dashboard pages: sign-in, the API with the bearer token, server-sent events
+// read over fetch (EventSource cannot send an Authorization header, and the token must never
+// go into a URL), DOM helpers that only ever set text (names are user input), formatting.
+
+const TOKEN_KEY = "nestor.token";
+
+export const OPTIMIZER_COLORS = {
+  adan: "#d62728", adanw: "#ff7f0e", adamw: "#1f77b4", amsgrad: "#17becf",
+  lamb: "#2ca02c", "lookahead(adan)": "#9467bd", "lookahead(adamw)": "#8c564b",
+  "lookahead(lamb)": "#e377c2",
+};
+const FALLBACK = ["#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39"];
+
+export function colorFor(label, seen = new Map()) {
+  if (OPTIMIZER_COLORS[label]) return OPTIMIZER_COLORS[label];
+  if (!seen.has(label)) seen.set(label, FALLBACK[seen.size % FALLBACK.length]);
+  return seen.get(label);
+}
+
+export class ApiError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+function token() { return sessionStorage.getItem(TOKEN_KEY); }
+
+function authHeaders() { return { Authorization: `Bearer ${token()}` }; }
+
+function detailText(body, fallback) {
+  if (!body || body.detail === undefined) return fallback;
+  if (typeof body.detail === "string") return body.detail;
+  return body.detail.map((e) => `${(e.loc || []).join(".")}: ${e.msg}`).join("; ");
+}
+
+export async function api(path, { method = "GET", body } = {}) {
+  const headers = authHeaders();
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(path, {
+    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (resp.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showSignIn("Your token was not accepted; sign in again.");
+    throw new ApiError(401, "not signed in");
+  }
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) throw new ApiError(resp.status, detailText(data, `${resp.status} ${resp.statusText}`));
+  return data;
+}
+
+// Server-sent events over fetch: calls handlers[event](data) until the stream ends or
+// `signal` aborts. Resolves when the server closes the stream.
+export async function streamEvents(path, handlers, signal) {
+  const resp = await fetch(path, { headers: authHeaders(), signal });
+  if (!resp.ok) throw new ApiError(resp.status, `event stream: ${resp.status}`);
+  const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (handlers[event]) handlers[event](JSON.parse(data.join("\n") || "null"));
+    }
+  }
+}
+
+// el("a", {href: "/x", class: "y"}, "text", child...): strings become text nodes.
+export function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (k === "class") node.className = v;
+    else node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+export function notice(kind, ...text) { return el("div", { class: `notice ${kind}`, role: kind === "error" ? "alert" : "status" }, ...text); }
+
+export function badge(status) { return el("span", { class: `badge ${status}`, "data-status": status }, status.replace("_", " ")); }
+
+export function fmt(v, digits = 4) {
+  if (v === null || v === undefined) return "–";
+  if (typeof v !== "number") return String(v);
+  if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : v.toPrecision(digits);
+}
+
+export function fmtTime(iso) {
+  if (!iso) return "–";
+  const d = new Date(iso.endsWith("Z") || iso.includes("+") ? iso : `${iso}Z`);
+  return d.toLocaleString();
+}
+
+export function optimizerLabel(spec) {
+  const opt = (spec && spec.optimizer) || {};
+  return opt.lookahead ? `lookahead(${opt.name})` : opt.name || "?";
+}
+
+// ---- sign-in ------------------------------------------------------------------------------
+
+let started = false;
+
+function showSignIn(message) {
+  const main = document.querySelector("main");
+  main.replaceChildren();
+  document.body.classList.add("signed-out");
+  const error = message ? notice("error", message) : null;
+  const input = el("input", {
+    id: "token", name: "token", type: "password", autocomplete: "current-password",
+    placeholder: "nst_…", required: true,
+  });
+  const form = el(
+    "form", { class: "card signin", method: "post", id: "signin" },
+    el("h1", {}, "Sign in to Nestor"),
+    el("label", { for: "token" }, "API token"),
+    input,
+    error,
+    el("button", { class: "primary", type: "submit" }, "Sign in"),
+    el("p", { class: "muted" },
+      "The admin token is in NESTOR_HOME/admin-token (printed by `nestor serve`)."),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const candidate = input.value.trim();
+    const resp = await fetch("/v1/jobs?limit=1", { headers: { Authorization: `Bearer ${candidate}` } });
+    if (resp.ok) {
+      sessionStorage.setItem(TOKEN_KEY, candidate);
+      location.reload();
+    } else {
+      form.querySelector(".notice")?.remove();
+      form.insertBefore(notice("error", resp.status === 401
+        ? "That token was not accepted." : `Sign-in failed: ${resp.status}`), form.lastChild.previousSibling);
+      input.select();
+    }
+  });
+  main.append(form);
+  input.focus();
+}
+
+// Runs `render(main)` once signed in; every page starts here.
+export function start(render) {
+  document.getElementById("signout")?.addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    location.href = "/";
+  });
+  if (!token()) return showSignIn();
+  if (started) return undefined;
+  started = true;
+  const main = document.querySelector("main");
+  return render(main).catch((err) => {
+    if (err instanceof ApiError && err.status === 401) return;
+    main.append(notice("error", `Could not load this page: ${err.message}`));
+  });
+}
+
+// ---- charts -------------------------------------------------------------------------------
+
+export const PLOT_CONFIG = { responsive: true, displaylogo: false };
+
+export function layout(title, extra = {}) {
+  return {
+    title: { text: title, font: { size: 14 } },
+    margin: { l: 60, r: 20, t: 40, b: 40 },
+    legend: { orientation: "h", y: -0.18 },
+    xaxis: { title: { text: "step" } },
+    hovermode: "x unified",
+    ...extra,
+  };
+}

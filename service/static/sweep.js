@@ -1,0 +1,187 @@
+// "/sweeps/{id}": trials' curves by optimizer, final metric against batch size per optimizer,
+// parallel coordinates of the varied parameters, a sortable trials table.
+import { api, badge, colorFor, el, fmt, layout, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
+
+const REFRESH_MS = 5000;
+const CURVE_POINTS = 500;
+const sweepId = Number(location.pathname.split("/").pop());
+const higherIsBetter = (metric) => /acc/.test(metric);
+
+function trialLabel(t) {
+  return `#${t.job_id} ${optimizerLabel(t.spec)} b=${t.spec.batch_size} lr=${fmt(t.spec.optimizer.lr, 3)}`;
+}
+
+function best(values, metric) {
+  const ok = values.filter((v) => v !== null && v !== undefined && Number.isFinite(v));
+  if (!ok.length) return null;
+  return higherIsBetter(metric) ? Math.max(...ok) : Math.min(...ok);
+}
+
+// One trace per optimizer: for each batch size, the best final value over that optimizer's
+// trials at that batch size (a sweep with a learning-rate search has several).
+export function batchComparison(trials, metric) {
+  const byOpt = new Map();
+  for (const t of trials) {
+    const v = t.final[metric];
+    if (v === null || v === undefined) continue;
+    const opt = optimizerLabel(t.spec);
+    if (!byOpt.has(opt)) byOpt.set(opt, new Map());
+    const m = byOpt.get(opt);
+    m.set(t.spec.batch_size, [...(m.get(t.spec.batch_size) || []), v]);
+  }
+  return [...byOpt.entries()].sort().map(([opt, m]) => {
+    const sizes = [...m.keys()].sort((a, b) => a - b);
+    return {
+      x: sizes, y: sizes.map((b) => best(m.get(b), metric)), name: opt, type: "scatter",
+      mode: "lines+markers", line: { color: colorFor(opt) }, marker: { size: 9 },
+    };
+  });
+}
+
+function parcoords(trials, varied, metric) {
+  const dims = varied.map((key) => {
+    const raw = trials.map((t) => t.varied[key]);
+    if (raw.every((v) => typeof v === "number")) {
+      const log = /(^|\.)lr$|weight_decay|eps/.test(key) && raw.every((v) => v > 0);
+      return { label: log ? `log10 ${key}` : key, values: raw.map((v) => (log ? Math.log10(v) : v)) };
+    }
+    const cats = [...new Set(raw.map(String))];
+    return { label: key, values: raw.map((v) => cats.indexOf(String(v))), tickvals: cats.map((_, i) => i), ticktext: cats };
+  });
+  const y = trials.map((t) => t.final[metric] ?? NaN);
+  dims.push({ label: metric, values: y });
+  return [{
+    type: "parcoords", dimensions: dims,
+    line: { color: y, colorscale: "Viridis", reversescale: !higherIsBetter(metric), showscale: true },
+  }];
+}
+
+start(async (main) => {
+  const head = el("h1", {}, `Sweep #${sweepId}`);
+  const statusSlot = el("span", { id: "status" });
+  const cancelBtn = el("button", { id: "cancel", class: "danger", type: "button" }, "Cancel sweep");
+  const metricSel = el("select", { id: "metric", "aria-label": "metric" });
+  const message = el("div", { id: "message" });
+  const tableBox = el("div", { id: "trials" }, el("p", { class: "loading" }, "Loading trials…"));
+  const chart = (id, cls = "chart tall") => el("div", { class: "card" }, el("div", { class: cls, id }));
+  main.replaceChildren(
+    head,
+    el("div", { class: "filters" }, statusSlot, el("label", {}, "Metric ", metricSel), cancelBtn,
+      el("span", { class: "muted", id: "updated" })),
+    message,
+    el("div", { class: "grid" }, chart("chart-batch"), chart("chart-curves")),
+    el("h2", {}, "Trials"), tableBox,
+    el("h2", {}, "Parameters against the metric"), chart("chart-params"),
+  );
+
+  let sortKey = null;
+  let sortDir = 1;
+  let curvesFor = null; // (metric, finished trial ids) the curves were drawn for
+  let detail;
+  let trials = [];
+
+  function table(varied, metrics) {
+    const cols = [["job", (t) => t.job_id], ["status", (t) => t.status],
+      ...varied.map((k) => [k, (t) => t.varied[k]]),
+      ["optimizer", (t) => optimizerLabel(t.spec)], ["batch", (t) => t.spec.batch_size],
+      ["steps", (t) => t.last_step], ...metrics.map((m) => [m, (t) => t.final[m] ?? null])];
+    const rows = [...trials];
+    if (sortKey !== null) {
+      const get = cols.find((c) => c[0] === sortKey)[1];
+      rows.sort((a, b) => {
+        const x = get(a); const y = get(b);
+        if (x === null) return 1; if (y === null) return -1;
+        return (x < y ? -1 : x > y ? 1 : 0) * sortDir;
+      });
+    }
+    const header = el("tr", {}, cols.map(([name]) => el("th", {
+      class: `sortable${name === sortKey ? (sortDir > 0 ? " sorted-asc" : " sorted-desc") : ""}`,
+      "data-key": name,
+      onclick: () => { sortDir = sortKey === name ? -sortDir : 1; sortKey = name; draw(); },
+    }, name)));
+    const body = rows.map((t) => el("tr", { "data-job": t.job_id }, cols.map(([name, get]) => {
+      const v = get(t);
+      if (name === "job") return el("td", {}, el("a", { href: `/jobs/${v}` }, `#${v}`));
+      if (name === "status") return el("td", {}, badge(v));
+      return el("td", { class: typeof v === "number" ? "num" : "" }, fmt(v));
+    })));
+    return el("div", { class: "table-wrap" }, el("table", { id: "trials-table" }, el("thead", {}, header), el("tbody", {}, body)));
+  }
+
+  async function drawCurves(metric) {
+    const done = trials.filter((t) => t.last_step > 0);
+    const key = `${metric}|${done.map((t) => `${t.job_id}:${t.last_step}`).join(",")}`;
+    if (key === curvesFor) return;
+    curvesFor = key;
+    const series = await Promise.all(done.map((t) => api(`/v1/jobs/${t.job_id}/metrics?keys=${metric}&max_points=${CURVE_POINTS}`)));
+    const shown = new Set();
+    const traces = done.map((t, i) => {
+      const s = series[i].series[metric] || { step: [], value: [] };
+      const opt = optimizerLabel(t.spec);
+      const first = !shown.has(opt);
+      shown.add(opt);
+      return {
+        x: s.step, y: s.value, type: "scattergl", mode: "lines", name: opt, legendgroup: opt,
+        showlegend: first, line: { color: colorFor(opt), width: 1.5 },
+        hovertemplate: `${trialLabel(t)}<br>step %{x}: %{y:.4g}<extra></extra>`,
+      };
+    });
+    await Plotly.react("chart-curves", traces, layout(`${metric} of every trial, by optimizer`, { hovermode: "closest" }), PLOT_CONFIG);
+  }
+
+  async function draw() {
+    const metric = metricSel.value;
+    const varied = Object.keys(detail.spec.space || {});
+    const metrics = [...new Set(trials.flatMap((t) => Object.keys(t.final)))]
+      .filter((m) => /^(val_|train_loss)/.test(m)).sort();
+    tableBox.replaceChildren(trials.length ? table(varied, metrics) : notice("empty", "This sweep has no trials."));
+    const comparison = batchComparison(trials, metric);
+    await Plotly.react("chart-batch", comparison, layout(`final ${metric} against batch size`, {
+      xaxis: { title: { text: "global batch size" }, type: "log",
+        tickvals: [...new Set(trials.map((t) => t.spec.batch_size))].sort((a, b) => a - b) },
+      yaxis: { title: { text: metric } }, hovermode: "closest",
+    }), PLOT_CONFIG);
+    if (varied.length) await Plotly.react("chart-params", parcoords(trials, varied, metric), { margin: { l: 80, r: 80, t: 50, b: 30 } }, PLOT_CONFIG);
+    await drawCurves(metric);
+  }
+
+  async function load() {
+    const [d, jobs] = await Promise.all([api(`/v1/sweeps/${sweepId}`), api(`/v1/jobs?sweep=${sweepId}&limit=1000`)]);
+    detail = d;
+    const specs = new Map(jobs.data.map((j) => [j.id, j.spec]));
+    trials = d.trials_summary.map((t) => ({ ...t, spec: specs.get(t.job_id) }));
+    head.textContent = `Sweep #${d.id} ${d.name}`;
+    document.title = `Nestor — sweep #${d.id} ${d.name}`;
+    statusSlot.replaceChildren(badge(d.status));
+    cancelBtn.disabled = d.status !== "running";
+    const keys = [...new Set(trials.flatMap((t) => Object.keys(t.final)))]
+      .filter((k) => /^(val_|train_loss)/.test(k)).sort();
+    const wanted = metricSel.value || d.spec.early_stopping?.metric
+      || (keys.includes("val_accuracy") ? "val_accuracy" : "val_loss");
+    metricSel.replaceChildren(...[...new Set([wanted, ...keys])].map((k) => el("option", { value: k }, k)));
+    metricSel.value = wanted;
+    document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    await draw();
+  }
+
+  metricSel.addEventListener("change", () => draw());
+  cancelBtn.addEventListener("click", async () => {
+    cancelBtn.disabled = true;
+    try { await api(`/v1/sweeps/${sweepId}/cancel`, { method: "POST" }); await load(); } catch (err) {
+      message.replaceChildren(notice("error", `Cancel failed: ${err.message}`));
+    }
+  });
+  try {
+    await load();
+  } catch (err) {
+    if (err.status === 404) { main.replaceChildren(notice("error", `Sweep ${sweepId} does not exist.`)); return; }
+    throw err;
+  }
+  document.body.dataset.drawn = "true";
+  const timer = setInterval(async () => {
+    if (detail.status !== "running") { clearInterval(timer); return; }
+    try { await load(); message.replaceChildren(); } catch (err) {
+      if (err.status !== 401) message.replaceChildren(notice("error", `Could not refresh: ${err.message}`));
+    }
+  }, REFRESH_MS);
+});

@@ -1,0 +1,180 @@
+"""The dashboard in a real browser (Debian's Chromium via Playwright) against the live service
+on the session's real Ray cluster: sign-in, the run list, a live run whose chart grows while it
+trains, cancel from the page, a finished sweep's comparison chart. Screenshots land in
+artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from .conftest import ADMIN, ARTIFACTS
+from .live import TINY, wait_for, wait_for_sweep
+
+LARGE_MONITOR = {"width": 2560, "height": 1440}
+
+
+def base_url(service) -> str:
+    return f"http://127.0.0.1:{service[0].settings.port}"
+
+
+def sign_in(page, url: str, token: str = ADMIN) -> None:
+    page.goto(url)
+    page.fill("#token", token)
+    page.click("#signin button[type=submit]")
+    expect(page.locator("#signin")).to_have_count(0)
+
+
+def points_in(page, chart: str, trace: int = 0) -> int:
+    return page.evaluate(
+        "([id, i]) => { const d = document.getElementById(id).data; "
+        "return d && d[i] ? d[i].x.length : 0; }",
+        [chart, trace],
+    )
+
+
+def test_sign_in_rejects_a_bad_token_and_never_puts_one_in_a_url(service, page):
+    urls = []
+    page.on("request", lambda r: urls.append(r.url))
+    page.goto(base_url(service) + "/")
+    field = page.locator("#token")
+    assert field.get_attribute("type") == "password"
+    field.fill("nst_not_a_real_token")
+    page.click("#signin button[type=submit]")
+    expect(page.get_by_role("alert")).to_contain_text("not accepted")
+    sign_in(page, base_url(service) + "/")
+    expect(page.locator("h1")).to_have_text("Runs")
+    assert urls and not [u for u in urls if "nst_" in u]
+
+
+def test_missing_job_and_sweep_pages_say_so(service, page):
+    sign_in(page, base_url(service) + "/jobs/987654")
+    expect(page.get_by_role("alert")).to_contain_text("Job 987654 does not exist")
+    page.goto(base_url(service) + "/sweeps/987654")
+    expect(page.get_by_role("alert")).to_contain_text("Sweep 987654 does not exist")
+
+
+def test_live_run_chart_grows_then_cancel_from_the_page_and_the_list_shows_it(service, page):
+    _, client = service
+    spec = {**TINY, "num_workers": 1, "micro_batch_size": 256, "max_steps": 1_000_000}
+    spec["log_every"] = 1
+    job = client.submit(spec, name="browser-live")
+    wait_for(lambda: client.job(job["id"])["last_step"] >= 1, timeout=180)
+
+    sign_in(page, base_url(service) + f"/jobs/{job['id']}")
+    expect(page.locator("#status [data-status]")).to_have_attribute("data-status", "running")
+    page.wait_for_function("document.body.dataset.drawn === 'true'")
+    first = points_in(page, "chart-loss")
+    # Points arrive over server-sent events and are appended to the drawn chart.
+    page.wait_for_function(
+        "n => document.getElementById('chart-loss').data[0].x.length > n + 20", arg=first
+    )
+    assert client.job(job["id"])["status"] == "running"
+    for chart in ("chart-lr", "chart-throughput", "chart-state", "chart-grad_norm"):
+        assert points_in(page, chart) > 0, chart
+
+    page.click("#cancel")
+    expect(page.locator("#status [data-status]")).to_have_attribute(
+        "data-status", "cancelled", timeout=90_000
+    )
+    expect(page.locator("#events")).to_contain_text("cancelled")
+    assert client.job(job["id"])["status"] == "cancelled"
+    expect(page.locator("#cancel")).to_be_disabled()
+    expect(page.locator("#retry")).to_be_enabled()
+
+    page.goto(base_url(service) + "/")
+    row = page.locator(f"#jobs-table tr[data-job='{job['id']}']")
+    expect(row).to_contain_text("browser-live")
+    expect(row).to_contain_text("adan")
+    expect(row.locator("[data-status]")).to_have_attribute("data-status", "cancelled")
+    page.select_option("#filter-status", "succeeded")
+    expect(row).to_have_count(0)
+    page.select_option("#filter-status", "cancelled")
+    expect(row).to_have_count(1)
+    page.fill("#filter-text", "no-such-name")
+    expect(page.locator("#jobs .notice")).to_contain_text("No job matches")
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(service):
+    """{adan, adamw, lamb} x {256, 512}: a real sweep, run to the end on the cluster."""
+    _, client = service
+    base = {**TINY, "num_workers": 1, "max_steps": 6, "eval_every": 3}
+    sweep = client.sweep(
+        {
+            "name": "browser-compare",
+            "base": base,
+            "max_concurrent": 4,
+            "space": {"optimizer.name": ["adan", "adamw", "lamb"], "batch_size": [256, 512]},
+        }
+    )
+    done = wait_for_sweep(client, sweep["id"], timeout=500)
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def test_finished_sweep_compares_optimizers_across_batch_sizes(service, page, finished_sweep):
+    sweep_id = finished_sweep["id"]
+    sign_in(page, base_url(service) + f"/sweeps/{sweep_id}")
+    page.wait_for_function("document.body.dataset.drawn === 'true'")
+    # The plotted values are the trials' final metrics as the API reports them; accuracy is
+    # the default comparison, the metric picker switches it.
+    for metric in ("val_accuracy", "val_loss"):
+        page.select_option("#metric", metric)
+        page.wait_for_function(
+            "m => document.getElementById('chart-batch').layout.title.text.includes(m)", arg=metric
+        )
+        traces = page.evaluate(
+            "() => document.getElementById('chart-batch').data"
+            ".map(t => ({name: t.name, x: t.x, y: t.y}))"
+        )
+        assert sorted(t["name"] for t in traces) == ["adamw", "adan", "lamb"]
+        finals = {
+            (trial["varied"]["optimizer.name"], trial["varied"]["batch_size"]): trial["final"][
+                metric
+            ]
+            for trial in finished_sweep["trials_summary"]
+        }
+        for t in traces:
+            assert t["x"] == [256, 512], t
+            assert t["y"] == [finals[(t["name"], 256)], finals[(t["name"], 512)]], t
+
+    curves = page.evaluate(
+        "() => document.getElementById('chart-curves').data.map(t => t.legendgroup)"
+    )
+    assert sorted(curves) == ["adamw", "adamw", "adan", "adan", "lamb", "lamb"]
+    assert page.evaluate("() => document.getElementById('chart-params').data[0].type") == (
+        "parcoords"
+    )
+
+    rows = page.locator("#trials-table tbody tr")
+    expect(rows).to_have_count(6)
+    page.click("#trials-table th[data-key='val_loss']")
+    shown = [float(v) for v in rows.locator("td:last-child").all_inner_texts()]
+    assert shown == sorted(shown)
+    page.click("#trials-table th[data-key='val_loss']")
+    shown = [float(v) for v in rows.locator("td:last-child").all_inner_texts()]
+    assert shown == sorted(shown, reverse=True)
+
+
+def test_pages_fit_laptop_and_large_monitor_widths(service, browser, finished_sweep):
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    job_id = finished_sweep["trials_summary"][0]["job_id"]
+    for size in ({"width": 1280, "height": 800}, LARGE_MONITOR):
+        context = browser.new_context(viewport=size)
+        page = context.new_page()
+        sign_in(page, base_url(service) + "/")
+        for path in ("/", f"/jobs/{job_id}", f"/sweeps/{finished_sweep['id']}"):
+            page.goto(base_url(service) + path)
+            if path != "/":
+                page.wait_for_function("document.body.dataset.drawn === 'true'")
+            else:
+                expect(page.locator("#jobs-table")).to_be_visible()
+            overflow = page.evaluate(
+                "() => document.documentElement.scrollWidth - window.innerWidth"
+            )
+            assert overflow <= 0, (path, size)
+            name = path.strip("/").replace("/", "-") or "home"
+            page.screenshot(path=str(shots / f"{name}-{size['width']}.png"), full_page=True)
+        context.close()
