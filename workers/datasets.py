@@ -52,7 +52,7 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
 
 
 def _mnist1d(spec: DatasetSpec, seed: int) -> Dataset:
-    n = spec.num_samples or 10_000
+    n = spec.total_samples()
     cache = nestor_home() / "datasets" / f"mnist1d-{n}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as f:
@@ -104,7 +104,7 @@ def stdlib_corpus(max_bytes: int) -> bytes:
 
 
 def _pystdlib_chars(spec: DatasetSpec, seed: int) -> Dataset:
-    n = spec.num_samples or 20_000
+    n = spec.total_samples()
     t = spec.seq_len
     corpus = np.frombuffer(stdlib_corpus(n * t + 1), dtype=np.uint8).astype(np.int64)
     n = (len(corpus) - 1) // t

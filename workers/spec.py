@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from optimizers import OptimizerSpec
 
 MAX_BATCH_SIZE = 1 << 20
+DEFAULT_SAMPLES = {"mnist1d": 10_000, "digits": 1797, "pystdlib-chars": 20_000}
 
 
 class _Strict(BaseModel):
@@ -34,6 +35,16 @@ class DatasetSpec(_Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="held-out share")
     seq_len: int = Field(64, ge=8, le=1024, description="context length (text datasets)")
 
+    def total_samples(self) -> int:
+        """Samples the dataset will hold (its default size where num_samples is None)."""
+        if self.name == "digits":  # scikit-learn ships 1,797 images
+            return min(self.num_samples or 1797, 1797)
+        return self.num_samples or DEFAULT_SAMPLES[self.name]
+
+    def train_samples(self) -> int:
+        n = self.total_samples()
+        return n - max(1, round(n * self.val_fraction))
+
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
@@ -49,6 +60,17 @@ class LRScheduleSpec(_Strict):
 
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="linear warmup from 0")
+    warmup_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="warmup as a share of max_steps (the larger of the two warmups is used), "
+        "so one spec warms up for the same share of training at every batch size",
+    )
+
+    def warmup(self, total_steps: int) -> int:
+        return max(self.warmup_steps, round(self.warmup_fraction * total_steps))
+
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final lr / peak lr")
 
 
@@ -83,6 +105,13 @@ class TrainSpec(_Strict):
     num_workers: int = Field(1, ge=1, le=256, description="data-parallel workers (ranks)")
     zero_stage: int = Field(2, ge=0, le=2, description="0 = plain data parallel")
     max_steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps")
+    epochs: float | None = Field(
+        None,
+        gt=0.0,
+        le=1_000_000.0,
+        description="a budget in passes over the training split; when set, max_steps is "
+        "derived from it: ceil(epochs x training samples / batch_size)",
+    )
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
     lr_scaling: LRScalingSpec = Field(default_factory=LRScalingSpec)
     max_grad_norm: float | None = Field(
@@ -117,6 +146,9 @@ class TrainSpec(_Strict):
                 f"({self.micro_batch_size}) x num_workers ({self.num_workers}) x accumulation "
                 f"steps; nearest valid batch_size: {lower} or {upper}"
             )
+        if self.epochs is not None:
+            steps = math.ceil(self.epochs * self.dataset.train_samples() / self.batch_size)
+            self.max_steps = max(1, min(steps, 10_000_000))
         from .models import MODELS
 
         if self.dataset.name not in MODELS[self.model].datasets:

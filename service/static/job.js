@@ -1,5 +1,5 @@
 // "/jobs/{id}": spec, status, events, charts; live over server-sent events while it runs.
-import { api, badge, el, fmt, fmtTime, layout, notice, optimizerLabel, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+import { api, badge, el, fmt, fmtTime, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
 
 const CHARTS = [
   { id: "loss", title: "loss", keys: ["train_loss", "val_loss"] },
@@ -26,6 +26,11 @@ function specSummary(job) {
 }
 
 start(async (main) => {
+  // Everything the page needs is requested at once; the slowest is the metrics request.
+  const metricsLoading = api(`/v1/jobs/${jobId}/metrics?keys=${KEYS.join(",")}&max_points=${MAX_POINTS}`);
+  const historyLoading = api(`/v1/jobs/${jobId}/events/history`);
+  metricsLoading.catch(() => {}); historyLoading.catch(() => {}); // awaited below
+  const plotlyLoading = loadPlotly();
   let job = await api(`/v1/jobs/${jobId}`).catch((err) => {
     main.replaceChildren(notice("error", err.status === 404 ? `Job ${jobId} does not exist.` : err.message));
     return null;
@@ -78,10 +83,7 @@ start(async (main) => {
     }
   });
 
-  const [history, metrics] = await Promise.all([
-    api(`/v1/jobs/${jobId}/events/history`),
-    api(`/v1/jobs/${jobId}/metrics?keys=${KEYS.join(",")}&max_points=${MAX_POINTS}`),
-  ]);
+  const [history, metrics] = await Promise.all([historyLoading, metricsLoading, plotlyLoading]);
   history.forEach(addEvent);
   let lastEventTime = history.length ? history[history.length - 1].time : null;
 
@@ -95,7 +97,7 @@ start(async (main) => {
       traceOf[key] = [div, i];
       const s = metrics.series[key] || { step: [], value: [] };
       if (s.step.length) lastStep = Math.max(lastStep, s.step[s.step.length - 1]);
-      return { x: s.step, y: s.value, name: key, mode: key.startsWith("val_") ? "lines+markers" : "lines", type: "scattergl" };
+      return { x: s.step, y: s.value, name: key, mode: key.startsWith("val_") ? "lines+markers" : "lines", type: "scatter" };
     });
     const extra = c.id === "state" ? { yaxis: { rangemode: "tozero" } } : {};
     return Plotly.newPlot(div, traces, layout(c.title, extra), PLOT_CONFIG);

@@ -95,6 +95,10 @@ export function badge(status) { return el("span", { class: `badge ${status}`, "d
 
 export function fmt(v, digits = 4) {
   if (v === null || v === undefined) return "–";
+  if (typeof v === "object") { // a sweep value that replaces a whole part of the spec
+    return Object.entries(v).filter(([, x]) => x !== null)
+      .map(([k, x]) => `${k}=${typeof x === "object" ? JSON.stringify(x) : x}`).join(" ");
+  }
   if (typeof v !== "number") return String(v);
   if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   const a = Math.abs(v);
@@ -170,6 +174,20 @@ export function start(render) {
 }
 
 // ---- charts -------------------------------------------------------------------------------
+
+// plotly.js (4.8 MB) is fetched in parallel with the page's data (the pages preload it) and
+// executed once, when a page first needs it.
+let plotlyLoading = null;
+export function loadPlotly() {
+  plotlyLoading ||= new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = "/vendor/plotly.min.js";
+    script.onload = () => resolve(window.Plotly);
+    script.onerror = () => reject(new Error("could not load the charting library"));
+    document.head.append(script);
+  });
+  return plotlyLoading;
+}
 
 export const PLOT_CONFIG = { responsive: true, displaylogo: false };
 

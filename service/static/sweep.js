@@ -1,6 +1,6 @@
 // "/sweeps/{id}": trials' curves by optimizer, final metric against batch size per optimizer,
 // parallel coordinates of the varied parameters, a sortable trials table.
-import { api, badge, colorFor, el, fmt, layout, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
+import { api, badge, colorFor, el, fmt, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
 
 const REFRESH_MS = 5000;
 const CURVE_POINTS = 500;
@@ -45,8 +45,8 @@ function parcoords(trials, varied, metric) {
       const log = /(^|\.)lr$|weight_decay|eps/.test(key) && raw.every((v) => v > 0);
       return { label: log ? `log10 ${key}` : key, values: raw.map((v) => (log ? Math.log10(v) : v)) };
     }
-    const cats = [...new Set(raw.map(String))];
-    return { label: key, values: raw.map((v) => cats.indexOf(String(v))), tickvals: cats.map((_, i) => i), ticktext: cats };
+    const cats = [...new Set(raw.map((v) => fmt(v)))];
+    return { label: key, values: raw.map((v) => cats.indexOf(fmt(v))), tickvals: cats.map((_, i) => i), ticktext: cats };
   });
   const y = trials.map((t) => t.final[metric] ?? NaN);
   dims.push({ label: metric, values: y });
@@ -121,7 +121,7 @@ start(async (main) => {
       const first = !shown.has(opt);
       shown.add(opt);
       return {
-        x: s.step, y: s.value, type: "scattergl", mode: "lines", name: opt, legendgroup: opt,
+        x: s.step, y: s.value, type: "scatter", mode: "lines", name: opt, legendgroup: opt,
         showlegend: first, line: { color: colorFor(opt), width: 1.5 },
         hovertemplate: `${trialLabel(t)}<br>step %{x}: %{y:.4g}<extra></extra>`,
       };
@@ -146,7 +146,9 @@ start(async (main) => {
   }
 
   async function load() {
-    const [d, jobs] = await Promise.all([api(`/v1/sweeps/${sweepId}`), api(`/v1/jobs?sweep=${sweepId}&limit=1000`)]);
+    const [d, jobs] = await Promise.all([
+      api(`/v1/sweeps/${sweepId}`), api(`/v1/jobs?sweep=${sweepId}&limit=1000`), loadPlotly(),
+    ]);
     detail = d;
     const specs = new Map(jobs.data.map((j) => [j.id, j.spec]));
     trials = d.trials_summary.map((t) => ({ ...t, spec: specs.get(t.job_id) }));

@@ -92,3 +92,32 @@ def test_batch_order_is_a_permutation_per_epoch_and_reproducible():
     assert sorted(steps[10:20].tolist()) == list(range(10))
     assert torch.equal(batch_indices(2, b, n, seed=3), batch_indices(2, b, n, seed=3))
     assert not torch.equal(batch_indices(0, 10, n, seed=3), batch_indices(0, 10, n, seed=4))
+
+
+def test_an_epoch_budget_sets_max_steps_for_every_batch_size():
+    base = {
+        "model": "mnist1d-cnn",
+        "dataset": {"name": "mnist1d", "num_samples": 36_000},  # 32,400 for training
+        "micro_batch_size": 512,
+        "num_workers": 2,
+        "epochs": 30,
+    }
+    steps = {b: TrainSpec(**base, batch_size=b).max_steps for b in (1024, 4096, 32768)}
+    assert steps == {1024: 950, 4096: 238, 32768: 30}  # ceil(30 x 32400 / b)
+    again = TrainSpec(**TrainSpec(**base, batch_size=4096).model_dump())
+    assert again.max_steps == 238  # a stored spec validates to the same budget
+
+
+@pytest.mark.parametrize("dataset", [{"name": "digits"}, {"name": "mnist1d", "num_samples": 1000}])
+def test_train_samples_is_what_the_loaded_dataset_holds(dataset, nestor_home):
+    from workers.datasets import load_dataset
+    from workers.spec import DatasetSpec
+
+    spec = DatasetSpec(**dataset)
+    assert len(load_dataset(spec, seed=0).x_train) == spec.train_samples()
+
+
+def test_warmup_fraction_scales_with_the_run_length():
+    spec = LRScheduleSpec(kind="constant", warmup_fraction=0.1)
+    assert [lr_factor(s, 30, spec) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
+    assert lr_factor(94, 950, spec) == 1.0 and lr_factor(93, 950, spec) == 94 / 95
