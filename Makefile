@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/throughput.py --rounds 2
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -206,12 +206,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         _fail(f"{e.status}: {json.dumps(e.detail)}")
     except OSError as e:
         _fail(f"cannot reach the Nestor service: {e}")
-    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<10} {'batch':>6}  name")
+    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<15} {'batch':>6}  name")
     for j in jobs["data"]:
         spec = j["spec"]
         print(
             f"{j['id']:>5}  {j['status']:<13} {j['last_step']:>7}  "
-            f"{spec['optimizer']['name']:<10} {spec['batch_size']:>6}  {j['name']}"
+            f"{optimizer_label(spec):<15} {spec['batch_size']:>6}  {j['name']}"
         )
     print(f"({jobs['count']} jobs)")
     return 0
@@ -223,6 +223,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     return _api_call(lambda: _client(args).cancel(args.id))
+
+
+def optimizer_label(spec: dict[str, Any]) -> str:
+    opt = spec["optimizer"]
+    return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -103,6 +103,13 @@ def combinations(sweep: SweepCreate) -> list[dict[str, Any]]:
     return out
 
 
+def compact(value: Any) -> str:
+    """A varied value for a trial's name: objects as k=v lists, nulls left out."""
+    if isinstance(value, dict):
+        return "(" + " ".join(f"{k}={compact(v)}" for k, v in value.items() if v is not None) + ")"
+    return str(value)
+
+
 def apply(base: dict[str, Any], varied: dict[str, Any]) -> dict[str, Any]:
     """``base`` with each dotted path set, e.g. {"optimizer.lr": 0.1}."""
     spec = copy.deepcopy(base)
@@ -155,7 +162,7 @@ def create_sweep(db: Session, sweep: SweepCreate) -> Sweep:
     db.flush()
     db.add(Event(sweep_id=row.id, status="running", reason=f"{len(trials)} trials"))
     for i, (varied, spec) in enumerate(trials):
-        name = f"{sweep.name}/{i}: " + ", ".join(f"{k}={v}" for k, v in varied.items())
+        name = f"{sweep.name}/{i}: " + ", ".join(f"{k}={compact(v)}" for k, v in varied.items())
         create_job(db, name[:200], spec.model_dump(mode="json"), sweep.priority, sweep_id=row.id)
     db.commit()
     return row

@@ -20,14 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from service.cli import optimizer_label
 from service.client import Client
 
 COLORS = {"adan": "#d62728", "adamw": "#1f77b4", "lamb": "#2ca02c", "lookahead(adan)": "#9467bd"}
-
-
-def optimizer_label(spec: dict[str, Any]) -> str:
-    opt = spec["optimizer"]
-    return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
 
 
 def trials(client: Client, sweep_id: int) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ const CHARTS = [
   { id: "throughput", title: "samples / s", keys: ["samples_per_s"] },
   { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"] },
 ];
-const KEYS = CHARTS.flatMap((c) => c.keys);
 const MAX_POINTS = 2000;
 const LIVE = new Set(["queued", "running"]);
 
@@ -27,7 +26,11 @@ function specSummary(job) {
 
 start(async (main) => {
   // Everything the page needs is requested at once; the slowest is the metrics request.
-  const metricsLoading = api(`/v1/jobs/${jobId}/metrics?keys=${KEYS.join(",")}&max_points=${MAX_POINTS}`);
+  // One request per chart: the server computes them in parallel, and the slowest series
+  // (the per-step loss of a long run) does not hold up the others.
+  const metricsLoading = Promise.all(CHARTS.map((c) =>
+    api(`/v1/jobs/${jobId}/metrics?keys=${c.keys.join(",")}&max_points=${MAX_POINTS}`)))
+    .then((parts) => ({ series: Object.assign({}, ...parts.map((p) => p.series)) }));
   const historyLoading = api(`/v1/jobs/${jobId}/events/history`);
   metricsLoading.catch(() => {}); historyLoading.catch(() => {}); // awaited below
   const plotlyLoading = loadPlotly();

@@ -137,7 +137,7 @@ function showSignIn(message) {
     error,
     el("button", { class: "primary", type: "submit" }, "Sign in"),
     el("p", { class: "muted" },
-      "The admin token is in NESTOR_HOME/admin-token (printed by `nestor serve`)."),
+      "The admin token is in NESTOR_HOME/admin_token (~/.nestor/admin_token by default; `nestor serve` prints where)."),
   );
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
