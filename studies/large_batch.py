@@ -143,24 +143,36 @@ def plot_against_batch(table, metric: str, path: Path) -> None:
 
 
 def plot_curves(client: Client, table, batch: int, path: Path) -> None:
+    """Training loss (every step) and validation accuracy against epochs at one batch size."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for opt in COLORS:
         t = table.get((opt, batch))
         if t is None:
             continue
-        s = client.metrics(t["job_id"], keys=["val_accuracy"], max_points=10_000)["series"]
-        series = s.get("val_accuracy", {"step": [], "value": []})
         spec = t["job"]["spec"]
         per_epoch = spec["batch_size"] / train_samples(spec)
-        ax.plot(
-            [x * per_epoch for x in series["step"]], series["value"], label=opt, color=COLORS[opt]
-        )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"global batch {batch:,}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        keys = ["train_loss", "val_accuracy"]
+        series = client.metrics(t["job_id"], keys=keys, max_points=10_000)["series"]
+        for ax, key in zip(axes, keys, strict=True):
+            s = series.get(key, {"step": [], "value": []})
+            ax.plot(
+                [x * per_epoch for x in s["step"]],
+                s["value"],
+                "-" if key == "train_loss" else "o-",
+                label=opt,
+                color=COLORS[opt],
+                lw=1.2,
+            )
+    for ax, key in zip(axes, ["training loss", "validation accuracy"], strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(
+        f"global batch {batch:,} ({table[next(iter(table))]['job']['spec']['epochs']:g} epochs)"
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
