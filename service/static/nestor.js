@@ -96,6 +96,7 @@ export function badge(status) { return el("span", { class: `badge ${status}`, "d
 export function fmt(v, digits = 4) {
   if (v === null || v === undefined) return "–";
   if (typeof v === "object") { // a sweep value that replaces a whole part of the spec
+    if (v.name !== undefined && v.lr !== undefined) return `${optimizerLabel({ optimizer: v })} lr=${v.lr}`;
     return Object.entries(v).filter(([, x]) => x !== null)
       .map(([k, x]) => `${k}=${typeof x === "object" ? JSON.stringify(x) : x}`).join(" ");
   }
@@ -103,6 +104,10 @@ export function fmt(v, digits = 4) {
   if (Number.isInteger(v) && Math.abs(v) < 1e6) return String(v);
   const a = Math.abs(v);
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : v.toPrecision(digits);
+}
+
+export function fmtBatch(b) {
+  return b >= 1024 && b % 1024 === 0 ? `${b / 1024}k` : String(b);
 }
 
 export function fmtTime(iso) {

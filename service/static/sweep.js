@@ -1,6 +1,6 @@
 // "/sweeps/{id}": trials' curves by optimizer, final metric against batch size per optimizer,
 // parallel coordinates of the varied parameters, a sortable trials table.
-import { api, badge, colorFor, el, fmt, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
+import { api, badge, colorFor, el, fmt, fmtBatch, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
 
 const REFRESH_MS = 5000;
 const CURVE_POINTS = 500;
@@ -136,12 +136,12 @@ start(async (main) => {
       .filter((m) => /^(val_|train_loss)/.test(m)).sort();
     tableBox.replaceChildren(trials.length ? table(varied, metrics) : notice("empty", "This sweep has no trials."));
     const comparison = batchComparison(trials, metric);
+    const sizes = [...new Set(trials.map((t) => t.spec.batch_size))].sort((a, b) => a - b);
     await Plotly.react("chart-batch", comparison, layout(`final ${metric} against batch size`, {
-      xaxis: { title: { text: "global batch size" }, type: "log",
-        tickvals: [...new Set(trials.map((t) => t.spec.batch_size))].sort((a, b) => a - b) },
+      xaxis: { title: { text: "global batch size" }, type: "log", tickvals: sizes, ticktext: sizes.map(fmtBatch) },
       yaxis: { title: { text: metric } }, hovermode: "closest",
     }), PLOT_CONFIG);
-    if (varied.length) await Plotly.react("chart-params", parcoords(trials, varied, metric), { margin: { l: 80, r: 80, t: 50, b: 30 } }, PLOT_CONFIG);
+    if (varied.length) await Plotly.react("chart-params", parcoords(trials, varied, metric), { margin: { l: 150, r: 80, t: 50, b: 30 } }, PLOT_CONFIG);
     await drawCurves(metric);
   }
 
