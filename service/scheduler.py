@@ -217,17 +217,25 @@ class Scheduler:
         token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id)
         token_file.touch(mode=0o600)
         token_file.write_text(token)
-        submission_id = f"nestor-job-{job.id}"
+        # Unique per job row, not just per id: two Nestor databases (a second deployment, a
+        # reset database, each test module's service) may share one Ray cluster. And the
+        # same on every attempt, so a submission that reached Ray before a crash is adopted.
+        submission_id = f"nestor-job-{job.id}-{job.created_at:%Y%m%d%H%M%S%f}"
         entrypoint = (
             f"{sys.executable} -m workers.driver --job-id {job.id} "
             f"--run-dir {run_dir} --api-url {self.settings.api_url} "
             f"--token-file {token_file}"
         )
-        self._client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env={"env_vars": {"NESTOR_HOME": str(self.settings.home_dir)}},
-        )
+        try:
+            self._client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={"env_vars": {"NESTOR_HOME": str(self.settings.home_dir)}},
+            )
+        except RuntimeError as err:
+            if "already exists" not in str(err):
+                raise
+            log.warning("job %s was already submitted to Ray as %s", job.id, submission_id)
         job.submission_id = submission_id
         job.run_dir = str(run_dir)
         db.commit()
