@@ -14,7 +14,7 @@ from typing import Annotated
 import plotly
 from fastapi import APIRouter, FastAPI
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).parent / "static"
@@ -25,24 +25,31 @@ router = APIRouter(include_in_schema=False)
 Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 
-def _page(name: str) -> FileResponse:
-    headers = {"Cache-Control": "no-cache"}
-    return FileResponse(STATIC / name, media_type="text/html", headers=headers)
+PRELOAD = '  <link rel="preload" href="/vendor/plotly.min.js" as="script">\n'
+
+
+def _page(title: str, script: str, charts: bool) -> HTMLResponse:
+    """One HTML shell for every page: a title, the page's module, plotly preloaded if it
+    draws charts."""
+    html = (STATIC / "page.html").read_text()
+    html = html.replace("{title}", title).replace("{script}", script)
+    html = html.replace("{preload}", PRELOAD if charts else "")
+    return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/")
-def home() -> FileResponse:
-    return _page("index.html")
+def home() -> HTMLResponse:
+    return _page("runs", "home.js", charts=False)
 
 
 @router.get("/jobs/{job_id}")
-def job_page(job_id: Id) -> FileResponse:
-    return _page("job.html")
+def job_page(job_id: Id) -> HTMLResponse:
+    return _page("job", "job.js", charts=True)
 
 
 @router.get("/sweeps/{sweep_id}")
-def sweep_page(sweep_id: Id) -> FileResponse:
-    return _page("sweep.html")
+def sweep_page(sweep_id: Id) -> HTMLResponse:
+    return _page("sweep", "sweep.js", charts=True)
 
 
 @router.get("/vendor/plotly.min.js")
