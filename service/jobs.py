@@ -109,9 +109,9 @@ def final_metrics(
     """Per job, each metric's value at its last reported step (only ``keys`` if given)."""
     if not job_ids:
         return {}
-    where = [Metric.job_id.in_(job_ids)]
     if keys is not None:
-        where.append(Metric.key.in_(keys))
+        return _last_values(db, job_ids, keys)
+    where = [Metric.job_id.in_(job_ids)]
     last = (
         select(Metric.job_id, Metric.key, func.max(Metric.step).label("step"))
         .where(*where)
@@ -130,3 +130,29 @@ def final_metrics(
     for job_id, key, value in rows:
         finals.setdefault(job_id, {})[key] = value
     return finals
+
+
+def _last_values(
+    db: Session, job_ids: list[int], keys: list[str]
+) -> dict[int, dict[str, float | None]]:
+    """``final_metrics`` for named keys: index probes per (job, key) for the last step instead
+    of a scan of every point (the runs list asks for this every few seconds)."""
+
+    def last(column, key: str):
+        return (
+            select(column)
+            .where(Metric.job_id == Job.id, Metric.key == key)
+            .order_by(Metric.step.desc())
+            .limit(1)
+            .correlate(Job)
+            .scalar_subquery()
+        )
+
+    columns = [c for key in keys for c in (last(Metric.step, key), last(Metric.value, key))]
+    finals: dict[int, dict[str, float | None]] = {}
+    for job_id, *row in db.execute(select(Job.id, *columns).where(Job.id.in_(job_ids))):
+        # A key with no points has no last step; one whose last value was NaN has a step.
+        finals[job_id] = {
+            key: row[2 * i + 1] for i, key in enumerate(keys) if row[2 * i] is not None
+        }
+    return {job_id: values for job_id, values in finals.items() if values}

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,10 @@ class Scheduler:
         # Unique per job row, not just per id: two Nestor databases (a second deployment, a
         # reset database, each test module's service) may share one Ray cluster. And the
         # same on every attempt, so a submission that reached Ray before a crash is adopted.
-        submission_id = f"nestor-job-{job.id}-{job.created_at:%Y%m%d%H%M%S%f}"
+        created = job.created_at
+        if created.tzinfo is not None:  # PostgreSQL answers in the session's time zone
+            created = created.astimezone(UTC).replace(tzinfo=None)
+        submission_id = f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
         entrypoint = (
             f"{sys.executable} -m workers.driver --job-id {job.id} "
             f"--run-dir {run_dir} --api-url {self.settings.api_url} "

@@ -147,7 +147,10 @@ class TrainSpec(_Strict):
                 f"steps; nearest valid batch_size: {lower} or {upper}"
             )
         if self.epochs is not None:
-            steps = math.ceil(self.epochs * self.dataset.train_samples() / self.batch_size)
+            # Rounded before the ceiling so float noise (1.1 x 900 / 99 = 10.000000000000002)
+            # cannot add a step.
+            exact = self.epochs * self.dataset.train_samples() / self.batch_size
+            steps = math.ceil(round(exact, 9))
             self.max_steps = max(1, min(steps, 10_000_000))
         from .models import MODELS
 

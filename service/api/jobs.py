@@ -165,6 +165,10 @@ async def events(
             if since_step
             else None
         )
+        if since_step and first_new is None:  # nothing newer yet: start after the newest
+            first_new = (
+                db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id)) or 0
+            ) + 1
 
     async def stream():
         last_event = 0

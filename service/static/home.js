@@ -63,12 +63,15 @@ start(async (main) => {
     el("h2", {}, "Jobs"), jobsBox,
   );
 
+  let latest = 0; // responses to an older refresh (filters typed since) are dropped
   async function refresh() {
+    const seq = ++latest;
     const params = new URLSearchParams({ limit: "200" });
     if (status.value) params.set("status", status.value);
     const needle = text.value.trim().toLowerCase();
     try {
       const [jobs, sweeps] = await Promise.all([api(`/v1/jobs?${params}`), api("/v1/sweeps?limit=100")]);
+      if (seq !== latest) return;
       const jobRows = jobs.data.filter((j) => !needle
         || j.name.toLowerCase().includes(needle) || optimizerLabel(j.spec).includes(needle));
       const sweepRows = sweeps.data.filter((s) => (!status.value || s.status === status.value)

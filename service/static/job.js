@@ -88,18 +88,21 @@ start(async (main) => {
 
   const [history, metrics] = await Promise.all([historyLoading, metricsLoading, plotlyLoading]);
   history.forEach(addEvent);
-  let lastEventTime = history.length ? history[history.length - 1].time : null;
+  const when = (iso) => Date.parse(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
+  let lastEventTime = history.length ? when(history[history.length - 1].time) : -Infinity;
 
   // One trace per key, in CHARTS order; traceOf[key] = [div, index].
+  // Each series was read at its own moment: remember each one's last step, stream from the
+  // earliest of them and drop what a series already has.
   const traceOf = {};
-  let lastStep = 0;
+  const lastStepOf = {};
   await Promise.all(CHARTS.map((c) => {
     const div = document.getElementById(`chart-${c.id}`);
     div.replaceChildren();
     const traces = c.keys.map((key, i) => {
       traceOf[key] = [div, i];
       const s = metrics.series[key] || { step: [], value: [] };
-      if (s.step.length) lastStep = Math.max(lastStep, s.step[s.step.length - 1]);
+      lastStepOf[key] = s.step.length ? s.step[s.step.length - 1] : 0;
       return { x: s.step, y: s.value, name: key, mode: key.startsWith("val_") ? "lines+markers" : "lines", type: "scatter" };
     });
     const extra = c.id === "state" ? { yaxis: { rangemode: "tozero" } } : {};
@@ -126,15 +129,15 @@ start(async (main) => {
   const handlers = {
     metrics(points) {
       for (const p of points) {
-        if (!(p.key in traceOf)) continue;
+        if (!(p.key in traceOf) || p.step <= lastStepOf[p.key]) continue;
         (pending[p.key] ||= []).push(p);
+        lastStepOf[p.key] = p.step;
       }
-      for (const p of points) lastStep = Math.max(lastStep, p.step);
       if (!flushing) { flushing = true; setTimeout(flush, 300); }
     },
     status(e) {
-      if (lastEventTime && e.time <= lastEventTime) return; // already listed from the history
-      lastEventTime = e.time;
+      if (when(e.time) <= lastEventTime) return; // already listed from the history
+      lastEventTime = when(e.time);
       addEvent(e);
       api(`/v1/jobs/${jobId}`).then(showJob);
     },
@@ -142,7 +145,8 @@ start(async (main) => {
   };
   while (LIVE.has(job.status)) {
     try {
-      await streamEvents(`/v1/jobs/${jobId}/events?since_step=${lastStep}`, handlers);
+      const since = Math.min(...Object.values(lastStepOf).filter((v) => v > 0), Infinity);
+      await streamEvents(`/v1/jobs/${jobId}/events?since_step=${Number.isFinite(since) ? since : 0}`, handlers);
       break; // the server closed the stream: the job has ended
     } catch (err) {
       if (err.status === 401 || err.status === 404) break;

@@ -126,6 +126,7 @@ export function optimizerLabel(spec) {
 let started = false;
 
 function showSignIn(message) {
+  if (document.getElementById("signin")) return; // already asking (parallel requests, timers)
   const main = document.querySelector("main");
   main.replaceChildren();
   document.body.classList.add("signed-out");

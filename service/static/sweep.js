@@ -76,20 +76,23 @@ start(async (main) => {
 
   let sortKey = null;
   let sortDir = 1;
-  let curvesFor = null; // (metric, finished trial ids) the curves were drawn for
+  let curvesFor = null; // (metric, trials and their steps) the curves were drawn for
+  let curvesSeq = 0;
   let detail;
   let trials = [];
 
   function table(varied, metrics) {
     const cols = [["job", (t) => t.job_id], ["status", (t) => t.status],
       ...varied.map((k) => [k, (t) => t.varied[k]]),
-      ["optimizer", (t) => optimizerLabel(t.spec)], ["batch", (t) => t.spec.batch_size],
+      ...(varied.includes("optimizer") ? [] : [["optimizer", (t) => optimizerLabel(t.spec)]]),
+      ...(varied.includes("batch_size") ? [] : [["batch", (t) => t.spec.batch_size]]),
       ["steps", (t) => t.last_step], ...metrics.map((m) => [m, (t) => t.final[m] ?? null])];
     const rows = [...trials];
     if (sortKey !== null) {
       const get = cols.find((c) => c[0] === sortKey)[1];
+      const key = (t) => { const v = get(t); return v !== null && typeof v === "object" ? fmt(v) : v; };
       rows.sort((a, b) => {
-        const x = get(a); const y = get(b);
+        const x = key(a); const y = key(b);
         if (x === null) return 1; if (y === null) return -1;
         return (x < y ? -1 : x > y ? 1 : 0) * sortDir;
       });
@@ -113,7 +116,15 @@ start(async (main) => {
     const key = `${metric}|${done.map((t) => `${t.job_id}:${t.last_step}`).join(",")}`;
     if (key === curvesFor) return;
     curvesFor = key;
-    const series = await Promise.all(done.map((t) => api(`/v1/jobs/${t.job_id}/metrics?keys=${metric}&max_points=${CURVE_POINTS}`)));
+    const seq = ++curvesSeq;
+    let series;
+    try {
+      series = await Promise.all(done.map((t) => api(`/v1/jobs/${t.job_id}/metrics?keys=${metric}&max_points=${CURVE_POINTS}`)));
+    } catch (err) {
+      curvesFor = null; // try again on the next draw
+      throw err;
+    }
+    if (seq !== curvesSeq) return; // a newer draw (another metric) has started
     const shown = new Set();
     const traces = done.map((t, i) => {
       const s = series[i].series[metric] || { step: [], value: [] };

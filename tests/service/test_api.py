@@ -210,3 +210,25 @@ def test_out_of_range_ids_and_non_finite_values_are_422_not_500(client):
 def test_paging_beyond_64_bits_is_422(client):
     assert client.get("/v1/jobs", params={"skip": 2**70}).status_code == 422
     assert client.get("/v1/sweeps", params={"skip": 2**70}).status_code == 422
+
+
+def test_jobs_carry_their_latest_loss_and_accuracy(client):
+    from service.auth import create_token
+
+    quiet, busy = submit(client), submit(client)
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=busy["id"])
+    points = [
+        {"step": 1, "values": {"train_loss": 2.0, "val_accuracy": 0.5}},
+        {"step": 2, "values": {"train_loss": 1.5, "lr": 0.1}},
+        {"step": 3, "values": {"train_loss": None}},  # a non-finite loss arrives as null
+    ]
+    client.post(
+        f"/v1/jobs/{busy['id']}/ingest",
+        json={"points": points},
+        headers={"Authorization": f"Bearer {worker}"},
+    )
+    listed = {j["id"]: j["latest"] for j in client.get("/v1/jobs").json()["data"]}
+    assert listed[busy["id"]] == {"train_loss": None, "val_accuracy": 0.5}
+    assert listed[quiet["id"]] == {}
+    assert client.get(f"/v1/jobs/{busy['id']}").json()["latest"] == listed[busy["id"]]

@@ -121,3 +121,13 @@ def test_warmup_fraction_scales_with_the_run_length():
     spec = LRScheduleSpec(kind="constant", warmup_fraction=0.1)
     assert [lr_factor(s, 30, spec) for s in range(4)] == [1 / 3, 2 / 3, 1.0, 1.0]
     assert lr_factor(94, 950, spec) == 1.0 and lr_factor(93, 950, spec) == 94 / 95
+
+
+def test_a_fractional_epoch_budget_does_not_gain_a_step_from_float_noise():
+    spec = TrainSpec(
+        dataset={"name": "mnist1d", "num_samples": 1000},  # 900 for training
+        batch_size=99,
+        micro_batch_size=99,
+        epochs=1.1,
+    )
+    assert spec.max_steps == 10  # 1.1 x 900 / 99 = 10 exactly
