@@ -120,12 +120,16 @@ class RayCluster:
         for proc, _ in [*self._nodes, (self._proc, 0)]:
             if proc is None:
                 continue
+            # SIGTERM to `ray start` alone: it drains the node and stops its own processes in
+            # order. Signalling the whole group killed the GCS first, and the drain then waited
+            # 30 s for it. Whatever is left of the group after that is killed.
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.terminate()
                 proc.wait(timeout=60)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         self._proc, self._nodes = None, []
 
     def total_cpus(self) -> float:
