@@ -25,14 +25,14 @@ router = APIRouter(include_in_schema=False)
 Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 
+SHELL = (STATIC / "page.html").read_text()
 PRELOAD = '  <link rel="preload" href="/vendor/plotly.min.js" as="script">\n'
 
 
 def _page(title: str, script: str, charts: bool) -> HTMLResponse:
     """One HTML shell for every page: a title, the page's module, plotly preloaded if it
     draws charts."""
-    html = (STATIC / "page.html").read_text()
-    html = html.replace("{title}", title).replace("{script}", script)
+    html = SHELL.replace("{title}", title).replace("{script}", script)
     html = html.replace("{preload}", PRELOAD if charts else "")
     return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 

@@ -45,7 +45,8 @@ class EarlyStopper:
 
     def should_stop(self, db: Session, sweep: Sweep, job: Job) -> str | None:
         """Report the job's new points of the sweep's metric; the reason to stop, or None."""
-        metric = sweep.spec["early_stopping"]["metric"]
+        es = sweep.spec["early_stopping"]
+        metric = es["metric"]
         study = self._study(sweep)
         trial = self._trial(study, job)
         seen = self.storage.get_trial(trial._trial_id).intermediate_values
@@ -54,7 +55,6 @@ class EarlyStopper:
             .where(Metric.job_id == job.id, Metric.key == metric)
             .order_by(Metric.step)
         ).all()
-        es = sweep.spec["early_stopping"]
         last_seen = max(seen, default=0)
         for step, value in rows:
             if value is None or step in seen:

@@ -86,14 +86,14 @@ def pick_lr(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {opt: lr for opt, (lr, _) in best.items()}
 
 
-def _time(s: str) -> datetime:
-    return datetime.fromisoformat(s)
-
-
 def utilisation(client: Client, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Wall clock of the sweep and the median samples/s per worker of each trial."""
-    start = min(_time(t["job"]["started_at"]) for t in rows if t["job"]["started_at"])
-    end = max(_time(t["job"]["finished_at"]) for t in rows if t["job"]["finished_at"])
+    start = min(
+        datetime.fromisoformat(t["job"]["started_at"]) for t in rows if t["job"]["started_at"]
+    )
+    end = max(
+        datetime.fromisoformat(t["job"]["finished_at"]) for t in rows if t["job"]["finished_at"]
+    )
     per_batch: dict[int, list[float]] = defaultdict(list)
     for t in rows:
         s = client.metrics(t["job_id"], keys=["samples_per_s"], max_points=100_000)
@@ -102,7 +102,10 @@ def utilisation(client: Client, rows: list[dict[str, Any]]) -> dict[str, Any]:
             workers = t["job"]["spec"]["num_workers"]
             per_batch[t["job"]["spec"]["batch_size"]].append(statistics.median(values) / workers)
     busy = sum(
-        (_time(t["job"]["finished_at"]) - _time(t["job"]["started_at"])).total_seconds()
+        (
+            datetime.fromisoformat(t["job"]["finished_at"])
+            - datetime.fromisoformat(t["job"]["started_at"])
+        ).total_seconds()
         for t in rows
         if t["job"]["started_at"] and t["job"]["finished_at"]
     )
@@ -170,9 +173,7 @@ def plot_curves(client: Client, table, batch: int, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend()
-    fig.suptitle(
-        f"global batch {batch:,} ({table[next(iter(table))]['job']['spec']['epochs']:g} epochs)"
-    )
+    fig.suptitle(f"global batch {batch:,} ({spec['epochs']:g} epochs)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
