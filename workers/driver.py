@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
     http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
-    result = run_on_ray(spec, run_dir, max_failures=args.max_failures, http=http)
+    # A Ray job's driver: RAY_ADDRESS names the cluster the job was submitted to.
+    result = run_on_ray(
+        spec, run_dir, ray_address="auto", max_failures=args.max_failures, http=http
+    )
     print(json.dumps({k: result.get(k) for k in ("status", "params_sha256", "error")}))
     return 0 if result["status"] == "succeeded" else 1
 

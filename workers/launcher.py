@@ -79,6 +79,36 @@ def run_worker(
 
 
 # ----------------------------------------------------------------------------------- Ray
+def connect_ray(address: str | None, timeout: float = 5.0, **init_kwargs: Any) -> None:
+    """Connect this process to Ray, never waiting for ever on a cluster that is gone.
+
+    ``None`` or ``"local"`` starts a private local Ray (never the cluster named in Ray's
+    address file, which outlives the cluster it names); ``"auto"`` joins the cluster in
+    RAY_ADDRESS or the one this machine started last; ``host:port`` joins that one. A
+    cluster's address is first tried with a TCP connection (``timeout`` seconds), and an
+    error names the address.
+    """
+    import ray
+
+    if address in (None, "local"):
+        ray.init(address="local", **init_kwargs)
+        return
+    if address == "auto":
+        from ray._private.services import find_bootstrap_address
+
+        address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+        if not address:
+            raise ConnectionError("--ray-address auto: no Ray cluster was started on this machine")
+    if "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError) as e:
+            raise ConnectionError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    ray.init(address=address, **init_kwargs)
+
+
 def _ray_train_fn(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a thin wrapper around ``run_worker``."""
     import ray
@@ -117,8 +147,8 @@ def run_on_ray(
     ``result.json``. When a worker process dies, FailureConfig restarts the group and the
     loop resumes from the latest checkpoint in ``run_dir`` (which every node must reach).
 
-    Uses the Ray cluster at ``ray_address``, or the one this process is connected to, or
-    starts a local one.
+    Uses the Ray cluster this process is connected to, else the one ``connect_ray``
+    finds for ``ray_address`` (None: a private local Ray).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -127,7 +157,7 @@ def run_on_ray(
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=console)
+        connect_ray(ray_address, log_to_driver=console)
     trainer = TorchTrainer(
         _ray_train_fn,
         train_loop_config={

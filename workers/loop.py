@@ -102,6 +102,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+def _reported_before(run_dir: Path) -> bool:
+    path = run_dir / "metrics.jsonl"
+    return path.exists() and path.stat().st_size > 0
+
+
 def save_checkpoint(opt: ZeroOptimizer, session: Session, step: int, best: dict) -> None:
     """A collective: parameters and optimizer slices (ZeroOptimizer), each rank's RNG
     state, and on rank 0 the loop's own position. The schedule is a function of the step,
@@ -150,6 +155,10 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             report.resume(step_done)
             report.status("running", resumed_from_step=step_done)
     elif report:
+        if _reported_before(session.run_dir):
+            # A restart without a checkpoint: the crashed attempt's points are discarded
+            # (here and in the service), and training reports every step again.
+            report.resume(0)
         report.status("running")
 
     per_rank = spec.batch_size // world

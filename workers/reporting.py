@@ -8,11 +8,15 @@ the console, combined with ``Fanout``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("nestor.reporting")
 
 
 class Reporter(Protocol):
@@ -54,14 +58,18 @@ class JsonlReporter:
         once in the file after a restart from a checkpoint."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= step
-        ]
+        kept = [line for line in self.path.read_text().splitlines() if _step(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+
+
+def _step(line: str) -> float:
+    """A JSON line's step; a torn or unreadable line counts as after every step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class ConsoleReporter:
@@ -101,79 +109,145 @@ class Fanout:
 
 
 class HttpReporter:
-    """Sends reports to the Nestor service in batches from a background thread, retrying
-    with backoff while the service is away (a restart loses nothing: the buffer waits, and
-    the service also backfills from metrics.jsonl when the job ends).
+    """Sends reports to the Nestor service in batches from a background thread.
 
-    Uses only the standard library: workers never import the service's packages.
+    - A batch the service rejects (HTTP 4xx: invalid, or not this token's job) is dropped
+      and logged; it would be rejected again, and must not hold back the batches after it.
+    - Server errors (5xx, 408, 429) and connection errors are retried with exponential
+      backoff (capped), so a service restart loses nothing: the buffer waits.
+    - The buffer is bounded (``max_points``); past it the oldest points are dropped with a
+      warning (they remain in metrics.jsonl, which the service backfills from at the end).
+      Status and restart messages are never dropped, and keep their order with the points.
     """
 
+    RETRY = frozenset({408, 429})
+
     def __init__(
-        self, api_url: str, job_id: int, token: str, flush_every: float = 0.5, max_batch: int = 500
+        self,
+        api_url: str,
+        job_id: int,
+        token: str,
+        flush_every: float = 0.5,
+        max_batch: int = 500,
+        max_points: int = 100_000,
+        max_delay: float = 10.0,
     ) -> None:
-        import queue
         import threading
 
+        import httpx
+
         self.url = f"{api_url.rstrip('/')}/v1/jobs/{job_id}/ingest"
-        self.token = token
+        self._http = httpx.Client(
+            timeout=10.0,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         self.flush_every, self.max_batch = flush_every, max_batch
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.max_points, self.max_delay = max_points, max_delay
+        self.dropped_points = 0  # over the buffer's bound
+        self.rejected_batches = 0  # refused by the service (4xx)
+        self._items: deque[dict[str, Any]] = deque()  # reports in order, not yet sent
+        self._buffered = 0  # points in _items
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="nestor-reporter", daemon=True)
         self._thread.start()
 
+    # ---------------------------------------------------------- the Reporter interface
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        self._queue.put({"points": [{"step": step, "time": time.time(), "values": _clean(values)}]})
+        point = {"step": step, "time": time.time(), "values": _clean(values)}
+        with self._lock:
+            self._items.append({"points": [point]})
+            self._buffered += 1
+            while self._buffered > self.max_points and self._drop_oldest():
+                pass
 
     def status(self, status: str, **details: Any) -> None:
         if status in ("running", "succeeded", "failed"):
-            self._queue.put({"status": status, "error": details.get("error")})
+            self._put({"status": status, "error": details.get("error")})
 
     def resume(self, step: int) -> None:
-        self._queue.put({"resume_from_step": step})
+        self._put({"resume_from_step": step})
 
-    def _post(self, body: dict[str, Any]) -> None:
-        import urllib.request
+    def _put(self, item: dict[str, Any]) -> None:
+        with self._lock:
+            self._items.append(item)
 
-        req = urllib.request.Request(
-            self.url,
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+    def _drop_oldest(self) -> bool:
+        for i, item in enumerate(self._items):
+            if item.get("points") and len(item) == 1:
+                del self._items[i]
+                self._buffered -= len(item["points"])
+                if self.dropped_points == 0:
+                    log.warning(
+                        "reporter buffer full (%d points): dropping the oldest; they stay in "
+                        "metrics.jsonl",
+                        self.max_points,
+                    )
+                self.dropped_points += len(item["points"])
+                return True
+        return False
 
-    def _drain(self) -> list[dict[str, Any]]:
-        """Merge queued items into batches, keeping order (a status or resume closes one)."""
-        batches: list[dict[str, Any]] = []
-        current: dict[str, Any] = {"points": []}
-        while not self._queue.empty() and len(current["points"]) < self.max_batch:
-            item = self._queue.get_nowait()
-            current["points"] += item.get("points", [])
-            if "status" in item or "resume_from_step" in item:
-                current.update({k: v for k, v in item.items() if k != "points"})
-                batches.append(current)
-                current = {"points": []}
-        if current["points"]:
-            batches.append(current)
-        return batches
+    # ---------------------------------------------------------- sending
+    def _next_batch(self) -> dict[str, Any] | None:
+        """Up to max_batch points from the front, in order; a status or restart message
+        closes the batch it ends."""
+        with self._lock:
+            if not self._items:
+                return None
+            batch: dict[str, Any] = {"points": []}
+            taken = 0
+            for item in self._items:
+                if len(batch["points"]) + len(item.get("points", ())) > self.max_batch and taken:
+                    break
+                batch["points"] += item.get("points", [])
+                taken += 1
+                if len(item) > 1 or "points" not in item:
+                    batch.update({k: v for k, v in item.items() if k != "points"})
+                    break
+            batch["_taken"] = taken
+            return batch
+
+    def _sent(self, taken: int) -> None:
+        with self._lock:
+            for _ in range(taken):
+                item = self._items.popleft()
+                self._buffered -= len(item.get("points", ()))
+
+    def _post(self, body: dict[str, Any]) -> int:
+        """The HTTP status; raises on connection errors and timeouts."""
+        return self._http.post(self.url, json=body).status_code
 
     def _run(self) -> None:
-        pending: list[dict[str, Any]] = []
         delay = self.flush_every
         while True:
             stopping = self._stop.is_set()
-            pending += self._drain()
-            while pending:
+            while (batch := self._next_batch()) is not None:
+                taken = batch.pop("_taken")
                 try:
-                    self._post(pending[0])
-                except Exception:  # the service is away: keep the batch, back off
-                    delay = min(delay * 2, 10.0)
+                    code = self._post(batch)
+                except Exception as e:  # the service is away: keep the batch, back off
+                    code, error = None, e
+                if code is not None and code < 400:
+                    self._sent(taken)
+                    delay = self.flush_every
+                elif code is not None and code < 500 and code not in self.RETRY:
+                    self.rejected_batches += 1
+                    log.warning(
+                        "the service rejected a batch of %d points (HTTP %d); dropped",
+                        len(batch["points"]),
+                        code,
+                    )
+                    self._sent(taken)
+                else:
+                    if delay >= self.max_delay / 2:
+                        log.warning("reporting to %s: %s; retrying", self.url, code or error)
+                    delay = min(delay * 2, self.max_delay)
                     break
-                pending.pop(0)
-                delay = self.flush_every
-            if stopping and (not pending or time.time() > self._deadline):
+                if time.time() > self._deadline:
+                    break
+            if stopping and (self._next_batch() is None or time.time() > self._deadline):
+                self._http.close()
                 return
             self._stop.wait(delay)
 

@@ -57,7 +57,9 @@ def test_non_finite_loss_fails_the_job_with_a_clear_error(tmp_path, nestor_home)
             **BASE,
             "num_workers": 1,
             "max_grad_norm": None,
-            "optimizer": {"name": "adamw", "lr": 1e9},
+            # The spec's lr is bounded (10); scaled linearly from a batch of 1 it is 5120.
+            "optimizer": {"name": "adamw", "lr": 10},
+            "lr_scaling": {"rule": "linear", "base_batch_size": 1},
             "max_bad_steps": 2,
             "checkpoint_every": 0,
         }
@@ -67,6 +69,22 @@ def test_non_finite_loss_fails_the_job_with_a_clear_error(tmp_path, nestor_home)
     assert "loss was non-finite" in result["error"] and "2 consecutive steps" in result["error"]
     metrics = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
     assert metrics[-1]["train_loss"] is None and metrics[-1]["skipped"] == 1.0
+
+
+def test_a_restart_without_a_checkpoint_reports_every_step_once(tmp_path, nestor_home):
+    """A crashed attempt without a checkpoint left steps 1-5 (and a line torn by the crash):
+    the next attempt starts from scratch and must discard them, not append after them."""
+    spec = TrainSpec.model_validate(
+        {**BASE, "num_workers": 1, "max_steps": 6, "eval_every": 3, "checkpoint_every": 0}
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    crashed = [json.dumps({"step": s, "time": 0.0, "train_loss": 99.0}) for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("\n".join(crashed) + '\n{"step": 6, "trai')
+    assert run_local(spec, run)["status"] == "succeeded"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["train_loss"] != 99.0 for r in records)
 
 
 @pytest.mark.parametrize(
