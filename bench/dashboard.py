@@ -36,7 +36,7 @@ import uvicorn  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from service.app import create_app  # noqa: E402
-from service.jobs import create_job, transition, upsert_metrics  # noqa: E402
+from service.jobs import create_job, store_points, transition  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 TOKEN = "nst_bench_dashboard_token"
@@ -71,15 +71,7 @@ def seed_nestor(settings: Settings, n: int) -> int:
         transition(s, job, "running", "bench")
         rows = []
         for step in range(1, n + 1):
-            rows.append(
-                {
-                    "job_id": job.id,
-                    "step": step,
-                    "key": "train_loss",
-                    "value": float(loss[step - 1]),
-                    "time": 0.0,
-                }
-            )
+            rows.append((step, "train_loss", float(loss[step - 1]), 0.0))
             if step % 100 == 0:
                 for key, value in (
                     ("lr", 0.01),
@@ -87,34 +79,15 @@ def seed_nestor(settings: Settings, n: int) -> int:
                     ("samples_per_s", 5e4),
                     ("opt_state_bytes", 1e6),
                 ):
-                    rows.append(
-                        {"job_id": job.id, "step": step, "key": key, "value": value, "time": 0.0}
-                    )
+                    rows.append((step, key, value, 0.0))
             if step % 1000 == 0:
-                rows.append(
-                    {
-                        "job_id": job.id,
-                        "step": step,
-                        "key": "val_loss",
-                        "value": float(loss[step - 1]),
-                        "time": 0.0,
-                    }
-                )
-                rows.append(
-                    {
-                        "job_id": job.id,
-                        "step": step,
-                        "key": "val_accuracy",
-                        "value": 0.9,
-                        "time": 0.0,
-                    }
-                )
+                rows.append((step, "val_loss", float(loss[step - 1]), 0.0))
+                rows.append((step, "val_accuracy", 0.9, 0.0))
             if len(rows) >= 100_000:
-                upsert_metrics(s, rows)
+                store_points(s, job, rows)
                 rows = []
-        upsert_metrics(s, rows)
+        store_points(s, job, rows)
         s.commit()
-        job.last_step = n
         transition(s, job, "succeeded", "bench")
         return job.id
 

@@ -58,9 +58,9 @@ def _entry(name: str) -> OptimizerEntry:
 class LookaheadSpec(BaseModel):
     """Lookahead's two hyperparameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    k: int = Field(5, ge=1, description="base optimizer steps between synchronisations")
+    k: int = Field(5, ge=1, le=100_000, description="base optimizer steps between syncs")
     alpha: float = Field(0.5, gt=0.0, le=1.0, description="slow-weight step size")
 
 
@@ -72,17 +72,23 @@ class OptimizerSpec(BaseModel):
     AdamW's and LAMB's 2).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # Numbers are finite and bounded well beyond any sensible setting, so a typo (lr 1e6, or
+    # 1e999, which JSON parsers read as infinity) is an error naming the field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field("adan", description="a registered name, see list_optimizers()")
-    lr: float = Field(1e-3, ge=0.0, description="learning rate (before any schedule)")
-    betas: list[float] | None = Field(None, description="moment coefficients, each in [0, 1)")
-    eps: float | None = Field(None, ge=0.0, description="denominator term")
-    weight_decay: float | None = Field(None, ge=0.0, description="decoupled weight decay")
+    lr: float = Field(1e-3, ge=0.0, le=10.0, description="learning rate (before any schedule)")
+    betas: list[float] | None = Field(
+        None, max_length=3, description="moment coefficients, each in [0, 1)"
+    )
+    eps: float | None = Field(None, ge=0.0, le=1.0, description="denominator term")
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0, description="decoupled weight decay")
     no_decay_1d: bool = Field(
         True, description="exempt biases and norm weights (1-D parameters) from weight decay"
     )
-    max_grad_norm: float = Field(0.0, ge=0.0, description="global gradient clipping; 0 = off")
+    max_grad_norm: float = Field(
+        0.0, ge=0.0, le=1e6, description="global gradient clipping; 0 = off"
+    )
     lookahead: LookaheadSpec | None = Field(None, description="wrap in Lookahead")
     fused: bool | None = Field(None, description="compiled kernels; None = best available")
 

@@ -20,11 +20,15 @@ from sqlalchemy import func, select
 from . import dashboard
 from .api import jobs, sweeps
 from .auth import ensure_admin_token
-from .db import Database, upgrade
+from .db import MAX_OVERFLOW, POOL_SIZE, Database, upgrade
 from .deps import UserDep
+from .guard import RequestGuard
+from .lease import Lease
+from .lease import acquire as acquire_lease
 from .models import STATUSES, Job
 from .ray_cluster import RayCluster
 from .settings import Settings
+from .streams import StreamHub
 
 
 def create_app(
@@ -33,34 +37,46 @@ def create_app(
     scheduler: bool = True,
     cluster: RayCluster | None = None,
     announce: bool = False,
+    lease: Lease | None = None,
 ) -> FastAPI:
     """Build the app. ``scheduler=False`` serves the API without launching jobs (tests of
     the API alone, or a second API replica); ``cluster`` schedules onto a Ray cluster that
-    someone else started and stops."""
+    someone else started and stops. With a scheduler, the database's scheduler lease is
+    taken before anything else starts (``lease``: one the caller already holds)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        upgrade(settings.db_url)  # Alembic owns the schema
-        with app.state.db.sessions() as db:
-            token_file = ensure_admin_token(db, settings.home_dir, settings.admin_token)
-        app.state.admin_token_file = token_file
-        if scheduler:
-            from .scheduler import Scheduler
+        held = (lease or acquire_lease(settings.db_url)) if scheduler else None
+        try:
+            upgrade(settings.db_url)  # Alembic owns the schema
+            with app.state.db.sessions() as db:
+                token_file = ensure_admin_token(db, settings.home_dir, settings.admin_token)
+            app.state.admin_token_file = token_file
+            if scheduler:
+                from .scheduler import Scheduler
 
-            app.state.scheduler = Scheduler(settings, app.state.db, cluster)
-            app.state.scheduler.start()
-        if announce:
-            where = token_file or "NESTOR_ADMIN_TOKEN"
-            print(
-                f"nestor: serving on http://{settings.host}:{settings.port} (docs at /docs, "
-                f"database {settings.db_url.split('@')[-1]}); admin token in {where}",
-                file=sys.stderr,
-                flush=True,
-            )
-        yield
-        if scheduler:
-            app.state.scheduler.stop()
+                app.state.scheduler = Scheduler(settings, app.state.db, cluster)
+                app.state.scheduler.start()
+            if announce:
+                where = token_file or "NESTOR_ADMIN_TOKEN"
+                ray = ""
+                if scheduler:
+                    used = app.state.scheduler.cluster
+                    how = "adopted the embedded Ray left running at" if used.adopted else "Ray"
+                    ray = f"; {how} {used.gcs_address or used.dashboard_url}"
+                print(
+                    f"nestor: serving on http://{settings.host}:{settings.port} (docs at /docs, "
+                    f"database {settings.db_url.split('@')[-1]}){ray}; admin token in {where}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            yield
+        finally:
+            if scheduler and getattr(app.state, "scheduler", None) is not None:
+                app.state.scheduler.stop()
+            if held is not None:
+                held.release()
 
     app = FastAPI(
         title="Nestor",
@@ -70,21 +86,29 @@ def create_app(
     )
     app.state.settings = settings
     app.state.db = Database(settings.db_url)
+    app.state.scheduler = None
+    app.state.streams = StreamHub(
+        app.state.db.sessions,
+        poll_interval=settings.stream_poll_seconds,
+        max_per_token=settings.max_streams_per_token,
+    )
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     registry = CollectorRegistry()
     app.state.ingested = Counter(
         "nestor_metric_points_ingested", "metric points stored", registry=registry
     )
     jobs_gauge = Gauge("nestor_jobs", "jobs by status", ["status"], registry=registry)
     queue_gauge = Gauge("nestor_queue_length", "queued jobs", registry=registry)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > settings.max_body_bytes:
-            return JSONResponse(
-                {"detail": f"request body over {settings.max_body_bytes} bytes"}, status_code=413
-            )
-        return await call_next(request)
+    pool = app.state.db.engine.pool
+    Gauge(
+        "nestor_db_connections_in_use", "pooled database connections checked out", registry=registry
+    ).set_function(lambda: float(getattr(pool, "checkedout", lambda: 0)()))
+    Gauge(
+        "nestor_db_pool_limit", "most pooled connections (pool size + overflow)", registry=registry
+    ).set(POOL_SIZE + MAX_OVERFLOW)
+    Gauge("nestor_live_streams", "open event streams", registry=registry).set_function(
+        lambda: float(sum(app.state.streams.open_per_token.values()))
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -93,8 +117,9 @@ def create_app(
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.get("/healthz", tags=["meta"])
-    def healthz() -> dict[str, str]:
-        """Liveness: no auth."""
+    async def healthz() -> dict[str, str]:
+        """Liveness: no auth, no database, no worker thread: it answers while the event
+        loop runs, however busy the thread pool and the database are."""
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["meta"], response_class=Response)

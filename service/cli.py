@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import socket
 import sys
 import threading
 import time
@@ -70,7 +74,10 @@ def _progress(run_dir: Path, total: int, done: threading.Event) -> None:
                         if not line.endswith("\n"):
                             break
                         pos += len(line)
-                        rec = json.loads(line)
+                        try:
+                            rec = json.loads(line)
+                        except ValueError:  # a line torn by a crashed attempt
+                            continue
                         bar.n = min(total, rec["step"])
                         post = {"loss": rec.get("train_loss")}
                         if rec.get("samples_per_s"):
@@ -116,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = run_on_ray(
                 spec, run_dir, ray_address=args.ray_address, max_failures=args.max_failures
             )
+    except ConnectionError as e:
+        _fail(str(e))
     finally:
         done.set()
         bar.join()
@@ -135,25 +144,99 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "succeeded" else 1
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .app import create_app
+def _serve_settings(args: argparse.Namespace):
     from .settings import Settings
 
     overrides = {
         k: v
         for k, v in {
-            "host": args.host,
-            "port": args.port,
+            "host": getattr(args, "host", None),
+            "port": getattr(args, "port", None),
             "database_url": args.database_url,
-            "ray_address": args.ray_address,
+            "ray_address": getattr(args, "ray_address", None),
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
-    app = create_app(settings, announce=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return Settings(**overrides)
+
+
+def _listen(host: str, port: int):
+    """The service's listening socket, bound before anything else starts (a busy port must
+    not leave a scheduler and a Ray cluster running behind a failed start)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {e.strerror} (is another service using it?)")
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Lease, port, then the app: a second `nestor serve` on the same database, or on a busy
+    port, exits with a clear error before it starts a scheduler or a Ray cluster."""
+    import uvicorn
+
+    from .app import create_app
+    from .lease import LeaseHeld
+    from .lease import acquire as acquire_lease
+
+    settings = _serve_settings(args)
+    try:
+        lease = acquire_lease(settings.db_url)
+    except LeaseHeld as e:
+        _fail(str(e))
+    try:
+        sock = _listen(settings.host, settings.port)
+    except SystemExit:
+        lease.release()
+        raise
+    app = create_app(settings, announce=True, lease=lease)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=10,  # open event streams end; nobody waits for ever
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down
+        return 130
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop everything at once: the service, its embedded Ray and the jobs running on it
+    (recorded as cancelled). Jobs on an external cluster (--ray-address) go on."""
+    from .lease import LeaseHeld
+    from .lease import acquire as acquire_lease
+    from .stop import stop_everything
+
+    settings = _serve_settings(args)
+    lease, signalled = None, None
+    deadline = time.time() + args.timeout
+    while lease is None:
+        try:
+            lease = acquire_lease(settings.db_url)
+        except LeaseHeld as held:
+            if held.host != socket.gethostname() or held.pid is None:
+                _fail(f"{held}; it does not run on this machine: stop it where it runs")
+            if held.pid != signalled:
+                print(f"nestor: stopping the service (pid {held.pid})", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(held.pid, signal.SIGTERM)
+                signalled = held.pid
+            elif time.time() > deadline:
+                _fail(f"the service (pid {held.pid}) did not stop within {args.timeout:.0f} s")
+            time.sleep(0.5)
+    try:
+        summary = stop_everything(settings)
+    finally:
+        lease.release()
+    print(f"nestor: {summary}", file=sys.stderr)
     return 0
 
 
@@ -242,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a job spec now (embedded Ray by default)")
     train.add_argument("spec", help="TrainSpec JSON file (see examples/)")
     train.add_argument("--workers", type=int, help="override num_workers")
-    train.add_argument("--ray-address", help="an existing Ray cluster (default: local)")
+    train.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster: host:port, or 'auto' for the one this machine started "
+        "last (default: a private local Ray for this run)",
+    )
     train.add_argument("--out", help="run directory (default: NESTOR_HOME/runs/NAME-TIME)")
     train.add_argument(
         "--max-failures",
@@ -261,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", help="e.g. postgresql+psycopg://u:p@host/nestor")
     serve.add_argument("--ray-address", help="existing Ray cluster (default: start one)")
     serve.set_defaults(func=cmd_serve)
+
+    stop = sub.add_parser(
+        "stop",
+        help="stop the service, its embedded Ray and the jobs on it (recorded as cancelled)",
+    )
+    stop.add_argument("--database-url", help="the service's database (default: NESTOR_HOME's)")
+    stop.add_argument("--ray-address", help="the service runs on this external cluster")
+    stop.add_argument("--timeout", type=float, default=90, help="seconds to wait for the service")
+    stop.set_defaults(func=cmd_stop)
 
     db = sub.add_parser("db", help="database migrations")
     db.add_argument("action", choices=["upgrade", "downgrade"])

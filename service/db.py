@@ -9,13 +9,20 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+POOL_SIZE, MAX_OVERFLOW = 5, 10  # SQLAlchemy's defaults, stated: /metrics reports the limit
+
 
 def make_engine(url: str) -> Engine:
+    pooling = {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        else:
+            pooling = {}  # an in-memory database is one connection, not a pool
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pooling
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -26,7 +33,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pooling)
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from .models import TERMINAL, Event, Job, Metric, utcnow
@@ -30,52 +30,81 @@ def create_job(
     return job
 
 
-def transition(db: Session, job: Job, status: str, reason: str | None = None) -> bool:
-    """Move ``job`` to ``status`` with an event; False (and no change) if not allowed."""
+def transition(
+    db: Session, job: Job, status: str, reason: str | None = None, *, unclaimed: bool = False
+) -> bool:
+    """Move ``job`` to ``status`` with an event; False (and no change) if the move is not
+    allowed or the row changed under us. A compare-and-set on the status (``unclaimed``:
+    and on no Ray submission yet), so the API and the scheduler never both win a race."""
     if status not in TRANSITIONS.get(job.status, set()):
         return False
-    job.status = status
     now: datetime = utcnow()
+    values: dict[str, Any] = {"status": status}
     if status == "running":
-        job.started_at = now
+        values["started_at"] = now
     if status in TERMINAL:
-        job.finished_at = now
+        values["finished_at"] = now
+        values["pending_reason"] = None
         if status == "failed":
-            job.error = reason
+            values["error"] = reason
+    query = update(Job).where(Job.id == job.id, Job.status == job.status)
+    if unclaimed:
+        query = query.where(Job.submission_id.is_(None))
+    if db.execute(query.values(**values)).rowcount != 1:
+        db.rollback()
+        db.refresh(job)
+        return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
     db.commit()
+    db.refresh(job)
     return True
 
 
 def cancel_job(db: Session, job: Job, reason: str) -> bool:
-    """Cancel: a queued job ends now; a running one is marked and stopped by the scheduler
-    (which also records the event once Ray confirms), within seconds."""
+    """Cancel: a queued job that no scheduler has claimed ends now; a claimed or running one
+    is marked and stopped by the scheduler (which records the event once Ray confirms)."""
     if job.status in TERMINAL:
         return False
-    if job.status == "queued" and job.submission_id is None:  # not yet handed to Ray
-        return transition(db, job, "cancelled", reason)
-    job.cancel_requested = True
+    if job.status == "queued" and job.submission_id is None:
+        if transition(db, job, "cancelled", reason, unclaimed=True):
+            return True
+        if job.status in TERMINAL:  # ended meanwhile
+            return False
+    # Claimed by a scheduler (or running): it stops the Ray job and records the end.
+    db.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
     db.commit()
+    db.refresh(job)
     return True
 
 
 def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
     """Store points idempotently ((job, key, step) is unique: a re-sent point replaces
-    itself) and apply a reported status."""
-    rows = []
-    for point in batch.points:
-        t = point.time if point.time is not None else time.time()
-        for key, value in point.values.items():
-            rows.append(
-                {"job_id": job.id, "step": point.step, "key": key[:100], "value": value, "time": t}
-            )
+    itself) and apply a reported status.
+
+    The job's row is locked first, so one job's ingests commit one after another and its
+    metric ids grow in commit order (live streams read them as a cursor)."""
+    db.refresh(job, with_for_update=True)
+    rows = [
+        (point.step, key[:100], value, point.time if point.time is not None else time.time())
+        for point in batch.points
+        for key, value in point.values.items()
+    ]
     if batch.resume_from_step is not None:  # a restart: points after it will come again
-        db.query(Metric).filter(
-            Metric.job_id == job.id, Metric.step > batch.resume_from_step
-        ).delete()
-    if rows:
-        upsert_metrics(db, rows)
-        job.last_step = max(job.last_step or 0, max(r["step"] for r in rows))
+        step = batch.resume_from_step
+        dropped = db.execute(
+            delete(Metric).where(Metric.job_id == job.id, Metric.step > step)
+        ).rowcount
+        if dropped:
+            job.last_step = min(job.last_step or 0, step)
+            db.add(
+                Event(
+                    job_id=job.id,
+                    status=job.status,
+                    reason=f"workers restarted: {dropped} points after step {step} discarded; "
+                    "training resumes from there",
+                )
+            )
+    store_points(db, job, rows)
     db.commit()
     if batch.status == "running" and job.status == "queued":
         transition(db, job, "running", "workers started")
@@ -93,14 +122,18 @@ _UPSERT = (
 )
 
 
-def upsert_metrics(db: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert-or-replace points with the driver's executemany. This is the ingest hot path:
+def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None, float]]) -> None:
+    """Insert-or-replace (step, key, value, time) points of ``job`` with the driver's
+    executemany, and advance its last step; the caller commits. This is the ingest hot path:
     the ORM's per-row parameter processing cost ~10x more than the database's own work
     (bench/service.py). The SQL is the same for SQLite and PostgreSQL bar the placeholder."""
+    if not rows:
+        return
     conn = db.connection()
     placeholder = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    params = [(r["job_id"], r["step"], r["key"], r["value"], r["time"]) for r in rows]
+    params = [(job.id, step, key, value, t) for step, key, value, t in rows]
     conn.exec_driver_sql(_UPSERT.format(p=placeholder), params)
+    job.last_step = max(job.last_step or 0, max(r[0] for r in rows))
 
 
 def final_metrics(

@@ -44,6 +44,7 @@ class Sweep(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Job(Base):
@@ -63,6 +64,7 @@ class Job(Base):
     run_dir: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     stop_reason: Mapped[str | None] = mapped_column(Text)  # set when stopped early
+    pending_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job waits
     last_step: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)
@@ -70,7 +72,8 @@ class Job(Base):
 
 class Metric(Base):
     """One point of one series. (job, step, key) is unique, so re-sent batches (retries,
-    replays after a restart) never duplicate a point."""
+    replays after a restart) never duplicate a point. Ids only grow (AUTOINCREMENT on
+    SQLite, a sequence on PostgreSQL): live streams use them as their cursor."""
 
     __tablename__ = "metrics"
 
@@ -81,7 +84,11 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float)
     time: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (UniqueConstraint("job_id", "key", "step", name="uq_metrics_job_key_step"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "key", "step", name="uq_metrics_job_key_step"),
+        Index("ix_metrics_job_id_id", "job_id", "id"),  # what live streams poll
+        {"sqlite_autoincrement": True},
+    )
 
 
 class Event(Base):

@@ -3,11 +3,17 @@
 The embedded cluster is `ray start --head` on loopback with the dashboard (for the Jobs
 API). Ray 2.60 enables token authentication for local clusters; the embedded cluster runs
 with RAY_AUTH_MODE=disabled because it listens on 127.0.0.1 only, and says so in the docs.
+
+The embedded cluster outlives the service while jobs run on it: its addresses and process
+are recorded in ``HOME/ray-cluster.json``, and the next start adopts it when it answers, or
+stops what is left of it when it does not, so there is never a second one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger("nestor.ray")
+STATE_FILE = "ray-cluster.json"
 
 
 def free_port() -> int:
@@ -37,7 +46,9 @@ class RayCluster:
         self.embedded = address is None
         self.home = home
         self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.adopted = False  # an embedded cluster a previous service left running
         self._proc: subprocess.Popen | None = None
+        self._head_pid: int | None = None  # `ray start` of the head; its process group
         self._nodes: list[tuple[subprocess.Popen, int]] = []  # extra worker nodes
         if address is None:
             self.gcs_address, self.dashboard_url = "", ""
@@ -48,8 +59,13 @@ class RayCluster:
             self.gcs_address = address
             self.dashboard_url = f"http://{address.rsplit(':', 1)[0]}:8265"
 
+    @property
+    def state_file(self) -> Path:
+        return self.home / STATE_FILE
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)  # addresses are passed explicitly
         if self.embedded:
             env["RAY_AUTH_MODE"] = "disabled"  # loopback only
         return env
@@ -75,7 +91,10 @@ class RayCluster:
         )
 
     def start(self) -> None:
-        if not self.embedded or self._proc is not None:
+        """Adopt the embedded cluster a previous service left running, or start one."""
+        if not self.embedded or self._head_pid is not None:
+            return
+        if self.adopt():
             return
         gcs, dash = free_port(), free_port()
         self._proc = self._ray_start(
@@ -89,23 +108,59 @@ class RayCluster:
             ],
             "ray-head.log",
         )
+        self._head_pid = self._proc.pid
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard_url = f"http://127.0.0.1:{dash}"
         self._wait_for_dashboard()
+        self._wait_for_cpus(self.num_cpus)
+        state = {
+            "gcs_address": self.gcs_address,
+            "dashboard_url": self.dashboard_url,
+            "pid": self._head_pid,
+            "num_cpus": self.num_cpus,
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_file)
+
+    def adopt(self) -> bool:
+        """Reuse the cluster recorded in the state file if it answers; otherwise stop what
+        is left of it. Called with the scheduler lease held, so nobody else uses it."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        pid = int(state.get("pid") or 0)
+        if _is_ray_start(pid) and _answers(state.get("dashboard_url", "")):
+            self.gcs_address, self.dashboard_url = state["gcs_address"], state["dashboard_url"]
+            self.num_cpus = int(state.get("num_cpus") or self.num_cpus)
+            self._head_pid, self.adopted = pid, True
+            log.info("adopted the embedded Ray cluster left running at %s", self.gcs_address)
+            return True
+        if _is_ray_start(pid):
+            log.warning("stopping an unresponsive embedded Ray cluster left behind (pid %s)", pid)
+            _stop_group(pid)
+        self.state_file.unlink(missing_ok=True)
+        return False
 
     def _wait_for_dashboard(self, timeout: float = 120) -> None:
-        import urllib.request
-
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"ray start exited ({self.home / 'ray-head.log'})")
-            try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
+            if _answers(self.dashboard_url):
+                return
+            time.sleep(0.5)
         raise RuntimeError(f"Ray dashboard at {self.dashboard_url} did not come up")
+
+    def _wait_for_cpus(self, cpus: float, timeout: float = 60) -> None:
+        """Until Ray's state API counts ``cpus`` on alive nodes (a node answers before it
+        has registered its resources)."""
+        deadline = time.time() + timeout
+        while self._alive_resources().get("CPU", 0.0) < cpus:
+            if time.time() > deadline:
+                raise RuntimeError(f"Ray at {self.dashboard_url} did not report {cpus} CPUs")
+            time.sleep(0.5)
 
     def add_node(self, num_cpus: int) -> None:
         """Start one more node (a separate `ray start` process) joined to this head: a
@@ -114,30 +169,81 @@ class RayCluster:
             [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"], "ray-node.log"
         )
         self._nodes.append((proc, num_cpus))
+        self._wait_for_cpus(self.num_cpus + sum(n for _, n in self._nodes))
 
-    def stop(self) -> None:
-        """Stop the nodes this object started (each one's whole process group)."""
-        for proc, _ in [*self._nodes, (self._proc, 0)]:
-            if proc is None:
-                continue
-            # SIGTERM to `ray start` alone: it drains the node and stops its own processes in
-            # order. Signalling the whole group killed the GCS first, and the drain then waited
-            # 30 s for it. Whatever is left of the group after that is killed.
-            try:
-                proc.terminate()
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        self._proc, self._nodes = None, []
+    def stop(self, drain: float = 60) -> None:
+        """Stop the nodes this object started or adopted (each one's whole process group),
+        giving each up to ``drain`` seconds to stop its own processes first."""
+        for proc, _ in self._nodes:
+            _stop_group(proc.pid, proc, drain)
+        if self._head_pid is not None:
+            _stop_group(self._head_pid, self._proc, drain)
+            if self.embedded:
+                self.state_file.unlink(missing_ok=True)
+        self._proc, self._head_pid, self._nodes = None, None, []
 
-    def total_cpus(self) -> float:
-        """CPUs in the cluster."""
-        if self.embedded:
-            return float(self.num_cpus + sum(n for _, n in self._nodes))
-        import ray
+    def resources(self) -> dict[str, float]:
+        """CPUs and GPUs of the cluster's alive nodes, from Ray's state API (no Ray driver in
+        the service). An embedded cluster that is not running counts what it would start."""
+        if not self.dashboard_url or (self.embedded and self._head_pid is None):
+            return {"CPU": float(self.num_cpus + sum(n for _, n in self._nodes)), "GPU": 0.0}
+        return self._alive_resources()
 
-        if not ray.is_initialized():
-            ray.init(address=self.gcs_address, log_to_driver=False)
-        return float(ray.cluster_resources().get("CPU", 0))
+    def _alive_resources(self) -> dict[str, float]:
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(
+            address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10
+        )
+        total = {"CPU": 0.0, "GPU": 0.0}
+        for node in nodes:
+            for key in total:
+                total[key] += float(node.resources_total.get(key, 0))
+        return total
+
+
+def _answers(dashboard_url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    if not dashboard_url:
+        return False
+    try:
+        with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_ray_start(pid: int) -> bool:
+    """Whether ``pid`` is alive and (where /proc tells) a `ray start` process."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # somebody else's process: not ours to adopt or stop
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"ray" in cmdline and b"start" in cmdline
+
+
+def _stop_group(pid: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """SIGTERM to `ray start` alone: it drains the node and stops its own processes in order
+    (signalling the whole group killed the GCS first, and the drain then waited 30 s for it).
+    Whatever is left of the group afterwards is killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                break
+        elif not _is_ray_start(pid):
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

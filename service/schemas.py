@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from workers import TrainSpec
+
+
+def finite_json(value: Any, path: str = "") -> Any:
+    """``value`` unchanged if every number in it is finite (JSON has no NaN or infinity, and
+    PostgreSQL refuses to store them; Python's parser reads 1e999 as infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path or 'value'}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            finite_json(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            finite_json(v, f"{path}[{i}]")
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(finite_json)]
+
+
+NAME_MAX = 200  # characters in a job's or sweep's name (the column's size)
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("job", min_length=1, max_length=200)
+    name: str = Field("job", min_length=1, max_length=NAME_MAX)
     spec: TrainSpec
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
 
@@ -32,6 +53,9 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     error: str | None
     stop_reason: str | None = Field(None, description="why a sweep's early stopping ended it")
+    pending_reason: str | None = Field(
+        None, description="why a queued job has not started yet (resources, its sweep)"
+    )
     last_step: int
     latest: dict[str, float | None] = Field(
         default_factory=dict, description="train_loss, val_loss, val_accuracy at their last step"

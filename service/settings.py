@@ -31,7 +31,21 @@ class Settings(BaseSettings):
         None, description="URL workers use to reach the API; default http://HOST:PORT"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit")
+    max_streams_per_token: int = Field(
+        32, ge=1, le=100_000, description="live event streams one token may hold open"
+    )
+    stream_poll_seconds: float = Field(
+        0.5, gt=0, le=60, description="how often a watched job's new points are read"
+    )
+    sse_ping_seconds: float = Field(
+        15, gt=0, le=300, description="keep-alive comment interval on idle event streams"
+    )
     scheduler_interval: float = Field(1.0, gt=0, description="seconds between scheduling passes")
+    backfill: bool = Field(
+        True,
+        description="at a job's end, store points from its metrics.jsonl that the live path "
+        "never delivered (off only to test the live path alone)",
+    )
     runs_dir: Path | None = Field(None, description="run directories; default HOME/runs")
     optuna_url: str | None = Field(
         None, description="Optuna storage for sweep early stopping; default HOME/optuna.db"

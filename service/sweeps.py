@@ -9,13 +9,15 @@ import random
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from workers import TrainSpec
 
+from .capacity import Capacity, refusal
 from .jobs import cancel_job, create_job
 from .models import TERMINAL, Event, Job, Sweep, utcnow
+from .schemas import JsonObject
 
 
 class EarlyStopping(BaseModel):
@@ -33,8 +35,8 @@ class SweepCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("sweep", min_length=1, max_length=200)
-    base: dict[str, Any] = Field(description="a TrainSpec the space's values are applied to")
-    space: dict[str, Any] = Field(
+    base: JsonObject = Field(description="a TrainSpec the space's values are applied to")
+    space: JsonObject = Field(
         description="dotted spec path -> list of values, or for random search "
         '{"uniform": [a, b]}, {"log_uniform": [a, b]}, {"choice": [...]}',
         min_length=1,
@@ -58,11 +60,28 @@ class SweepCreate(BaseModel):
                         f"space[{path!r}]: a distribution is one of "
                         f"{sorted(DISTRIBUTIONS)}, got {values!r}"
                     )
+                ((kind, args),) = values.items()
+                check_distribution(path, kind, args)
             elif not isinstance(values, list) or not values:
                 raise ValueError(f"space[{path!r}]: expected a non-empty list of values")
         if self.search == "grid" and math.prod(len(v) for v in self.space.values()) > 1000:
             raise ValueError("grid has more than 1000 combinations")
         return self
+
+
+def check_distribution(path: str, kind: str, args: Any) -> None:
+    """A clear error for arguments a distribution cannot draw from."""
+    where = f"space[{path!r}]: {kind}"
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{where} takes a non-empty list of values, got {args!r}")
+        return
+    numbers = isinstance(args, list) and len(args) == 2
+    numbers = numbers and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+    if not numbers or not args[0] < args[1]:
+        raise ValueError(f"{where} takes [low, high], two numbers with low < high, got {args!r}")
+    if kind == "log_uniform" and args[0] <= 0:
+        raise ValueError(f"{where} takes [low, high] with 0 < low < high, got {args!r}")
 
 
 def _uniform(rng: random.Random, args: list[float]) -> float:
@@ -150,8 +169,14 @@ def expand(sweep: SweepCreate) -> list[tuple[dict[str, Any], TrainSpec]]:
     return out
 
 
-def create_sweep(db: Session, sweep: SweepCreate) -> Sweep:
+def create_sweep(db: Session, sweep: SweepCreate, capacity: Capacity | None = None) -> Sweep:
+    """Store the sweep and queue its trials, or raise SweepError for the first trial that is
+    invalid or can never run on a fixed cluster (nothing is stored then)."""
     trials = expand(sweep)
+    for varied, spec in trials:
+        refused = refusal(spec.model_dump(mode="json"), capacity)
+        if refused is not None:
+            raise SweepError(varied, [{"loc": [refused[0]], "msg": refused[1]}])
     row = Sweep(
         name=sweep.name,
         status="running",
@@ -180,10 +205,13 @@ def varied_values(sweep: Sweep, job: Job) -> dict[str, Any]:
 
 
 def cancel_sweep(db: Session, sweep: Sweep) -> None:
-    for job in db.scalars(select(Job).where(Job.sweep_id == sweep.id)):
-        cancel_job(db, job, f"sweep {sweep.id} cancelled")
-    sweep.spec = {**sweep.spec, "cancel_requested": True}
+    """Mark the sweep cancelled-on-request first, then cancel each trial (each a
+    compare-and-set against the scheduler's claim, see jobs.cancel_job)."""
+    db.execute(update(Sweep).where(Sweep.id == sweep.id).values(cancel_requested=True))
     db.commit()
+    for job in db.scalars(select(Job).where(Job.sweep_id == sweep.id)).all():
+        cancel_job(db, job, f"sweep {sweep.id} cancelled")
+    db.refresh(sweep)
 
 
 def update_sweep_status(db: Session, sweep: Sweep) -> None:
@@ -194,13 +222,18 @@ def update_sweep_status(db: Session, sweep: Sweep) -> None:
     statuses = [j.status for j in db.scalars(select(Job).where(Job.sweep_id == sweep.id))]
     if not all(s in TERMINAL for s in statuses):
         return
-    if sweep.spec.get("cancel_requested") or "cancelled" in statuses:
+    if sweep.cancel_requested or "cancelled" in statuses:
         status = "cancelled"
     elif "failed" in statuses:
         status = "failed"
     else:
         status = "succeeded"
-    sweep.status = status
-    sweep.finished_at = utcnow()
-    db.add(Event(sweep_id=sweep.id, status=status, reason="all trials ended"))
+    ended = db.execute(
+        update(Sweep)
+        .where(Sweep.id == sweep.id, Sweep.status == "running")
+        .values(status=status, finished_at=utcnow())
+    ).rowcount
+    if ended:
+        db.add(Event(sweep_id=sweep.id, status=status, reason="all trials ended"))
     db.commit()
+    db.refresh(sweep)

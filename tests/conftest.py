@@ -34,7 +34,7 @@ def ray_cluster(nestor_home):
     import ray
 
     ray.shutdown()
-    cluster.stop()
+    cluster.stop(drain=5)  # nothing to keep: Ray's drain of leftover tasks takes up to 30 s
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ DEFAULT_SAMPLES = {"mnist1d": 10_000, "digits": 1797, "pystdlib-chars": 20_000}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are typos; non-finite numbers (1e999 parses as infinity) are errors.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
@@ -115,12 +116,17 @@ class TrainSpec(_Strict):
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
     lr_scaling: LRScalingSpec = Field(default_factory=LRScalingSpec)
     max_grad_norm: float | None = Field(
-        None, ge=0.0, description="global gradient clipping (overrides optimizer.max_grad_norm)"
+        None,
+        ge=0.0,
+        le=1e6,
+        description="global gradient clipping (overrides optimizer.max_grad_norm)",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="initialisation, split, data order")
-    eval_every: int = Field(10, ge=1, description="steps between validation passes")
-    log_every: int = Field(1, ge=1, description="steps between metric reports")
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = never")
+    eval_every: int = Field(10, ge=1, le=10_000_000, description="steps between validation passes")
+    log_every: int = Field(1, ge=1, le=10_000_000, description="steps between metric reports")
+    checkpoint_every: int = Field(
+        0, ge=0, le=10_000_000, description="steps between checkpoints; 0 = never"
+    )
     max_bad_steps: int = Field(
         3, ge=1, le=1000, description="consecutive non-finite losses before the job fails"
     )

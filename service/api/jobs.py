@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, status
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ..deps import SessionDep, TokenDep, UserDep
+from ..capacity import Capacity, refusal
+from ..deps import CapacityDep, SessionDep, TokenDep, UserDep
 from ..downsample import query_series
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric
 from ..schemas import (
+    NAME_MAX,
     EventPublic,
     IngestResult,
     JobCreate,
@@ -25,6 +24,7 @@ from ..schemas import (
     MetricsPublic,
     Series,
 )
+from ..streams import Cursor, StreamHub, StreamResponse, start_cursor
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,10 +48,25 @@ def with_latest(db: Session, jobs: list[Job]) -> list[JobPublic]:
     ]
 
 
+def refuse_unfit(capacity: Capacity | None, spec: dict, loc: list[str | int]) -> None:
+    """422 naming the field when the job can never run on this (fixed) cluster."""
+    refused = refusal(spec, capacity)
+    if refused is not None:
+        field, msg = refused
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": [*loc, field], "msg": msg, "type": "value_error"}],
+        )
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def submit(body: JobCreate, db: SessionDep, _: UserDep) -> Job:
-    """Queue a training job. The spec is validated (422 names the field) and stored as is."""
-    return create_job(db, body.name, body.spec.model_dump(mode="json"), body.priority)
+def submit(body: JobCreate, db: SessionDep, _: UserDep, capacity: CapacityDep) -> Job:
+    """Queue a training job. The spec is validated (422 names the field) and stored as is;
+    a job the cluster can never run (more workers than it has CPUs, GPUs it lacks) is
+    refused when the cluster cannot grow."""
+    spec = body.spec.model_dump(mode="json")
+    refuse_unfit(capacity, spec, ["body", "spec"])
+    return create_job(db, body.name, spec, body.priority)
 
 
 @router.get("", response_model=JobList)
@@ -94,12 +109,13 @@ def cancel(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def retry(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
+def retry(job_id: JobId, db: SessionDep, _: UserDep, capacity: CapacityDep) -> Job:
     """A new queued job with the same spec."""
     job = get_job(db, job_id)
-    return create_job(
-        db, f"{job.name} (retry of {job.id})", job.spec, job.priority, sweep_id=job.sweep_id
-    )
+    refuse_unfit(capacity, job.spec, ["spec"])
+    suffix = f" (retry of {job.id})"
+    name = job.name[: NAME_MAX - len(suffix)] + suffix
+    return create_job(db, name, job.spec, job.priority, sweep_id=job.sweep_id)
 
 
 @router.get("/{job_id}/events/history", response_model=list[EventPublic])
@@ -143,69 +159,53 @@ def ingest_metrics(
     return IngestResult(accepted=accepted)
 
 
-@router.get("/{job_id}/events")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamResponse,
+    status_code=status.HTTP_200_OK,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the live stream"},
+        429: {"description": "this token has too many streams open"},
+    },
+)
 async def events(
     job_id: JobId,
     request: Request,
-    _: UserDep,
+    token: UserDep,
     since_step: Annotated[
         int, Query(ge=0, le=MAX_ID, description="send only metric points after this step")
     ] = 0,
-) -> StreamingResponse:
-    """Server-sent events: `status` (status changes) and `metrics` (new points), live until
-    the job ends. A page that has already drawn the series up to a step passes it as
-    ``since_step`` instead of receiving the whole history again."""
-    db_factory = request.app.state.db.sessions
-    with db_factory() as db:
+    last_event_id: Annotated[
+        str | None,
+        Header(max_length=64, description="resume after this message's id (reconnects)"),
+    ] = None,
+) -> StreamResponse:
+    """Server-sent events: `status` (status changes), `metrics` (new points) and `end`, live
+    until the job ends; keep-alive comments in between. Every message has an `id:`; a client
+    that reconnects with `Last-Event-ID` gets only what it has not seen. A page that has
+    already drawn the series up to a step passes it as ``since_step`` instead of receiving
+    the whole history again. At most NESTOR_MAX_STREAMS_PER_TOKEN streams per token (429)."""
+    hub: StreamHub = request.app.state.streams
+
+    def start(db: Session) -> Cursor:
         get_job(db, job_id)
-        first_new = (
-            db.scalar(
-                select(func.min(Metric.id)).where(Metric.job_id == job_id, Metric.step > since_step)
-            )
-            if since_step
-            else None
+        return Cursor.parse(last_event_id) or start_cursor(db, job_id, since_step)
+
+    cursor = await hub.db(start)
+    release = hub.open(token.id)
+    if release is None:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"this token already has {hub.max_per_token} live streams open (the limit, "
+            "NESTOR_MAX_STREAMS_PER_TOKEN); close a job page or use another token",
+            headers={"Retry-After": "5"},
         )
-        if since_step and first_new is None:  # nothing newer yet: start after the newest
-            first_new = (
-                db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id)) or 0
-            ) + 1
-
-    async def stream():
-        last_event = 0
-        last_metric = first_new - 1 if first_new is not None else 0
-        while True:
-            with db_factory() as db:
-                job = db.get(Job, job_id)
-                for ev in db.scalars(
-                    select(Event)
-                    .where(Event.job_id == job_id, Event.id > last_event)
-                    .order_by(Event.id)
-                ):
-                    last_event = ev.id
-                    data = {"status": ev.status, "reason": ev.reason, "time": ev.time.isoformat()}
-                    yield f"event: status\nid: e{ev.id}\ndata: {json.dumps(data)}\n\n"
-                rows = db.execute(
-                    select(Metric.id, Metric.step, Metric.key, Metric.value)
-                    .where(
-                        Metric.job_id == job_id,
-                        Metric.id > last_metric,
-                        Metric.step > since_step,
-                    )
-                    .order_by(Metric.id)
-                    .limit(5000)
-                ).all()
-                if rows:
-                    last_metric = rows[-1][0]
-                    points = [{"step": s, "key": k, "value": v} for _, s, k, v in rows]
-                    yield f"event: metrics\ndata: {json.dumps(points)}\n\n"
-                done = job is None or job.status not in ("queued", "running")
-            if done and not rows:
-                yield "event: end\ndata: {}\n\n"
-                return
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    settings = request.app.state.settings
+    return StreamResponse(
+        hub.stream(job_id, cursor, since_step),
+        release,
+        ping=settings.sse_ping_seconds,
+        send_timeout=30,
+        sep="\n",
+        headers={"Cache-Control": "no-cache"},
     )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from ..deps import SessionDep, UserDep
+from ..deps import CapacityDep, SessionDep, UserDep
 from ..jobs import final_metrics
 from ..models import Job, Sweep
 from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
@@ -63,11 +63,11 @@ def _get(db, sweep_id: int) -> Sweep:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
-def create(body: SweepCreate, db: SessionDep, _: UserDep) -> SweepPublic:
+def create(body: SweepCreate, db: SessionDep, _: UserDep, capacity: CapacityDep) -> SweepPublic:
     """Expand the space, validate every trial's spec (422 names the combination that
     failed, and nothing is queued), and queue one job per trial."""
     try:
-        sweep = create_sweep(db, body)
+        sweep = create_sweep(db, body, capacity)
     except SweepError as e:
         db.rollback()
         raise HTTPException(

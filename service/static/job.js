@@ -67,7 +67,8 @@ start(async (main) => {
     summary.replaceChildren(specSummary(job));
     cancelBtn.disabled = !LIVE.has(job.status);
     retryBtn.disabled = LIVE.has(job.status);
-    const why = job.error || job.stop_reason;
+    const why = job.error || job.stop_reason
+      || (job.status === "queued" && job.pending_reason ? `Waiting: ${job.pending_reason}` : null);
     message.replaceChildren(why ? notice(job.status === "failed" ? "error" : "empty", why) : "");
   }
   function addEvent(e) {
@@ -143,13 +144,16 @@ start(async (main) => {
     },
     end() { api(`/v1/jobs/${jobId}`).then(showJob); },
   };
+  const cursor = {}; // the last message's id: a reconnect resumes after it
   while (LIVE.has(job.status)) {
     try {
       const since = Math.min(...Object.values(lastStepOf).filter((v) => v > 0), Infinity);
-      await streamEvents(`/v1/jobs/${jobId}/events?since_step=${Number.isFinite(since) ? since : 0}`, handlers);
+      await streamEvents(`/v1/jobs/${jobId}/events?since_step=${Number.isFinite(since) ? since : 0}`,
+        handlers, undefined, cursor);
       break; // the server closed the stream: the job has ended
     } catch (err) {
       if (err.status === 401 || err.status === 404) break;
+      if (err.status === 429) message.replaceChildren(notice("error", "Too many live pages open with this token; close some. Retrying…"));
       await new Promise((r) => setTimeout(r, 2000)); // server restarting: reconnect
       job = await api(`/v1/jobs/${jobId}`).catch(() => job);
     }

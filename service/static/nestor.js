@@ -48,9 +48,12 @@ export async function api(path, { method = "GET", body } = {}) {
 }
 
 // Server-sent events over fetch: calls handlers[event](data) until the stream ends or
-// `signal` aborts. Resolves when the server closes the stream.
-export async function streamEvents(path, handlers, signal) {
-  const resp = await fetch(path, { headers: authHeaders(), signal });
+// `signal` aborts. Resolves when the server closes the stream. `cursor.lastEventId` is the
+// last message's id; pass the same cursor again to resume after a reconnect.
+export async function streamEvents(path, handlers, signal, cursor = {}) {
+  const headers = authHeaders();
+  if (cursor.lastEventId) headers["Last-Event-ID"] = cursor.lastEventId;
+  const resp = await fetch(path, { headers, signal });
   if (!resp.ok) throw new ApiError(resp.status, `event stream: ${resp.status}`);
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -64,9 +67,10 @@ export async function streamEvents(path, handlers, signal) {
       buffer = buffer.slice(cut + 2);
       let event = "message";
       const data = [];
-      for (const line of block.split("\n")) {
+      for (const line of block.split("\n")) { // ":" lines are keep-alive comments
         if (line.startsWith("event:")) event = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+        else if (line.startsWith("id:")) cursor.lastEventId = line.slice(3).trim();
       }
       if (handlers[event]) handlers[event](JSON.parse(data.join("\n") || "null"));
     }

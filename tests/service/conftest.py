@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -17,77 +13,23 @@ from service.app import create_app
 from service.client import Client
 from service.settings import Settings
 
+from ..postgres import PostgresMissing, postgres_server
 from .live import LiveService
 
 ADMIN = "nst_test_admin_token"
-
-
-def _pg_bin() -> Path | None:
-    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (root / "initdb").exists():
-            return root
-    return None
 
 
 @pytest.fixture(scope="session")
 def postgres_url():
     """A throwaway PostgreSQL server from the Debian package, on a loopback port. Missing
     server: skipped locally, a failure under CI=true."""
-    bin_dir = _pg_bin()
-    if bin_dir is None:
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresMissing as e:
         if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL (Debian package postgresql) is not installed")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    # PostgreSQL refuses to run as root: as root, run it as the package's postgres user in a
-    # directory that user can reach (pytest's own tmp dirs are private to root).
-    data = Path(tempfile.mkdtemp(prefix="nestor-pg-"))
-    user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if user:
-        shutil.chown(data, "postgres")
-    subprocess.run(
-        [*user, str(bin_dir / "initdb"), "-D", str(data), "-U", "nestor", "--auth=trust"],
-        check=True,
-        capture_output=True,
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            *user,
-            str(bin_dir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-k",
-            str(data),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        ok = (
-            subprocess.run(
-                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                capture_output=True,
-            ).returncode
-            == 0
-        )
-        if ok:
-            break
-        time.sleep(0.2)
-    subprocess.run(
-        [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "nestor", "nestor"],
-        check=True,
-        capture_output=True,
-    )
-    yield f"postgresql+psycopg://nestor@127.0.0.1:{port}/nestor"
-    proc.terminate()
-    proc.wait(timeout=30)
-    shutil.rmtree(data, ignore_errors=True)
+            pytest.fail(str(e))
+        pytest.skip(str(e))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -112,16 +54,39 @@ def client(db_url, tmp_path):
         yield c
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
     """The whole service on the session's real Ray cluster, served by uvicorn on loopback;
     yields (LiveService, Client with the admin token)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     home = tmp_path_factory.mktemp("svc")
     settings = Settings(home=home, admin_token=ADMIN, port=port, scheduler_interval=0.5)
     live = LiveService(settings, ray_cluster)
+    live.start()
+    yield live, Client(f"http://127.0.0.1:{port}", ADMIN)
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory):
+    """The API alone (no scheduler, no Ray) served by uvicorn on loopback, on SQLite, with
+    short stream intervals; yields (LiveService, Client with the admin token)."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("api")
+    settings = Settings(
+        home=home,
+        admin_token=ADMIN,
+        port=port,
+        stream_poll_seconds=0.1,
+        sse_ping_seconds=0.5,
+    )
+    live = LiveService(settings)
     live.start()
     yield live, Client(f"http://127.0.0.1:{port}", ADMIN)
     live.stop()

@@ -24,15 +24,30 @@ TINY = {
 
 
 class LiveService:
-    """uvicorn serving the app in a thread, on a fixed loopback port (restartable)."""
+    """uvicorn serving the app in a thread, on a fixed loopback port (restartable); with a
+    Ray cluster it schedules onto it, without one it is the API alone."""
 
-    def __init__(self, settings: Settings, cluster) -> None:
+    def __init__(self, settings: Settings, cluster=None) -> None:
         self.settings, self.cluster = settings, cluster
         self.server: uvicorn.Server | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def app(self):
+        return self.server.config.app
+
     def start(self) -> None:
-        app = create_app(self.settings, cluster=self.cluster)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.settings.port, log_level="warning")
+        app = create_app(self.settings, cluster=self.cluster, scheduler=self.cluster is not None)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

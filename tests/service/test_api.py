@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -232,3 +234,71 @@ def test_jobs_carry_their_latest_loss_and_accuracy(client):
     assert listed[busy["id"]] == {"train_loss": None, "val_accuracy": 0.5}
     assert listed[quiet["id"]] == {}
     assert client.get(f"/v1/jobs/{busy['id']}").json()["latest"] == listed[busy["id"]]
+
+
+@pytest.mark.parametrize(
+    ("raw", "loc"),
+    [
+        ('"optimizer": {"name": "adan", "lr": 1e999}', ["optimizer", "lr"]),
+        ('"optimizer": {"name": "adan", "lr": 0.01, "betas": [0.9, 1e999, 0.9]}', ["optimizer"]),
+        ('"max_grad_norm": 1e999', ["max_grad_norm"]),
+        ('"epochs": -1e999', ["epochs"]),
+        ('"lr_schedule": {"min_lr_ratio": 1e999}', ["lr_schedule", "min_lr_ratio"]),
+    ],
+)
+def test_non_finite_numbers_in_a_spec_are_422_on_every_database(client, raw, loc):
+    """1e999 parses as infinity: it used to be stored as-is on SQLite and a 500 on
+    PostgreSQL."""
+    spec = {k: v for k, v in SPEC.items() if k != "optimizer"}
+    body = '{"name": "inf", "spec": {' + json.dumps(spec)[1:-1] + ", " + raw + "}}"
+    resp = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["loc"][2 : 2 + len(loc)] == loc
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "field"),
+    [
+        ({"name": "adan", "lr": 1e6}, "lr"),
+        ({"name": "adamw", "weight_decay": 1e3}, "weight_decay"),
+        ({"name": "lamb", "eps": 2.0}, "eps"),
+        ({"name": "adan", "max_grad_norm": 1e9}, "max_grad_norm"),
+        ({"name": "adan", "lookahead": {"k": 10**9}}, "lookahead"),
+    ],
+)
+def test_hyperparameters_have_upper_bounds(client, optimizer, field):
+    resp = client.post("/v1/jobs", json={"name": "big", "spec": {**SPEC, "optimizer": optimizer}})
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"][:4] == ["body", "spec", "optimizer", field]
+
+
+def test_retrying_a_job_with_a_200_character_name_keeps_the_name_within_bounds(client):
+    """The retry's name used to grow past the column (a 500 on PostgreSQL)."""
+    job = submit(client, name="n" * 200)
+    for _ in range(2):
+        job = client.post(f"/v1/jobs/{job['id']}/retry").json()
+        assert len(job["name"]) == 200 and job["name"].endswith(")")
+    assert client.get("/v1/jobs").json()["count"] == 3
+
+
+def test_a_restart_without_a_checkpoint_discards_the_crashed_attempts_points(client):
+    from service.auth import create_token
+
+    job = submit(client)
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=job["id"])
+    headers = {"Authorization": f"Bearer {worker}"}
+    first = [{"step": s, "values": {"train_loss": 9.0}} for s in range(1, 11)]
+    client.post(f"/v1/jobs/{job['id']}/ingest", json={"points": first}, headers=headers)
+    again = [{"step": s, "values": {"train_loss": 1.0}} for s in (1, 2)]
+    client.post(
+        f"/v1/jobs/{job['id']}/ingest",
+        json={"resume_from_step": 0, "points": again},
+        headers=headers,
+    )
+    series = client.get(f"/v1/jobs/{job['id']}/metrics").json()["series"]["train_loss"]
+    assert series == {"step": [1, 2], "value": [1.0, 1.0]}
+    assert client.get(f"/v1/jobs/{job['id']}").json()["last_step"] == 2
+    reasons = [e["reason"] for e in client.get(f"/v1/jobs/{job['id']}/events/history").json()]
+    assert "workers restarted: 10 points after step 0 discarded" in reasons[-1]

@@ -29,16 +29,51 @@ def test_cancel_stops_a_running_job(service):
 
 
 def test_api_restart_mid_job_loses_no_metric_point(service):
+    """The live path alone: the end-of-job backfill from metrics.jsonl is off after the
+    restart, so every point must have come through the reporter's buffer and retries."""
     live, client = service
     job = client.submit({**TINY, "max_steps": 150}, name="restart")
     wait_for(lambda: client.job(job["id"])["last_step"] >= 3)
     live.stop()
     time.sleep(3)  # the job keeps training; its reporter buffers and retries
-    live.start()
-    done = client.wait(job["id"], timeout=240)
+    settings = live.settings
+    live.settings = settings.model_copy(update={"backfill": False})
+    try:
+        live.start()
+        done = client.wait(job["id"], timeout=240)
+    finally:
+        live.stop()
+        live.settings = settings
+        live.start()
     assert done["status"] == "succeeded"
     steps = client.metrics(job["id"], keys=["train_loss"], max_points=10_000)
     assert steps["series"]["train_loss"]["step"] == list(range(1, 151))
+
+
+def test_jobs_the_cluster_can_never_run_are_refused_at_submit(service):
+    """The session's cluster is the embedded kind (it cannot grow): 4 CPUs, no GPU."""
+    from service.client import NestorError
+
+    _, client = service
+    for change, field, text in [
+        ({"num_workers": 8, "batch_size": 1024}, "num_workers", "needs 8 CPUs, the cluster has 4"),
+        ({"use_gpu": True}, "use_gpu", "needs 2 GPUs (use_gpu), the cluster has none"),
+    ]:
+        try:
+            client.submit({**TINY, **change}, name="too big")
+            raise AssertionError("accepted")
+        except NestorError as e:
+            assert e.status == 422
+            (error,) = e.detail
+            assert error["loc"] == ["body", "spec", field] and text in error["msg"]
+    sweep = {"name": "big", "base": TINY, "space": {"num_workers": [2, 8]}}
+    sweep["base"] = {**TINY, "batch_size": 1024}
+    try:
+        client.sweep(sweep)
+        raise AssertionError("accepted")
+    except NestorError as e:
+        assert e.status == 422 and e.detail["combination"] == {"num_workers": 8}
+    assert all(j["name"] != "too big" for j in client.jobs()["data"])
 
 
 def test_grid_sweep_runs_every_trial_within_max_concurrent(service):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from service.auth import create_token
 from service.db import Database, upgrade
-from service.jobs import create_job
+from service.jobs import create_job, transition
 from service.models import Job
 from service.ray_cluster import RayCluster
 from service.scheduler import Scheduler
@@ -29,6 +29,7 @@ def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
         launched.append(job.name)
         job.submission_id = f"test-{job.id}"
         session.commit()
+        return True
 
     scheduler.launch = launch
     with db.sessions() as s:
@@ -39,6 +40,8 @@ def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
         scheduler.start_queued(s)
         # 4 CPUs: high (2), then low-a (1), low-b (1); big waits for capacity.
         assert launched == ["high", "low-a", "low-b"]
+        big = s.query(Job).filter(Job.name == "big").one()
+        assert big.pending_reason == "needs 2 CPUs, free now 0 CPUs"
         scheduler.start_queued(s)
         assert launched == ["high", "low-a", "low-b"]
         done = s.query(Job).filter(Job.name == "high").one()
@@ -100,3 +103,196 @@ def test_admin_token_file_is_created_once_with_private_mode(tmp_path):
 
             stored = db.scalars(select(ApiToken.token_hash)).all()
         assert token not in stored and len(stored) == 1  # only its digest is stored
+
+
+# ------------------------------------------------------------------ hardening the queue
+def _scheduler(tmp_path, cluster, **settings):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    upgrade(url)
+    db = Database(url)
+    return Scheduler(Settings(home=tmp_path, **settings), db, cluster), db
+
+
+def _record_launches(scheduler) -> list[str]:
+    launched: list[str] = []
+
+    def launch(session, job):
+        launched.append(job.name)
+        job.submission_id = f"test-{job.id}"
+        session.commit()
+        return True
+
+    scheduler.launch = launch
+    return launched
+
+
+def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start(
+    ray_cluster, tmp_path
+):
+    """An external cluster (here the session's two real nodes, 4 CPUs, no GPU, reached by
+    its dashboard address) may grow: a job it cannot hold now waits with a reason, and the
+    jobs behind it that fit still start. GPUs are counted."""
+    cluster = RayCluster(ray_cluster.dashboard_url, tmp_path)
+    scheduler, db = _scheduler(tmp_path, cluster)
+    assert scheduler.capacity.total.cpus == 4 and scheduler.capacity.total.gpus == 0
+    assert not scheduler.capacity.fixed
+    launched = _record_launches(scheduler)
+    with db.sessions() as s:
+        create_job(s, "huge", {**SPEC, "num_workers": 8}, 10)
+        create_job(s, "gpu", {**SPEC, "use_gpu": True}, 5)
+        create_job(s, "small", {**SPEC, "num_workers": 2}, 0)
+        scheduler.start_queued(s)
+        assert launched == ["small"]
+        reasons = {j.name: j.pending_reason for j in s.query(Job)}
+    assert (
+        reasons["huge"] == "needs 8 CPUs, the cluster has 4 CPUs; waiting for the cluster to grow"
+    )
+    assert reasons["gpu"] == (
+        "needs 1 GPU (use_gpu), the cluster has none; waiting for the cluster to grow"
+    )
+    assert reasons["small"] is None
+
+
+def test_one_unreadable_job_never_stops_the_queue(tmp_path):
+    scheduler, db = _scheduler(tmp_path, RayCluster(None, tmp_path, num_cpus=4))
+    launched = _record_launches(scheduler)
+    with db.sessions() as s:
+        bad = create_job(s, "bad", {**SPEC, "num_workers": "two"}, 10)  # a hand-edited row
+        create_job(s, "good", SPEC, 0)
+        scheduler.start_queued(s)
+        assert launched == ["good"]
+        s.refresh(bad)
+        assert bad.status == "queued" and "cannot be scheduled (ValueError" in bad.pending_reason
+
+
+def test_backfill_skips_torn_lines_and_reads_only_after_the_last_stored_step(tmp_path):
+    from sqlalchemy import event, select
+
+    from service.backfill import ROWS_PER_TRANSACTION
+    from service.jobs import store_points
+    from service.models import Metric
+
+    scheduler, db = _scheduler(tmp_path, RayCluster(None, tmp_path, num_cpus=4))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [
+        json.dumps({"step": s, "time": 1.0, "train_loss": s, "lr": 0.1}) for s in range(1, 6001)
+    ]
+    lines[4500] = lines[4500][:17]  # a line torn by a crash, then the run went on
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 6001, "tra')
+    with db.sessions() as s:
+        job = create_job(s, "long", SPEC, 0)
+        job.run_dir, job.submission_id = str(run_dir), "test-long"
+        transition(s, job, "running", "test")
+        store_points(s, job, [(st, "train_loss", -1.0, 0.0) for st in range(1, 4001)])
+        s.commit()
+        commits = []
+        event.listen(db.engine, "commit", lambda conn: commits.append(1))
+        scheduler._finish(s, job, "succeeded", "training finished")
+        assert job.status == "succeeded" and job.last_step == 6000
+        values = dict(
+            s.execute(
+                select(Metric.step, Metric.value).where(
+                    Metric.job_id == job.id, Metric.key == "train_loss"
+                )
+            ).all()
+        )
+    assert values[4000] == -1.0  # stored before: not read again from the file
+    assert values[4001] == 4001.0 and values[6000] == 6000.0
+    assert 4501 not in values  # the torn line
+    assert len(values) == 5999
+    rows_after = (6000 - 4000 - 1) * 2
+    assert len(commits) >= rows_after // ROWS_PER_TRANSACTION  # short transactions
+
+
+def test_a_run_directory_belongs_to_one_job_row(tmp_path):
+    """Job ids repeat after a database reset: the second database's job 1 must not resume
+    from the first one's checkpoints (or inherit its metrics)."""
+    from service.scheduler import submission_id
+
+    runs = tmp_path / "runs"
+    cluster = RayCluster(None, tmp_path, num_cpus=4)
+    _, db_a = _scheduler(tmp_path / "a", cluster, runs_dir=runs)
+    second, db_b = _scheduler(tmp_path / "b", cluster, runs_dir=runs)
+    with db_a.sessions() as a, db_b.sessions() as b:
+        job_a, job_b = create_job(a, "a", SPEC, 0), create_job(b, "b", SPEC, 0)
+        assert job_a.id == job_b.id == 1
+        assert submission_id(job_a) != submission_id(job_b)
+        # A run of job A's is where job B's directory would be (shared storage, same name).
+        taken = runs / submission_id(job_b)
+        (taken / "checkpoints" / "step-00000008").mkdir(parents=True)
+        (taken / "nestor-job.json").write_text(json.dumps({"job_id": 1, "submission_id": "x"}))
+        assert second.launch(b, job_b) is False
+        assert job_b.status == "failed"
+        assert "belongs to another run (job 1 (x)); refusing to start in it" in job_b.error
+        assert job_b.submission_id is None
+
+
+def _ray_scheduler(tmp_path, ray_cluster):
+    """A scheduler on the session's real cluster, driven pass by pass by the test."""
+    from service.ray_jobs import RayJobs
+
+    scheduler, db = _scheduler(tmp_path, ray_cluster)
+    scheduler.ray = RayJobs(ray_cluster.dashboard_url)
+    return scheduler, db
+
+
+def test_a_cancel_while_the_scheduler_hands_a_job_to_ray_stops_the_ray_job(ray_cluster, tmp_path):
+    """The user's cancel lands between the scheduler reading the queue and Ray accepting
+    the job: the row must not end cancelled over a Ray job that keeps running."""
+    from service.jobs import cancel_job
+    from service.scheduler import submission_id
+
+    from .live import wait_for
+
+    scheduler, db = _ray_scheduler(tmp_path, ray_cluster)
+    with db.sessions() as s:
+        job = create_job(s, "raced", {**SPEC, "max_steps": 100_000}, 0)
+    sid = None
+    submit = scheduler.ray.submit
+
+    def submit_while_the_user_cancels(sub_id, entrypoint, env):
+        nonlocal sid
+        sid = sub_id
+        with db.sessions() as api:  # the API's request, in its own session
+            assert cancel_job(api, api.get(Job, job.id), "cancelled by user")
+        return submit(sub_id, entrypoint, env)
+
+    scheduler.ray.submit = submit_while_the_user_cancels
+    with db.sessions() as s:
+        scheduler.start_queued(s)
+
+    def ended():
+        with db.sessions() as s:
+            scheduler.reconcile(s)
+            return s.get(Job, job.id).status in ("cancelled", "failed", "succeeded")
+
+    wait_for(ended, timeout=120)
+    with db.sessions() as s:
+        row = s.get(Job, job.id)
+        assert row.status == "cancelled" and sid == submission_id(row)
+    assert scheduler.ray.get(sid).status == "STOPPED"
+
+
+def test_a_job_cancelled_before_the_claim_is_never_handed_to_ray(ray_cluster, tmp_path):
+    from service.jobs import cancel_job
+    from service.scheduler import submission_id
+
+    scheduler, db = _ray_scheduler(tmp_path, ray_cluster)
+    with db.sessions() as s:
+        job = create_job(s, "raced", SPEC, 0)
+    launch = scheduler.launch
+
+    def cancelled_just_before(session, queued):
+        with db.sessions() as api:
+            assert cancel_job(api, api.get(Job, queued.id), "cancelled by user")
+        return launch(session, queued)
+
+    scheduler.launch = cancelled_just_before
+    with db.sessions() as s:
+        scheduler.start_queued(s)
+        row = s.get(Job, job.id)
+        s.refresh(row)
+        assert row.status == "cancelled" and row.submission_id is None
+        assert scheduler.ray.get(submission_id(row)) is None  # nothing reached Ray

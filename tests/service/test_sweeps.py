@@ -95,11 +95,35 @@ def test_an_invalid_combination_is_named_and_nothing_is_queued(client):
         ({"space": {"optimizer.lr": {"uniform": [0, 1]}}}, "grid search takes a list"),
         ({"search": "random", "space": {"optimizer.lr": {"normal": [0, 1]}}}, "distribution"),
         ({"space": {"batch_size": []}}, "non-empty list"),
+        # Distributions with arguments they cannot draw from (each used to be a 500):
+        ({"search": "random", "space": {"optimizer.lr": {"uniform": [1]}}}, "uniform takes"),
+        ({"search": "random", "space": {"optimizer.lr": {"uniform": "ab"}}}, "uniform takes"),
+        ({"search": "random", "space": {"optimizer.lr": {"uniform": [1, 0]}}}, "low < high"),
+        ({"search": "random", "space": {"optimizer.lr": {"choice": []}}}, "choice takes"),
+        (
+            {"search": "random", "space": {"optimizer.lr": {"log_uniform": [0, 1]}}},
+            "0 < low < high",
+        ),
+        ({"search": "random", "space": {"seed": {"uniform": [0, True]}}}, "uniform takes"),
     ],
 )
 def test_bad_spaces_are_422(client, change, text):
     resp = client.post("/v1/sweeps", json={**GRID, **change})
     assert resp.status_code == 422 and text in str(resp.json()["detail"])
+
+
+def test_non_finite_numbers_anywhere_in_a_sweep_are_422_and_nothing_is_stored(client):
+    """1e999 parses as infinity: stored as-is on SQLite, a 500 on PostgreSQL."""
+    import json
+
+    base = json.dumps(SPEC).replace('"lr": 0.01', '"lr": 1e999')  # replaced by the space
+    body = '{"name": "inf", "base": ' + base + ', "space": {"optimizer.lr": [0.01, 0.02]}}'
+    resp = client.post("/v1/sweeps", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body", "base"]
+    assert "optimizer.lr: inf is not a finite number" in error["msg"]
+    assert client.get("/v1/sweeps").json()["count"] == 0
 
 
 def test_summary_sorts_by_a_final_metric_and_cancel_cancels_trials(client):
@@ -142,12 +166,15 @@ def test_scheduler_respects_max_concurrent(tmp_path):
         launched.append(job.id)
         job.submission_id = f"test-{job.id}"
         session.commit()
+        return True
 
     scheduler.launch = launch
     with db.sessions() as s:
         create_sweep(s, SweepCreate.model_validate(GRID))  # 6 trials, max_concurrent 2
         scheduler.start_queued(s)
         assert len(launched) == 2  # CPUs for all six, but the sweep allows two at once
+        waiting = s.query(Job).filter(Job.submission_id.is_(None)).all()
+        assert {j.pending_reason for j in waiting} == {"its sweep runs 2 trials at a time"}
         first = s.get(Job, launched[0])
         first.status = "succeeded"
         s.commit()

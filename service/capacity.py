@@ -1,0 +1,69 @@
+"""What a job asks of the cluster and whether the cluster can give it: pure arithmetic, used
+at submit (refuse what can never run on a fixed cluster) and by the scheduler (start what
+fits now, say why the rest waits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CPUS_PER_WORKER = 1  # what the driver asks Ray for each worker (launcher.run_on_ray)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 0.0
+    gpus: float = 0.0
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(self.cpus + other.cpus, self.gpus + other.gpus)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(self.cpus - other.cpus, self.gpus - other.gpus)
+
+    def covers(self, need: Resources) -> bool:
+        return self.cpus >= need.cpus and self.gpus >= need.gpus
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A cluster's total resources; ``fixed`` when it cannot grow (the embedded cluster)."""
+
+    total: Resources
+    fixed: bool
+
+
+def demand(spec: dict[str, Any]) -> Resources:
+    """One CPU per worker, and one GPU per worker with ``use_gpu``."""
+    workers = int(spec.get("num_workers", 1))
+    return Resources(workers * CPUS_PER_WORKER, workers if spec.get("use_gpu") else 0)
+
+
+def _count(n: float, what: str) -> str:
+    n = int(n) if float(n).is_integer() else n
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def shortfall(need: Resources, have: Resources, *, free: bool = False) -> str | None:
+    """Why ``need`` does not fit in ``have`` ("needs 4 CPUs, the cluster has 2"), or None.
+    ``free`` words it as what is free now rather than what the cluster has."""
+    has = "free now" if free else "the cluster has"
+    if need.gpus > have.gpus:
+        held = "none" if have.gpus <= 0 else _count(have.gpus, "GPU")
+        return f"needs {_count(need.gpus, 'GPU')} (use_gpu), {has} {held}"
+    if need.cpus > have.cpus:
+        return f"needs {_count(need.cpus, 'CPU')}, {has} {_count(max(have.cpus, 0), 'CPU')}"
+    return None
+
+
+def refusal(spec: dict[str, Any], capacity: Capacity | None) -> tuple[str, str] | None:
+    """(field, message) when a job can never run on a fixed cluster, else None."""
+    if capacity is None or not capacity.fixed:
+        return None
+    need = demand(spec)
+    why = shortfall(need, capacity.total)
+    if why is None:
+        return None
+    field = "use_gpu" if need.gpus > capacity.total.gpus else "num_workers"
+    value = spec.get(field, False if field == "use_gpu" else 1)
+    return field, f"{field}={value}: {why}; this cluster cannot grow"

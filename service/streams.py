@@ -1,0 +1,317 @@
+"""Live job streams: one poller per watched job, shared by every viewer of that job.
+
+A viewer's stream sends the job's status events and its metric points after the viewer's
+cursor, then ends when the job has ended and everything was sent. The database is read off
+the event loop (in a worker thread) once per poll interval per watched job, however many
+viewers it has; each new chunk of points is serialised once and the same bytes go to every
+viewer. A viewer that joins late, or falls behind the chunks kept in memory, catches up
+from the database at its own cursor with short reads of its own. No viewer holds a pooled
+connection between reads.
+
+Every message carries an ``id:`` (the cursor: last status event id and last metric row id,
+``"E.M"``), so a client that reconnects with ``Last-Event-ID`` resumes where it stopped.
+Metric row ids grow in commit order per job: ingest locks the job's row first, and SQLite's
+metrics table uses AUTOINCREMENT, so ids freed by a restart's delete are never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse
+
+from .models import TERMINAL, Event, Job, Metric
+
+log = logging.getLogger("nestor.streams")
+
+READ_LIMIT = 20_000  # rows per database read
+KEEP_CHUNKS = 16  # chunks kept for viewers that are a little behind
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What a viewer has been sent: the last status event id and the last metric row id."""
+
+    event: int = 0
+    metric: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.event}.{self.metric}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor | None:
+        """A ``Last-Event-ID`` value, or None if it is not one of ours."""
+        try:
+            event, metric = (text or "").split(".")
+            cursor = cls(int(event), int(metric))
+        except ValueError:
+            return None
+        return cursor if cursor.event >= 0 and cursor.metric >= 0 else None
+
+
+def frame(event: str, cursor: Cursor, data: bytes) -> bytes:
+    """One server-sent event; ``data`` is a single line of JSON."""
+    return b"event: %s\nid: %s\ndata: %s\n\n" % (event.encode(), str(cursor).encode(), data)
+
+
+def _points_json(rows: list[Any]) -> bytes:
+    return json.dumps([{"step": s, "key": k, "value": v} for _, s, k, v in rows]).encode()
+
+
+# ------------------------------------------------------------------ database reads
+def read_metrics(
+    db: Session, job_id: int, after: int, upto: int | None, since_step: int, limit: int
+) -> list[Any]:
+    """Rows (id, step, key, value) with after < id <= upto and step > since_step, by id."""
+    query = select(Metric.id, Metric.step, Metric.key, Metric.value).where(
+        Metric.job_id == job_id, Metric.id > after
+    )
+    if upto is not None:
+        query = query.where(Metric.id <= upto)
+    if since_step:
+        query = query.where(Metric.step > since_step)
+    return list(db.execute(query.order_by(Metric.id).limit(limit)).all())
+
+
+def read_events(db: Session, job_id: int, after: int) -> list[dict[str, Any]]:
+    rows = db.scalars(
+        select(Event).where(Event.job_id == job_id, Event.id > after).order_by(Event.id)
+    )
+    return [
+        {"id": e.id, "status": e.status, "reason": e.reason, "time": e.time.isoformat()}
+        for e in rows
+    ]
+
+
+def start_cursor(db: Session, job_id: int, since_step: int) -> Cursor:
+    """Where a new viewer starts: before the first point after ``since_step`` (or after the
+    newest point when there is none yet); every status event is sent."""
+    if not since_step:
+        return Cursor()
+    first = db.scalar(
+        select(func.min(Metric.id)).where(Metric.job_id == job_id, Metric.step > since_step)
+    )
+    if first is not None:
+        return Cursor(0, first - 1)
+    newest = db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id))
+    return Cursor(0, newest or 0)
+
+
+# ------------------------------------------------------------------ the shared feed
+@dataclass
+class Chunk:
+    """Metric rows with ids in (after, upto], serialised once for every viewer."""
+
+    after: int
+    upto: int
+    min_step: int
+    data: bytes
+
+
+@dataclass
+class Feed:
+    """What one poller knows about one job; viewers read it and wait for changes."""
+
+    job_id: int
+    viewers: int = 0
+    ready: bool = False
+    base: int = 0  # chunks cover metric ids in (base, upto]
+    upto: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    chunks: deque[Chunk] = field(default_factory=lambda: deque(maxlen=KEEP_CHUNKS))
+    ended: bool = False
+    missing: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+    def publish(self) -> None:
+        """Wake every waiting viewer; they re-read the feed."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def add(self, rows: list[Any]) -> None:
+        if len(self.chunks) == self.chunks.maxlen:
+            self.base = self.chunks[0].upto  # the oldest chunk is about to be dropped
+        chunk = Chunk(self.upto, rows[-1][0], min(r[1] for r in rows), _points_json(rows))
+        self.chunks.append(chunk)
+        self.upto = chunk.upto
+
+
+class StreamHub:
+    """The feeds of the jobs being watched in this process, and the open streams per token."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], Session],
+        *,
+        poll_interval: float = 0.5,
+        max_per_token: int = 32,
+    ) -> None:
+        self.sessions = sessions
+        self.poll_interval = poll_interval
+        self.max_per_token = max_per_token
+        self.feeds: dict[int, Feed] = {}
+        self.open_per_token: dict[int, int] = {}
+
+    async def db(self, fn: Callable[[Session], Any]) -> Any:
+        """Run ``fn(session)`` in a worker thread with a session of its own."""
+
+        def run() -> Any:
+            with self.sessions() as s:
+                return fn(s)
+
+        return await anyio.to_thread.run_sync(run)
+
+    # --------------------------------------------------------- per-token limit
+    def open(self, token_id: int) -> Callable[[], None] | None:
+        """Count one more stream for ``token_id``: the release function, or None if the
+        token is at its limit."""
+        if self.open_per_token.get(token_id, 0) >= self.max_per_token:
+            return None
+        self.open_per_token[token_id] = self.open_per_token.get(token_id, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open_per_token[token_id] -= 1
+
+        return release
+
+    # --------------------------------------------------------- feeds
+    def _subscribe(self, job_id: int) -> Feed:
+        feed = self.feeds.get(job_id)
+        if feed is None:
+            feed = self.feeds[job_id] = Feed(job_id)
+            feed.task = asyncio.get_running_loop().create_task(self._poll(feed))
+        feed.viewers += 1
+        return feed
+
+    def _unsubscribe(self, feed: Feed) -> None:
+        feed.viewers -= 1
+        if feed.viewers == 0 and self.feeds.get(feed.job_id) is feed:
+            del self.feeds[feed.job_id]
+            if feed.task is not None:
+                feed.task.cancel()
+
+    async def _poll(self, feed: Feed) -> None:
+        """Read the job's new events and points until it has ended and nothing is left."""
+        job_id = feed.job_id
+
+        def first(db: Session) -> tuple[int, list[dict[str, Any]]]:
+            newest = db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id))
+            return newest or 0, read_events(db, job_id, 0)
+
+        def poll(db: Session) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
+            # Status first: rows committed before the job ended are visible to the next read.
+            status = db.scalar(select(Job.status).where(Job.id == job_id))
+            after_event = feed.events[-1]["id"] if feed.events else 0
+            rows = read_metrics(db, job_id, feed.upto, None, 0, READ_LIMIT)
+            return status, read_events(db, job_id, after_event), rows
+
+        try:
+            feed.base, feed.events = await self.db(first)
+            feed.upto = feed.base
+            feed.ready = True
+            feed.publish()
+            while True:
+                status, events, rows = await self.db(poll)
+                feed.events += events
+                if rows:
+                    feed.add(rows)
+                if status is None or (status in TERMINAL and not rows and not events):
+                    feed.missing, feed.ended = status is None, True
+                if events or rows or feed.ended:
+                    feed.publish()
+                if feed.ended:
+                    return
+                if len(rows) < READ_LIMIT:
+                    await asyncio.sleep(self.poll_interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the database is away: viewers end, clients reconnect
+            log.exception("polling job %s for live viewers failed", job_id)
+            feed.ended = feed.missing = True
+            feed.publish()
+            if self.feeds.get(job_id) is feed:
+                del self.feeds[job_id]
+
+    # --------------------------------------------------------- one viewer
+    async def _read(self, job_id: int, after: int, upto: int, since_step: int) -> list[Any]:
+        return await self.db(
+            partial(
+                read_metrics,
+                job_id=job_id,
+                after=after,
+                upto=upto,
+                since_step=since_step,
+                limit=READ_LIMIT,
+            )
+        )
+
+    async def stream(self, job_id: int, cursor: Cursor, since_step: int) -> AsyncIterator[bytes]:
+        """One viewer's messages: status events and metric points after ``cursor``, then
+        ``end`` once the job has ended and everything was sent."""
+        feed = self._subscribe(job_id)
+        try:
+            while True:
+                changed = feed.changed
+                if not feed.ready:
+                    await changed.wait()
+                    continue
+                for ev in [e for e in feed.events if e["id"] > cursor.event]:
+                    cursor = Cursor(ev["id"], cursor.metric)
+                    data = {k: ev[k] for k in ("status", "reason", "time")}
+                    yield frame("status", cursor, json.dumps(data).encode())
+                if cursor.metric < feed.base:  # behind the chunks in memory: read its own
+                    upto = feed.base
+                    rows = await self._read(job_id, cursor.metric, upto, since_step)
+                    done = rows[-1][0] if len(rows) == READ_LIMIT else upto
+                    cursor = Cursor(cursor.event, done)
+                    if rows:
+                        yield frame("metrics", cursor, _points_json(rows))
+                    continue
+                for chunk in list(feed.chunks):
+                    if chunk.upto <= cursor.metric:
+                        continue
+                    cursor = Cursor(cursor.event, chunk.upto)
+                    if since_step < chunk.min_step:
+                        yield frame("metrics", cursor, chunk.data)
+                    else:  # a viewer that asked for later steps only: filter this chunk
+                        rows = await self._read(job_id, chunk.after, chunk.upto, since_step)
+                        if rows:
+                            yield frame("metrics", cursor, _points_json(rows))
+                if feed.ended and cursor.metric >= feed.upto:
+                    if not feed.missing:
+                        yield frame("end", cursor, b"{}")
+                    return
+                if feed.changed is changed:
+                    await changed.wait()
+        finally:
+            self._unsubscribe(feed)
+
+
+class StreamResponse(EventSourceResponse):
+    """sse-starlette's response (keep-alive comments, disconnects, server shutdown, send
+    timeouts), releasing the viewer's slot however the stream ends, even unstarted."""
+
+    def __init__(self, content: Any, release: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
