@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/throughput.py --rounds 2
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/sweep.py
 	$(BIN)/python bench/dashboard.py
 

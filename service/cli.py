@@ -164,7 +164,9 @@ def _listen(host: str, port: int):
     """The service's listening socket, bound before anything else starts (a busy port must
     not leave a scheduler and a Ray cluster running behind a failed start)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and without it every response waited out Nagle's algorithm and a delayed ACK (~40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -184,16 +186,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .lease import acquire as acquire_lease
 
     settings = _serve_settings(args)
-    try:
-        lease = acquire_lease(settings.db_url)
-    except LeaseHeld as e:
-        _fail(str(e))
+    lease = None
+    if not args.api_only:
+        try:
+            lease = acquire_lease(settings.db_url)
+        except LeaseHeld as e:
+            _fail(str(e))
     try:
         sock = _listen(settings.host, settings.port)
     except SystemExit:
-        lease.release()
+        if lease is not None:
+            lease.release()
         raise
-    app = create_app(settings, announce=True, lease=lease)
+    app = create_app(
+        settings, scheduler=not args.api_only, announce=True, lease=lease, freeze_heap=True
+    )
+    # A thread that wants the GIL waits up to the switch interval for it; requests make many
+    # short database calls, each releasing and retaking it, and at the default 5 ms a few
+    # busy threads (ingest, stream polls) turned a 5 ms request into 50 ms.
+    sys.setswitchinterval(0.001)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -347,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default 8000")
     serve.add_argument("--database-url", help="e.g. postgresql+psycopg://u:p@host/nestor")
     serve.add_argument("--ray-address", help="existing Ray cluster (default: start one)")
+    serve.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the API and dashboard without a scheduler or Ray (another replica of a "
+        "service whose scheduler runs elsewhere on the same database)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     stop = sub.add_parser(

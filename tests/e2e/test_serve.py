@@ -147,6 +147,30 @@ def test_a_second_server_on_the_same_database_refuses_to_start(nestor):
         f"host {socket.gethostname()}" in result.stderr
     )
     assert len(gcs_servers() - before) == 1  # no second cluster was started
+    # Another replica of the API on the same database, without a scheduler, is allowed.
+    replica = Nestor(nestor.home, free_port())
+    job = nestor.client.submit({**JOB, "max_steps": 5}, name="seen by both")
+    replica.proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--api-only"],
+        env=replica.env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                assert replica.client.job(job["id"])["name"] == "seen by both"
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.3)
+        assert len(gcs_servers() - before) == 1
+    finally:
+        replica.proc.terminate()
+        replica.proc.wait(timeout=60)
+    assert nestor.wait(job["id"])["status"] == "succeeded"
 
 
 def test_a_sigkilled_service_restarts_adopting_its_ray_and_the_job_loses_nothing(nestor):

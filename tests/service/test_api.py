@@ -302,3 +302,26 @@ def test_a_restart_without_a_checkpoint_discards_the_crashed_attempts_points(cli
     assert client.get(f"/v1/jobs/{job['id']}").json()["last_step"] == 2
     reasons = [e["reason"] for e in client.get(f"/v1/jobs/{job['id']}/events/history").json()]
     assert "workers restarted: 10 points after step 0 discarded" in reasons[-1]
+
+
+def test_a_point_repeated_within_one_batch_keeps_its_last_value(client):
+    """PostgreSQL stores a batch in one statement, which may not update a row twice."""
+    from service.auth import create_token
+
+    job = submit(client)
+    with client.app.state.db.sessions() as db:
+        worker = create_token(db, "w", "worker", job_id=job["id"])
+    points = [
+        {"step": 1, "values": {"loss": 3.0, "lr": None}},
+        {"step": 2, "values": {"loss": 2.0}},
+        {"step": 1, "values": {"loss": 1.0}},
+    ]
+    resp = client.post(
+        f"/v1/jobs/{job['id']}/ingest",
+        json={"points": points},
+        headers={"Authorization": f"Bearer {worker}"},
+    )
+    assert resp.status_code == 200
+    series = client.get(f"/v1/jobs/{job['id']}/metrics").json()["series"]
+    assert series["loss"] == {"step": [1, 2], "value": [1.0, 2.0]}
+    assert series["lr"] == {"step": [1], "value": [None]}

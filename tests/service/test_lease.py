@@ -96,3 +96,35 @@ def test_a_busy_port_fails_before_anything_starts(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert not (tmp_path / "ray-cluster.json").exists()  # no Ray was started
     acquire(f"sqlite:///{tmp_path / 'nestor.db'}").release()  # and the lease was let go
+
+
+def test_the_listening_socket_gives_connections_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets created as IPPROTO_TCP; without it every
+    response of `nestor serve` waited ~40 ms for Nagle's algorithm and a delayed ACK."""
+    import asyncio
+
+    from service.cli import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport) -> None:
+                conn = transport.get_extra_info("socket")
+                got.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        value = await asyncio.wait_for(got, 10)
+        writer.close()
+        server.close()
+        return value
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # the session's browser may hold a loop here
+        assert pool.submit(asyncio.run, accepted_nodelay()).result() != 0

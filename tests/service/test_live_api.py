@@ -250,3 +250,18 @@ def test_a_chunked_body_over_the_limit_is_cut_off_with_a_json_413(api_server):
     assert answer.startswith("HTTP/1.1 413"), answer[:200]
     body = json.loads(answer.split("\r\n\r\n", 1)[1])
     assert body["detail"] == f"request body over {limit} bytes (NESTOR_MAX_BODY_BYTES)"
+
+
+def test_stream_points_are_written_exactly_as_json_would_write_them():
+    from service.streams import points_json
+
+    rows = [
+        (1, 1, "train_loss", 0.1),
+        (2, 2, 'a "quoted"\\key, ünïcode', None),
+        (3, 3, "lr", 1e-16),
+        (4, 2**31 - 1, "big", 1.5e300),
+        (5, 5, "neg", -0.0),
+    ]
+    want = [{"step": s, "key": k, "value": v} for _, s, k, v in rows]
+    assert points_json(rows) == json.dumps(want).encode()
+    assert points_json([]) == b"[]"
