@@ -111,6 +111,11 @@ def read_metrics(
         cursor.close()
 
 
+def _read_json(db: Session, *, job_id: int, after: int, upto: int, since_step: int) -> bytes | None:
+    rows = read_metrics(db, job_id, after, upto, since_step, READ_LIMIT)
+    return points_json(rows) if rows else None
+
+
 def read_events(db: Session, job_id: int, after: int) -> list[dict[str, Any]]:
     rows = db.scalars(
         select(Event).where(Event.job_id == job_id, Event.id > after).order_by(Event.id)
@@ -170,10 +175,9 @@ class Feed:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def add(self, rows: list[Any]) -> None:
+    def add(self, chunk: Chunk) -> None:
         if len(self.chunks) == self.chunks.maxlen:
             self.base = self.chunks[0].upto  # the oldest chunk is about to be dropped
-        chunk = Chunk(self.upto, rows[-1][0], min(r[1] for r in rows), points_json(rows))
         self.chunks.append(chunk)
         self.upto = chunk.upto
 
@@ -244,12 +248,15 @@ class StreamHub:
             newest = db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id))
             return newest or 0, read_events(db, job_id, 0)
 
-        def poll(db: Session) -> tuple[str | None, list[dict[str, Any]], list[Any]]:
+        def poll(db: Session) -> tuple[str | None, list[dict[str, Any]], Chunk | None, int]:
             # Status first: rows committed before the job ended are visible to the next read.
             status = db.scalar(select(Job.status).where(Job.id == job_id))
             after_event = feed.events[-1]["id"] if feed.events else 0
             rows = read_metrics(db, job_id, feed.upto, None, 0, READ_LIMIT)
-            return status, read_events(db, job_id, after_event), rows
+            chunk = None
+            if rows:  # serialised here, off the event loop
+                chunk = Chunk(feed.upto, rows[-1][0], min(r[1] for r in rows), points_json(rows))
+            return status, read_events(db, job_id, after_event), chunk, len(rows)
 
         try:
             feed.base, feed.events = await self.db(first)
@@ -257,19 +264,19 @@ class StreamHub:
             feed.ready = True
             feed.publish()
             while True:
-                status, events, rows = await self.db(poll)
+                status, events, chunk, count = await self.db(poll)
                 feed.events += events
                 if events:  # a restart may have deleted points: history reads are stale
                     feed.history.clear()
-                if rows:
-                    feed.add(rows)
-                if status is None or (status in TERMINAL and not rows and not events):
+                if chunk is not None:
+                    feed.add(chunk)
+                if status is None or (status in TERMINAL and not chunk and not events):
                     feed.missing, feed.ended = status is None, True
-                if events or rows or feed.ended:
+                if events or chunk or feed.ended:
                     feed.publish()
                 if feed.ended:
                     return
-                if len(rows) < READ_LIMIT:
+                if count < READ_LIMIT:
                     await asyncio.sleep(self.poll_interval)
         except asyncio.CancelledError:
             raise
@@ -289,12 +296,12 @@ class StreamHub:
         if task is None:
             upto = feed.base
 
-            async def read() -> tuple[int, bytes | None]:
-                rows = await self._read(feed.job_id, after, upto, since_step)
+            def read(db: Session) -> tuple[int, bytes | None]:
+                rows = read_metrics(db, feed.job_id, after, upto, since_step, READ_LIMIT)
                 done = rows[-1][0] if len(rows) == READ_LIMIT else upto
-                return done, points_json(rows) if rows else None
+                return done, points_json(rows) if rows else None  # off the event loop
 
-            task = feed.history[key] = asyncio.get_running_loop().create_task(read())
+            task = feed.history[key] = asyncio.get_running_loop().create_task(self.db(read))
 
             def forget_failure(done: asyncio.Task) -> None:  # the next viewer tries again
                 if (done.cancelled() or done.exception()) and feed.history.get(key) is done:
@@ -304,18 +311,6 @@ class StreamHub:
             while len(feed.history) > KEEP_HISTORY:
                 feed.history.popitem(last=False)
         return task
-
-    async def _read(self, job_id: int, after: int, upto: int, since_step: int) -> list[Any]:
-        return await self.db(
-            partial(
-                read_metrics,
-                job_id=job_id,
-                after=after,
-                upto=upto,
-                since_step=since_step,
-                limit=READ_LIMIT,
-            )
-        )
 
     async def stream(self, job_id: int, cursor: Cursor, since_step: int) -> AsyncIterator[bytes]:
         """One viewer's messages: status events and metric points after ``cursor``, then
@@ -346,9 +341,17 @@ class StreamHub:
                     if since_step < chunk.min_step:
                         yield frame("metrics", cursor, chunk.data)
                     else:  # a viewer that asked for later steps only: filter this chunk
-                        rows = await self._read(job_id, chunk.after, chunk.upto, since_step)
-                        if rows:
-                            yield frame("metrics", cursor, points_json(rows))
+                        data = await self.db(
+                            partial(
+                                _read_json,
+                                job_id=job_id,
+                                after=chunk.after,
+                                upto=chunk.upto,
+                                since_step=since_step,
+                            )
+                        )
+                        if data is not None:
+                            yield frame("metrics", cursor, data)
                 if feed.ended and cursor.metric >= feed.upto:
                     if not feed.missing:
                         yield frame("end", cursor, b"{}")
