@@ -12,6 +12,9 @@ from .conftest import ADMIN, ARTIFACTS
 from .live import TINY, wait_for, wait_for_sweep
 
 LARGE_MONITOR = {"width": 2560, "height": 1440}
+# Assertions wait as long as page actions (the page fixture's 30 s), not Playwright's 5 s: on
+# 2 cores shared with the training jobs these tests run, a sign-in once took longer than 5 s.
+expect.set_options(timeout=30_000)
 
 
 def base_url(service) -> str:
