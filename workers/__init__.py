@@ -3,6 +3,20 @@
 Imports optimizers/; never SQLAlchemy or FastAPI.
 """
 
-from .spec import DatasetSpec, LRScalingSpec, LRScheduleSpec, TrainSpec
+from .spec import (
+    DatasetSpec,
+    FactorySpec,
+    FileDatasetSpec,
+    LRScalingSpec,
+    LRScheduleSpec,
+    TrainSpec,
+)
 
-__all__ = ["DatasetSpec", "LRScalingSpec", "LRScheduleSpec", "TrainSpec"]
+__all__ = [
+    "DatasetSpec",
+    "FactorySpec",
+    "FileDatasetSpec",
+    "LRScalingSpec",
+    "LRScheduleSpec",
+    "TrainSpec",
+]

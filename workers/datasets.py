@@ -1,4 +1,7 @@
-"""Datasets that work offline on any machine, each split deterministically by seed.
+"""Nestor's built-in data sets: ordinary data factories (``workers.contract``), named in a
+spec by alias (``{"name": "mnist1d"}`` is ``{"factory": "workers.datasets:mnist1d"}``).
+
+They work offline on any machine, each split deterministically by seed:
 
 - ``mnist1d``: generated locally by the ``mnist1d`` package (its ``make_dataset``; never its
   downloading ``get_dataset``), cached in ``NESTOR_HOME/datasets`` as .npz.
@@ -11,14 +14,13 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .spec import DatasetSpec
+from .contract import ArrayDataset, Data, Task
+from .spec import DEFAULT_SAMPLES
 
 
 def nestor_home() -> Path:
@@ -26,33 +28,25 @@ def nestor_home() -> Path:
     return Path(os.environ.get("NESTOR_HOME", Path.home() / ".nestor")).expanduser()
 
 
-@dataclass
-class Dataset:
-    """Tensors for one job. ``kind`` is "classification" (x: features, y: class) or "lm"
-    (x: (N, T) byte ids, y: the same shifted by one)."""
-
-    name: str
-    kind: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int  # classes, or the vocabulary size for "lm"
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-
-def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
+def _split(x, y, val_fraction: float, seed: int, task: Task, classes: int) -> Data:
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = max(1, round(len(x) * val_fraction))
     val, train = order[:n_val], order[n_val:]
-    return x[train], y[train], x[val], y[val]
+
+    def tensors(rows):
+        return ArrayDataset(
+            torch.from_numpy(np.ascontiguousarray(x[rows])),
+            torch.from_numpy(np.ascontiguousarray(y[rows])),
+        )
+
+    return Data(tensors(train), tensors(val), task, classes)
 
 
-def _mnist1d(spec: DatasetSpec, seed: int) -> Dataset:
-    n = spec.total_samples()
+def mnist1d(
+    num_samples: int | None = None, val_fraction: float = 0.1, seed: int = 0, **_: object
+) -> Data:
+    """MNIST-1D: 40-sample signals of 10 classes, generated here (never downloaded)."""
+    n = num_samples or DEFAULT_SAMPLES["mnist1d"]
     cache = nestor_home() / "datasets" / f"mnist1d-{n}.npz"
     if cache.exists():
         with np.load(cache, allow_pickle=False) as f:
@@ -71,18 +65,21 @@ def _mnist1d(spec: DatasetSpec, seed: int) -> Dataset:
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, x=x, y=y)
         os.replace(tmp, cache)
-    return _tensors("mnist1d", "classification", *_split(x, y, spec.val_fraction, seed), 10)
+    return _split(x, y, val_fraction, seed, "classification", 10)
 
 
-def _digits(spec: DatasetSpec, seed: int) -> Dataset:
+def digits(
+    num_samples: int | None = None, val_fraction: float = 0.1, seed: int = 0, **_: object
+) -> Data:
+    """scikit-learn's 1,797 8x8 handwritten digits, scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32)
     y = data.target.astype(np.int64)
-    if spec.num_samples:
-        x, y = x[: spec.num_samples], y[: spec.num_samples]
-    return _tensors("digits", "classification", *_split(x, y, spec.val_fraction, seed), 10)
+    if num_samples:
+        x, y = x[:num_samples], y[:num_samples]
+    return _split(x, y, val_fraction, seed, "classification", 10)
 
 
 def stdlib_corpus(max_bytes: int) -> bytes:
@@ -103,36 +100,17 @@ def stdlib_corpus(max_bytes: int) -> bytes:
     return b"".join(out)[:max_bytes]
 
 
-def _pystdlib_chars(spec: DatasetSpec, seed: int) -> Dataset:
-    n = spec.total_samples()
-    t = spec.seq_len
-    corpus = np.frombuffer(stdlib_corpus(n * t + 1), dtype=np.uint8).astype(np.int64)
-    n = (len(corpus) - 1) // t
-    x = corpus[: n * t].reshape(n, t)
-    y = corpus[1 : n * t + 1].reshape(n, t)
-    return _tensors("pystdlib-chars", "lm", *_split(x, y, spec.val_fraction, seed), 256)
-
-
-def _tensors(name, kind, x_train, y_train, x_val, y_val, num_classes) -> Dataset:
-    as_t = torch.from_numpy
-    return Dataset(
-        name,
-        kind,
-        as_t(np.ascontiguousarray(x_train)),
-        as_t(np.ascontiguousarray(y_train)),
-        as_t(np.ascontiguousarray(x_val)),
-        as_t(np.ascontiguousarray(y_val)),
-        num_classes,
-    )
-
-
-DATASETS: dict[str, Callable[[DatasetSpec, int], Dataset]] = {
-    "mnist1d": _mnist1d,
-    "digits": _digits,
-    "pystdlib-chars": _pystdlib_chars,
-}
-
-
-def load_dataset(spec: DatasetSpec, seed: int) -> Dataset:
-    """Build (or read from the cache) the dataset ``spec`` names, split by ``seed``."""
-    return DATASETS[spec.name](spec, seed)
+def pystdlib_chars(
+    num_samples: int | None = None,
+    val_fraction: float = 0.1,
+    seq_len: int = 64,
+    seed: int = 0,
+    **_: object,
+) -> Data:
+    """Next-byte prediction over the standard library's sources: (N, seq_len) byte ids."""
+    n = num_samples or DEFAULT_SAMPLES["pystdlib-chars"]
+    corpus = np.frombuffer(stdlib_corpus(n * seq_len + 1), dtype=np.uint8).astype(np.int64)
+    n = (len(corpus) - 1) // seq_len
+    x = corpus[: n * seq_len].reshape(n, seq_len)
+    y = corpus[1 : n * seq_len + 1].reshape(n, seq_len)
+    return _split(x, y, val_fraction, seed, "lm", 256)

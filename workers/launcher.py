@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .data import SetupError
 from .loop import NonFiniteLossError, Session, train, write_result
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .spec import TrainSpec
@@ -59,13 +61,14 @@ def run_worker(
     node: str | None = None,
 ) -> dict[str, Any]:
     """What every worker runs once its process group exists: train, and on rank 0 write
-    ``result.json``. A non-finite loss ends the run as failed, without retries (a restart
-    would diverge again); other errors propagate so that Ray can restart the group."""
+    ``result.json``. A non-finite loss or a job whose code or data cannot train ends the run
+    as failed, without retries (a restart would fail the same way); other errors propagate
+    so that Ray can restart the group."""
     _record_worker(session.run_dir, session.rank, node)
     reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
     try:
         result = train(spec, session, reporter)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, SetupError) as e:
         result = {"status": "failed", "error": str(e)}
         if reporter:
             reporter.status("failed", error=str(e))
@@ -142,13 +145,15 @@ def run_on_ray(
     console: bool = False,
     http: dict[str, Any] | None = None,
     placement_strategy: str = "PACK",
+    runtime_env: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``spec`` with Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU) and return
     ``result.json``. When a worker process dies, FailureConfig restarts the group and the
     loop resumes from the latest checkpoint in ``run_dir`` (which every node must reach).
 
     Uses the Ray cluster this process is connected to, else the one ``connect_ray``
-    finds for ``ray_address`` (None: a private local Ray).
+    finds for ``ray_address`` (None: a private local Ray), with ``runtime_env`` (a code
+    package as ``working_dir``, ``pip`` requirements) for every worker of this driver.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -157,7 +162,7 @@ def run_on_ray(
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        connect_ray(ray_address, log_to_driver=console)
+        connect_ray(ray_address, log_to_driver=console, runtime_env=runtime_env)
     trainer = TorchTrainer(
         _ray_train_fn,
         train_loop_config={
@@ -188,7 +193,11 @@ def run_on_ray(
 
 
 # --------------------------------------------------------------------- local processes
-def _local_worker(rank: int, world: int, spec_json: str, run_dir: str, init: str) -> None:
+def _local_worker(
+    rank: int, world: int, spec_json: str, run_dir: str, init: str, code_dir: str | None
+) -> None:
+    if code_dir:  # what Ray's working_dir does on a cluster: the project is importable
+        sys.path.insert(0, code_dir)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
@@ -202,9 +211,12 @@ def _local_worker(rank: int, world: int, spec_json: str, run_dir: str, init: str
         dist.destroy_process_group()
 
 
-def run_local(spec: TrainSpec, run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def run_local(
+    spec: TrainSpec, run_dir: str | os.PathLike[str], code_dir: str | None = None
+) -> dict[str, Any]:
     """Train in ``spec.num_workers`` local processes (gloo, CPU), without Ray: for tests,
-    debugging and machines without Ray. Returns ``result.json``."""
+    debugging and machines without Ray; ``code_dir``: the project the spec's factories are
+    imported from. Returns ``result.json``."""
     import torch.multiprocessing as mp
 
     run_dir = Path(run_dir).resolve()
@@ -214,7 +226,7 @@ def run_local(spec: TrainSpec, run_dir: str | os.PathLike[str]) -> dict[str, Any
         with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
             mp.spawn(
                 _local_worker,
-                args=(spec.num_workers, spec.model_dump_json(), str(run_dir), init),
+                args=(spec.num_workers, spec.model_dump_json(), str(run_dir), init, code_dir),
                 nprocs=spec.num_workers,
             )
     return json.loads((run_dir / "result.json").read_text())

@@ -8,6 +8,7 @@ The distributed parts are a process group (set up by Ray Train, or by a test) an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,14 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from optimizers import ZeroOptimizer
 
-from .datasets import Dataset, load_dataset
-from .models import build_model
+from .contract import Data
+from .data import (
+    Objective,
+    SetupError,
+    batch_indices,  # noqa: F401  (the batch order is part of the loop's contract)
+    build_model,
+    fetch,
+    load_data,
+    micro_batches,
+)
 from .reporting import Reporter
 from .schedule import lr_factor
 from .spec import TrainSpec
@@ -45,49 +54,54 @@ class Session:
     run_dir: Path
 
 
-# ----------------------------------------------------------------------------- data order
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Sample indices of global batch ``step``: a fresh permutation of the training set per
-    epoch (seeded by seed and epoch), read in order; a batch may span epochs."""
-    out, pos, end = [], step * batch_size, (step + 1) * batch_size
-    while pos < end:
-        epoch, offset = divmod(pos, n)
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        take = min(n - offset, end - pos)
-        out.append(torch.randperm(n, generator=gen)[offset : offset + take])
-        pos += take
-    return torch.cat(out)
+def autocast(spec: TrainSpec, device: torch.device):
+    """bf16: the forward pass and the loss in bfloat16 where autocast allows (weights,
+    gradients and optimizer state stay fp32); fp32: nothing."""
+    if spec.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def _loss(model: torch.nn.Module, data: Dataset, x: torch.Tensor, y: torch.Tensor):
-    logits = model(x)  # (B, classes) or (B, T, vocab)
-    if data.kind == "lm":
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), logits
-    return F.cross_entropy(logits, y), logits
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
 
 
 @torch.no_grad()
-def evaluate(model, data: Dataset, session: Session, batch: int) -> dict[str, float]:
+def evaluate(
+    model, data: Data, objective: Objective, spec: TrainSpec, session: Session, batch: int
+) -> dict[str, float]:
     """Validation loss and accuracy (or bits per character) over the whole validation set,
     each rank taking a share and the sums all-reduced."""
     model.eval()
-    n = len(data.x_val)
+    n = len(data.val)
     lo, hi = n * session.rank // session.world_size, n * (session.rank + 1) // session.world_size
     sums = torch.zeros(3, dtype=torch.float64, device=session.device)  # loss*count, correct, count
+    has_accuracy = True
     for i in range(lo, hi, batch):
-        x = data.x_val[i : min(hi, i + batch)].to(session.device)
-        y = data.y_val[i : min(hi, i + batch)].to(session.device)
-        loss, logits = _loss(model, data, x, y)
+        x, y = _to(fetch(data.val, np.arange(i, min(hi, i + batch))), session.device)
+        with autocast(spec, session.device):
+            outputs = model(x)
+            loss = objective(outputs, y)
         count = y.numel()
         sums[0] += loss.double() * count
-        sums[1] += (logits.argmax(-1) == y).sum()
+        correct = objective.correct(outputs, y)
+        has_accuracy = has_accuracy and correct is not None
+        sums[1] += 0 if correct is None else correct
         sums[2] += count
     if session.world_size > 1:
         dist.all_reduce(sums)
     model.train()
     val_loss = (sums[0] / sums[2]).item()
-    out = {"val_loss": val_loss, "val_accuracy": (sums[1] / sums[2]).item()}
-    if data.kind == "lm":
+    out = {"val_loss": val_loss}
+    if has_accuracy and data.task != "regression":
+        out["val_accuracy"] = (sums[1] / sums[2]).item()
+    if data.task == "lm":
         out["val_bits_per_char"] = val_loss / math.log(2)
     return out
 
@@ -125,11 +139,34 @@ def params_sha256(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------- the loop
+def setup(spec: TrainSpec, session: Session) -> tuple[Data, torch.nn.Module, Objective]:
+    """The data, the model on this rank's device and the objective, from the spec's
+    factories. Every rank agrees before training: when one fails, all raise, and the
+    failing rank's ``SetupError`` (in ``run_dir/setup-error-rank{r}.txt``) is the error."""
+    error: SetupError | None = None
+    try:
+        data = load_data(spec)
+        model = build_model(spec, data).to(session.device)
+        objective = Objective(spec, data)
+    except SetupError as e:
+        error = e
+        (session.run_dir / f"setup-error-rank{session.rank}.txt").write_text(str(e))
+    if session.world_size > 1:
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=session.device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            first = sorted(session.run_dir.glob("setup-error-rank*.txt"))
+            error = SetupError(first[0].read_text() if first else "another rank failed")
+    if error is not None:
+        raise error
+    return data, model, objective
+
+
 def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[str, Any]:
     """Train ``spec`` on this rank; returns the final metrics and the parameters' digest.
     Resumes from the run directory's latest checkpoint when there is one."""
@@ -138,8 +175,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         raise ValueError(f"spec asks for {spec.num_workers} workers, running on {world}")
     report = reporter if rank == 0 else None
 
-    data = load_dataset(spec.dataset, spec.seed)
-    model = build_model(spec.model, data, spec.seed).to(device)
+    data, model, objective = setup(spec, session)
     opt = ZeroOptimizer(model.named_parameters(), spec.optimizer_spec(), stage=spec.zero_stage)
     peak_lrs = [g["lr"] for g in opt.param_groups]
 
@@ -161,9 +197,9 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             report.resume(0)
         report.status("running")
 
-    per_rank = spec.batch_size // world
     micro, accum = spec.micro_batch_size, spec.accumulation_steps
-    n_train = len(data.x_train)
+    n_train = len(data.train)
+    batches = micro_batches(data, spec, rank, world, start, device)
     bad_steps, metrics = 0, {}
     for step in range(start, spec.max_steps):
         t0 = time.perf_counter()
@@ -172,13 +208,11 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             group["lr"] = peak * lr_now
 
         # This rank's distinct part of the global batch, as `accum` micro-batches.
-        idx = batch_indices(step, spec.batch_size, n_train, spec.seed)
-        mine = idx[rank * per_rank : (rank + 1) * per_rank]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for j in range(accum):
-            sel = mine[j * micro : (j + 1) * micro]
-            x, y = data.x_train[sel].to(device), data.y_train[sel].to(device)
-            loss, _ = _loss(model, data, x, y)
+        for _ in range(accum):
+            x, y = _to(next(batches), device)
+            with autocast(spec, device):
+                loss = objective(model(x), y)
             (loss / accum).backward()
             loss_sum += loss.detach().double() / accum
         if world > 1:
@@ -213,7 +247,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             "epoch": done * spec.batch_size / n_train,
         }
         if done % spec.eval_every == 0 or done == spec.max_steps:
-            metrics.update(evaluate(model, data, session, max(micro, 1024)))
+            metrics.update(evaluate(model, data, objective, spec, session, max(micro, 1024)))
             if metrics["val_loss"] < best.get("val_loss", math.inf):
                 best = {"val_loss": metrics["val_loss"], "step": done}
         if report and (

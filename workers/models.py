@@ -1,25 +1,16 @@
-"""Models by registry name. Adding one is one function and one registry entry."""
+"""Nestor's built-in models: ordinary model factories (``workers.contract``), named in a spec
+by alias (``"mnist1d-mlp"`` is ``{"factory": "workers.models:mnist1d_mlp"}``)."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .datasets import Dataset
+from .contract import Data
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    build: Callable[[Dataset], nn.Module]
-    datasets: tuple[str, ...]
-    description: str
-
-
-def _mlp(d_in: int, hidden: int, depth: int, d_out: int) -> nn.Sequential:
+def mlp(d_in: int, hidden: int, depth: int, d_out: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Linear(d_in if i == 0 else hidden, hidden), nn.GELU()]
@@ -86,29 +77,27 @@ class CharTransformer(nn.Module):
         return self.ln(x) @ self.tok.weight.T  # (B, T, vocab)
 
 
-MODELS: dict[str, ModelEntry] = {
-    "mnist1d-mlp": ModelEntry(
-        lambda d: _mlp(d.input_shape[0], 256, 2, d.num_classes),
-        ("mnist1d",),
-        "2-hidden-layer MLP (77k params)",
-    ),
-    "mnist1d-cnn": ModelEntry(
-        lambda d: Mnist1dCNN(d.input_shape[0], 32, d.num_classes),
-        ("mnist1d",),
-        "3-layer 1-D CNN (9k params)",
-    ),
-    "digits-mlp": ModelEntry(
-        lambda d: _mlp(d.input_shape[0], 128, 1, d.num_classes), ("digits",), "1-hidden-layer MLP"
-    ),
-    "char-transformer": ModelEntry(
-        lambda d: CharTransformer(d.num_classes, d.input_shape[0]),
-        ("pystdlib-chars",),
-        "2-layer byte-level GPT (d=128)",
-    ),
-}
+def _classes(data: Data) -> int:
+    if data.num_classes is None:
+        raise ValueError("this model needs Data.num_classes (the number of classes)")
+    return data.num_classes
 
 
-def build_model(name: str, data: Dataset, seed: int) -> nn.Module:
-    """The registered model ``name`` for ``data``, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    return MODELS[name].build(data)
+def mnist1d_mlp(data: Data, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """2-hidden-layer MLP (77k parameters on MNIST-1D)."""
+    return mlp(data.input_shape[0], hidden, depth, _classes(data))
+
+
+def mnist1d_cnn(data: Data, channels: int = 32) -> nn.Module:
+    """3-layer 1-D CNN (9k parameters on MNIST-1D)."""
+    return Mnist1dCNN(data.input_shape[0], channels, _classes(data))
+
+
+def digits_mlp(data: Data, hidden: int = 128) -> nn.Module:
+    """1-hidden-layer MLP."""
+    return mlp(data.input_shape[0], hidden, 1, _classes(data))
+
+
+def char_transformer(data: Data, d: int = 128, layers: int = 2, heads: int = 4) -> nn.Module:
+    """2-layer byte-level GPT (d=128)."""
+    return CharTransformer(_classes(data), data.input_shape[0], d, layers, heads)

@@ -8,14 +8,80 @@ and unknown fields are rejected, so a typo is an error rather than a silently ig
 from __future__ import annotations
 
 import math
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from optimizers import OptimizerSpec
 
 MAX_BATCH_SIZE = 1 << 20
 DEFAULT_SAMPLES = {"mnist1d": 10_000, "digits": 1797, "pystdlib-chars": 20_000}
+
+# The built-in models and data sets are ordinary factories of Nestor's own package, reached
+# by the same import path as a user's; these names are aliases for them. A table, not an
+# import, so that validating a spec needs neither torch nor anybody's code.
+BUILTIN_DATASETS = {
+    "mnist1d": "workers.datasets:mnist1d",
+    "digits": "workers.datasets:digits",
+    "pystdlib-chars": "workers.datasets:pystdlib_chars",
+}
+BUILTIN_MODELS = {  # alias: (factory, the built-in data sets it takes, description)
+    "mnist1d-mlp": ("workers.models:mnist1d_mlp", ("mnist1d",), "2-hidden-layer MLP (77k)"),
+    "mnist1d-cnn": ("workers.models:mnist1d_cnn", ("mnist1d",), "3-layer 1-D CNN (9k params)"),
+    "digits-mlp": ("workers.models:digits_mlp", ("digits",), "1-hidden-layer MLP"),
+    "char-transformer": (
+        "workers.models:char_transformer",
+        ("pystdlib-chars",),
+        "2-layer byte-level GPT (d=128)",
+    ),
+}
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+FACTORY_PATTERN = rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$"
+PACKAGE_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+def _finite(value: Any, path: str = "kwargs") -> Any:
+    """``value`` unchanged if every number in it is finite (JSON has no NaN or infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{path}[{i}]")
+    return value
+
+
+def _import_path(value: str) -> str:
+    if not re.fullmatch(FACTORY_PATTERN, value):
+        raise ValueError(
+            f"{value!r} is not an import path 'package.module:callable' (Python identifiers "
+            f"separated by dots, one colon)"
+        )
+    return value
+
+
+Kwargs = Annotated[dict[str, Any], AfterValidator(_finite)]
+FactoryPath = Annotated[
+    str,
+    AfterValidator(_import_path),
+    Field(
+        max_length=300,
+        description="import path of a callable: 'package.module:name'",
+        examples=["mynet:build"],
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -23,8 +89,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class FactorySpec(_Strict):
+    """A callable by import path inside the job's code package (or any module the workers
+    can import), and the keyword arguments it is called with. The contract each kind of
+    factory follows is ``workers.contract``."""
+
+    factory: FactoryPath
+    kwargs: Kwargs = Field(default_factory=dict, description="JSON keyword arguments")
+
+
+class FileDatasetSpec(_Strict):
+    """Arrays from files the workers can read, memory-mapped, never copied whole into a
+    worker: a directory of ``.npy`` files, an ``.npz`` archive, or a Parquet file."""
+
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="a directory of .npy files, an .npz file or a .parquet file, on a path "
+        "every worker can read",
+    )
+    inputs: str | list[str] = Field(
+        "x",
+        description="the inputs' array (.npy file stem or .npz member) or Parquet column; "
+        "a list of Parquet columns is stacked into one feature vector",
+    )
+    targets: str = Field("y", description="the targets' array or Parquet column")
+    val_path: str | None = Field(
+        None, max_length=4096, description="a validation set in the same layout; else split"
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="held-out share (no val_path)")
+    task: Literal["classification", "regression"] = Field(
+        "classification",
+        description="classification: cross-entropy and accuracy; regression: mean squared error",
+    )
+
+    @field_validator("inputs")
+    @classmethod
+    def _some_inputs(cls, inputs: str | list[str]) -> str | list[str]:
+        if isinstance(inputs, list) and not inputs:
+            raise ValueError("inputs: name at least one column")
+        return inputs
+
+
+def _dataset_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "factory" if "factory" in value else "file" if "path" in value else "builtin"
+    return (
+        "factory"
+        if hasattr(value, "factory")
+        else "file"
+        if hasattr(value, "path")
+        else ("builtin")
+    )
+
+
 class DatasetSpec(_Strict):
-    """Which registered dataset, and how much of it."""
+    """A built-in data set by name, and how much of it."""
 
     name: str = Field("mnist1d", description="mnist1d | digits | pystdlib-chars")
     num_samples: int | None = Field(
@@ -49,11 +169,27 @@ class DatasetSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from .datasets import DATASETS
-
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r} (known: {', '.join(sorted(DATASETS))})")
+        if name not in BUILTIN_DATASETS:
+            known = ", ".join(sorted(BUILTIN_DATASETS))
+            raise ValueError(
+                f"unknown dataset {name!r} (built-in: {known}; for your own data give "
+                f'"factory" or "path")'
+            )
         return name
+
+    def factory_spec(self, seed: int) -> FactorySpec:
+        """This data set as the factory call it stands for."""
+        kwargs = self.model_dump()
+        del kwargs["name"]
+        return FactorySpec(factory=BUILTIN_DATASETS[self.name], kwargs={**kwargs, "seed": seed})
+
+
+AnyDataset = Annotated[
+    Annotated[DatasetSpec, Tag("builtin")]
+    | Annotated[FactorySpec, Tag("factory")]
+    | Annotated[FileDatasetSpec, Tag("file")],
+    Discriminator(_dataset_kind),
+]
 
 
 class LRScheduleSpec(_Strict):
@@ -98,8 +234,44 @@ class TrainSpec(_Strict):
          "lr_scaling": {"rule": "sqrt", "base_batch_size": 1024}, "max_grad_norm": 1.0}
     """
 
-    model: str = Field("mnist1d-mlp", description="a registered model name")
-    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    code: str | None = Field(
+        None,
+        pattern=PACKAGE_PATTERN,
+        description="a code package's id (POST /v1/packages): the factories' modules are "
+        "imported from it, on the workers only",
+    )
+    requirements: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list,
+        max_length=100,
+        description="pip requirements installed for the job by Ray's runtime environment "
+        "(needs the cluster to reach a package index)",
+    )
+    model: str | FactorySpec = Field(
+        "mnist1d-mlp",
+        description="a built-in model's name, or {factory: 'module:callable', kwargs}: "
+        "callable(data, **kwargs) -> torch.nn.Module",
+    )
+    dataset: AnyDataset = Field(
+        default_factory=DatasetSpec,
+        description="a built-in data set {name}, your own {factory, kwargs} or files {path}",
+    )
+    loss: FactoryPath | None = Field(
+        None,
+        description="callable(outputs, targets) -> scalar loss tensor; default: cross-entropy "
+        "(mean squared error for a regression file data set)",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast forward and loss in bfloat16, fp32 weights, gradients "
+        "and optimizer state",
+    )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        le=32,
+        description="DataLoader worker processes per rank; default 0 for the built-in "
+        "in-memory data sets, 1 otherwise",
+    )
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="adan"))
     batch_size: int = Field(1024, ge=1, le=MAX_BATCH_SIZE, description="global batch")
     micro_batch_size: int = Field(256, ge=1, le=MAX_BATCH_SIZE, description="per worker")
@@ -134,12 +306,14 @@ class TrainSpec(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _known_model(cls, name: str) -> str:
-        from .models import MODELS
-
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
-        return name
+    def _known_model(cls, model: str | FactorySpec) -> str | FactorySpec:
+        if isinstance(model, str) and model not in BUILTIN_MODELS:
+            known = ", ".join(sorted(BUILTIN_MODELS))
+            raise ValueError(
+                f'unknown model {model!r} (built-in: {known}; for your own give {{"factory": '
+                f'"module:callable"}})'
+            )
+        return model
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSpec:
@@ -152,20 +326,39 @@ class TrainSpec(_Strict):
                 f"({self.micro_batch_size}) x num_workers ({self.num_workers}) x accumulation "
                 f"steps; nearest valid batch_size: {lower} or {upper}"
             )
+        builtin = isinstance(self.dataset, DatasetSpec)
         if self.epochs is not None:
+            if not builtin:
+                raise ValueError(
+                    "epochs needs a built-in data set, whose size is known at submit; give "
+                    "max_steps for a dataset.factory or dataset.path"
+                )
             # Rounded before the ceiling so float noise (1.1 x 900 / 99 = 10.000000000000002)
             # cannot add a step.
             exact = self.epochs * self.dataset.train_samples() / self.batch_size
             steps = math.ceil(round(exact, 9))
             self.max_steps = max(1, min(steps, 10_000_000))
-        from .models import MODELS
-
-        if self.dataset.name not in MODELS[self.model].datasets:
-            raise ValueError(
-                f"model {self.model!r} does not take dataset {self.dataset.name!r} "
-                f"(it takes: {', '.join(MODELS[self.model].datasets)})"
-            )
+        if builtin and isinstance(self.model, str):
+            takes = BUILTIN_MODELS[self.model][1]
+            if self.dataset.name not in takes:
+                raise ValueError(
+                    f"model {self.model!r} does not take dataset {self.dataset.name!r} "
+                    f"(it takes: {', '.join(takes)})"
+                )
         return self
+
+    def model_factory(self) -> FactorySpec:
+        """The model as a factory call (a built-in name stands for one of Nestor's own)."""
+        if isinstance(self.model, str):
+            return FactorySpec(factory=BUILTIN_MODELS[self.model][0])
+        return self.model
+
+    def describe(self) -> str:
+        """'mnist1d-mlp on mnist1d', 'mynet:build on mydata:load': for logs and titles."""
+        model = self.model if isinstance(self.model, str) else self.model.factory
+        d = self.dataset
+        data = d.name if isinstance(d, DatasetSpec) else getattr(d, "factory", None) or d.path
+        return f"{model} on {data}"
 
     @property
     def accumulation_steps(self) -> int:

@@ -110,11 +110,11 @@ def test_an_epoch_budget_sets_max_steps_for_every_batch_size():
 
 @pytest.mark.parametrize("dataset", [{"name": "digits"}, {"name": "mnist1d", "num_samples": 1000}])
 def test_train_samples_is_what_the_loaded_dataset_holds(dataset, nestor_home):
-    from workers.datasets import load_dataset
-    from workers.spec import DatasetSpec
+    from workers.data import load_data
 
-    spec = DatasetSpec(**dataset)
-    assert len(load_dataset(spec, seed=0).x_train) == spec.train_samples()
+    model = "digits-mlp" if dataset["name"] == "digits" else "mnist1d-mlp"
+    spec = TrainSpec(model=model, dataset=dataset, batch_size=256)
+    assert len(load_data(spec).train) == spec.dataset.train_samples()
 
 
 def test_warmup_fraction_scales_with_the_run_length():
