@@ -19,11 +19,11 @@ from prometheus_client import (
 from sqlalchemy import func, select
 
 from . import dashboard
-from .api import jobs, sweeps
+from .api import jobs, packages, sweeps
 from .auth import ensure_admin_token
 from .db import MAX_OVERFLOW, POOL_SIZE, Database, upgrade
 from .deps import UserDep
-from .guard import RequestGuard
+from .guard import BodyLimit, RequestGuard
 from .lease import Lease
 from .lease import acquire as acquire_lease
 from .models import STATUSES, Job
@@ -102,7 +102,15 @@ def create_app(
         poll_interval=settings.stream_poll_seconds,
         max_per_token=settings.max_streams_per_token,
     )
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        route_limits={
+            ("POST", "/v1/packages"): BodyLimit(
+                settings.max_package_bytes, "NESTOR_MAX_PACKAGE_BYTES"
+            )
+        },
+    )
     registry = CollectorRegistry()
     app.state.ingested = Counter(
         "nestor_metric_points_ingested", "metric points stored", registry=registry
@@ -144,5 +152,6 @@ def create_app(
 
     app.include_router(jobs.router)
     app.include_router(sweeps.router)
+    app.include_router(packages.router)
     dashboard.mount(app)
     return app

@@ -103,8 +103,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if (run_dir / "result.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out")
+    runtime_env, code_dir = None, None
+    if args.code:
+        spec, code_dir, runtime_env = _local_package(spec, args.code, run_dir)
+    elif spec.code:
+        _fail(
+            f"{args.spec}: the spec names code package {spec.code}; give --code DIR to "
+            f"train it here"
+        )
+    elif spec.requirements:
+        runtime_env = {"pip": spec.requirements}
     print(
-        f"nestor: training {spec.model} on {spec.dataset.name} with {spec.optimizer.name}, "
+        f"nestor: training {spec.describe()} with {spec.optimizer.name}, "
         f"batch {spec.batch_size} over {spec.num_workers} worker(s), ZeRO-{spec.zero_stage}; "
         f"output in {run_dir}",
         file=sys.stderr,
@@ -116,12 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.local:
             from workers.launcher import run_local
 
-            result = run_local(spec, run_dir)
+            result = run_local(spec, run_dir, code_dir)
         else:
             from workers.launcher import run_on_ray
 
             result = run_on_ray(
-                spec, run_dir, ray_address=args.ray_address, max_failures=args.max_failures
+                spec,
+                run_dir,
+                ray_address=args.ray_address,
+                max_failures=args.max_failures,
+                runtime_env=runtime_env,
             )
     except ConnectionError as e:
         _fail(str(e))
@@ -283,11 +297,47 @@ def _api_call(fn) -> int:
     return 0
 
 
+def _local_package(spec, directory: str, run_dir: Path):
+    """``nestor train --code DIR``: the same package the service would store (``DIR`` zipped,
+    what .gitignore ignores left out), as Ray's working_dir, or unpacked for --local."""
+    import zipfile
+
+    from .packages import pack_dir, package_id
+
+    if not Path(directory).is_dir():
+        _fail(f"--code {directory}: not a directory")
+    data = pack_dir(Path(directory))
+    spec = spec.model_copy(update={"code": package_id(data)})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    archive = run_dir / "code.zip"
+    archive.write_bytes(data)
+    code_dir = run_dir / "code"
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(code_dir)
+    env: dict[str, Any] = {"working_dir": str(archive)}
+    if spec.requirements:
+        env["pip"] = spec.requirements
+    return spec, str(code_dir), env
+
+
+def _with_code(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with ``code`` set to DIR's package, uploaded unless the service has it."""
+    if not getattr(args, "code", None):
+        return spec
+    if not Path(args.code).is_dir():
+        _fail(f"--code {args.code}: not a directory")
+    package = _client(args).ensure_package(Path(args.code))
+    print(f"nestor: code package {package}", file=sys.stderr)
+    return {**spec, "code": package}
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = load_spec_file(args.spec)
     name = args.name or Path(args.spec).stem
     return _api_call(
-        lambda: _client(args).submit(spec.model_dump(mode="json"), name, args.priority)
+        lambda: _client(args).submit(
+            _with_code(args, spec.model_dump(mode="json")), name, args.priority
+        )
     )
 
 
@@ -326,7 +376,13 @@ def optimizer_label(spec: dict[str, Any]) -> str:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     body = read_json_object(args.file, "sweep")
-    return _api_call(lambda: _client(args).sweep(body))
+
+    def create() -> dict:
+        if args.code:  # one package for every trial
+            body["base"] = _with_code(args, body.get("base") or {})
+        return _client(args).sweep(body)
+
+    return _api_call(create)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
         "last (default: a private local Ray for this run)",
     )
     train.add_argument("--out", help="run directory (default: NESTOR_HOME/runs/NAME-TIME)")
+    train.add_argument(
+        "--code",
+        metavar="DIR",
+        help="your project directory, importable by the spec's factories (zipped as "
+        "`nestor submit --code` would, and shipped as Ray's working_dir)",
+    )
     train.add_argument(
         "--max-failures",
         type=int,
@@ -391,12 +453,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", help="service URL (default NESTOR_URL or 127.0.0.1:8000)")
         p.add_argument("--token", help="API token (default NESTOR_TOKEN or the admin file)")
+        code_help = (
+            "your project directory: zipped (.git, .venv, __pycache__ and what .gitignore "
+            "ignores left out), uploaded once, and named as the spec's code package"
+        )
         if name == "submit":
             p.add_argument("spec")
             p.add_argument("--name")
             p.add_argument("--priority", type=int, default=0)
+            p.add_argument("--code", metavar="DIR", help=code_help)
         elif name == "sweep":
             p.add_argument("file", help="sweep JSON (see examples/)")
+            p.add_argument("--code", metavar="DIR", help=code_help + " (shared by every trial)")
         elif name == "jobs":
             p.add_argument("--status")
             p.add_argument("--sweep", type=int)

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from .packages import pack_dir, package_id
+
 
 class NestorError(RuntimeError):
     """An API error: the HTTP status and the service's ``detail``."""
@@ -95,6 +97,32 @@ class Client:
 
     def cancel_sweep(self, sweep_id: int) -> dict:
         return self._call("POST", f"/v1/sweeps/{sweep_id}/cancel")
+
+    def upload_package(self, data: bytes) -> dict:
+        """Upload a zip (`service.packages.pack_dir`); returns {id, size, files, created_at}.
+        The same bytes are stored once."""
+        return self._call(
+            "POST", "/v1/packages", content=data, headers={"Content-Type": "application/zip"}
+        )
+
+    def package(self, pkg_id: str) -> dict:
+        return self._call("GET", f"/v1/packages/{pkg_id}")
+
+    def ensure_package(self, directory: str | Path) -> str:
+        """Pack ``directory`` (skipping .git, .venv, __pycache__ and what .gitignore
+        ignores) and upload it unless the service already has these bytes; returns the
+        package id for a spec's ``code``."""
+        data = pack_dir(Path(directory))
+        pkg_id = package_id(data)
+        try:
+            self.package(pkg_id)
+        except NestorError as e:
+            if e.status != 404:
+                raise
+            stored = self.upload_package(data)["id"]
+            if stored != pkg_id:
+                raise RuntimeError(f"uploaded {pkg_id} but the service stored {stored}") from None
+        return pkg_id
 
     def wait(self, job_id: int, timeout: float = 3600, poll: float = 1.0) -> dict:
         """Poll until the job ends; returns the job."""

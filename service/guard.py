@@ -4,9 +4,13 @@ missing or false Content-Length (chunked uploads) lets a client grow the server'
 
 FastAPI's own ``max_body_size`` counts bytes too, but answers in plain text and only after an
 unauthenticated caller's body has started to arrive; this answers JSON like every other error.
+One limit holds for every body (NESTOR_MAX_BODY_BYTES) but those of the routes given their
+own (code package uploads: NESTOR_MAX_PACKAGE_BYTES).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import anyio
 from fastapi import HTTPException
@@ -17,22 +21,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .deps import authenticate
 
 
+class BodyLimit(NamedTuple):
+    size: int
+    setting: str  # the environment variable that sets it, named in the 413
+
+
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body over {limit} bytes (NESTOR_MAX_BODY_BYTES)")
+    def __init__(self, limit: BodyLimit) -> None:
+        super().__init__(413, f"request body over {limit.size} bytes ({limit.setting})")
 
 
 class RequestGuard:
     """Pure ASGI middleware (streams pass through untouched)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        route_limits: dict[tuple[str, str], BodyLimit] | None = None,
+    ) -> None:
+        """``route_limits``: (method, path) -> the limit of that route's bodies instead."""
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.limit = BodyLimit(max_body_bytes, "NESTOR_MAX_BODY_BYTES")
+        self.route_limits = route_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not _has_body(scope):
             return await self.app(scope, receive, send)
-        limit = self.max_body_bytes
+        limit = self.route_limits.get((scope["method"], scope["path"]), self.limit)
         request = Request(scope)
         length = request.headers.get("content-length")
         try:
@@ -40,7 +56,7 @@ class RequestGuard:
             token = await anyio.to_thread.run_sync(
                 authenticate, request, request.headers.get("authorization")
             )
-            if length is not None and int(length) > limit:
+            if length is not None and int(length) > limit.size:
                 raise BodyTooLarge(limit)
         except HTTPException as e:
             return await _error(e, scope, send)
@@ -54,7 +70,7 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
+                if received > limit.size:
                     raise BodyTooLarge(limit)  # FastAPI re-raises HTTPExceptions from here
             return message
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -118,3 +119,15 @@ class ApiToken(Base):
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Package(Base):
+    """A code package: a zip stored once under its content's hash (HOME/packages/<hex>.zip),
+    checked at upload and never imported by the service."""
+
+    __tablename__ = "packages"
+
+    id: Mapped[str] = mapped_column(String(71), primary_key=True)  # "sha256:" and 64 hex
+    size: Mapped[int] = mapped_column(BigInteger)  # the archive's bytes
+    files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, size}], by name
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -8,6 +8,7 @@ Submission goes through Ray's SDK, which also packages runtime environments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -50,9 +51,11 @@ class RayJobs:
         if r.status_code not in (200, 404):
             raise RayUnavailable(f"stopping {submission_id}: Ray answered {r.status_code}")
 
-    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> bool:
+    def submit(self, submission_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> bool:
         """Submit unless Ray already has this submission (a launch that reached Ray before a
-        crash is adopted, not repeated). True if it was submitted now."""
+        crash is adopted, not repeated). True if it was submitted now. ``runtime_env``
+        (env_vars, a code package's zip as working_dir, pip) is uploaded and set up by Ray
+        on every node the job runs on."""
         if self.get(submission_id) is not None:
             return False
         if self._sdk is None:
@@ -62,6 +65,6 @@ class RayJobs:
         self._sdk.submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id,
-            runtime_env={"env_vars": env_vars},
+            runtime_env=runtime_env,
         )
         return True

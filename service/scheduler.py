@@ -29,6 +29,7 @@ from .capacity import Capacity, Resources, demand, shortfall
 from .db import Database
 from .jobs import transition
 from .models import TERMINAL, Event, Job, Sweep
+from .packages import ray_working_dir
 from .ray_cluster import RayCluster
 from .ray_jobs import RayJobs
 from .settings import Settings
@@ -48,6 +49,18 @@ def submission_id(job: Job) -> str:
     if created.tzinfo is not None:  # PostgreSQL answers in the session's time zone
         created = created.astimezone(UTC).replace(tzinfo=None)
     return f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
+
+
+def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Ray's runtime environment for a job: Nestor's home for the workers, the job's code
+    package as its working directory (Ray uploads the stored zip to the cluster and unpacks
+    it on every node, so no node needs a shared code directory), its pip requirements."""
+    env: dict[str, Any] = {"env_vars": {"NESTOR_HOME": str(settings.home_dir)}}
+    if spec.get("code"):
+        env["working_dir"] = str(ray_working_dir(settings.packages_dir, spec["code"]))
+    if spec.get("requirements"):
+        env["pip"] = list(spec["requirements"])
+    return env
 
 
 def each(db: Session, jobs: Iterable[Job], what: str, fn: Callable[[Job], None]) -> None:
@@ -406,9 +419,12 @@ class Scheduler:
             ]
         )
         try:
-            submitted = self.ray.submit(
-                sid, entrypoint, {"NESTOR_HOME": str(self.settings.home_dir)}
-            )
+            runtime_env = job_runtime_env(job.spec, self.settings)
+        except FileNotFoundError as e:
+            transition(db, job, "failed", str(e))
+            return False
+        try:
+            submitted = self.ray.submit(sid, entrypoint, runtime_env)
         except Exception:
             # Not on Ray: back to the queue (unless a cancel came in meanwhile).
             db.execute(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from workers import TrainSpec
+
+from .packages import ID_EXAMPLE
 
 
 def finite_json(value: Any, path: str = "") -> Any:
@@ -112,3 +114,27 @@ class MetricBatch(BaseModel):
 
 class IngestResult(BaseModel):
     accepted: int
+
+
+def as_utc(value: datetime) -> datetime:
+    """An aware UTC time, whatever the database gave back (SQLite drops the zone)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class PackageFile(BaseModel):
+    name: str = Field(description="path inside the package, relative to its root")
+    size: int = Field(description="bytes, uncompressed")
+
+
+class PackagePublic(BaseModel):
+    """A stored code package (POST /v1/packages)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="sha256 of the archive's bytes", examples=[ID_EXAMPLE])
+    size: int = Field(description="the archive's bytes")
+    files: list[PackageFile]
+    created_at: UtcDatetime

@@ -31,6 +31,18 @@ class Settings(BaseSettings):
         None, description="URL workers use to reach the API; default http://HOST:PORT"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size limit")
+    max_package_bytes: int = Field(
+        100 << 20, ge=1024, description="code package upload limit (POST /v1/packages)"
+    )
+    max_package_entries: int = Field(
+        10_000, ge=1, le=65_535, description="files and directories in one code package"
+    )
+    max_package_unpacked_bytes: int = Field(
+        1 << 30,
+        ge=1024,
+        le=(1 << 32) - 1,
+        description="a code package's files together, uncompressed",
+    )
     max_streams_per_token: int = Field(
         32, ge=1, le=100_000, description="live event streams one token may hold open"
     )
@@ -62,6 +74,10 @@ class Settings(BaseSettings):
     @property
     def optuna_db_url(self) -> str:
         return self.optuna_url or f"sqlite:///{self.home_dir / 'optuna.db'}"
+
+    @property
+    def packages_dir(self) -> Path:
+        return self.home_dir / "packages"
 
     @property
     def run_root(self) -> Path:

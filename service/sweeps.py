@@ -17,6 +17,7 @@ from workers import TrainSpec
 from .capacity import Capacity, refusal
 from .jobs import cancel_job, create_job
 from .models import TERMINAL, Event, Job, Sweep, utcnow
+from .packages import missing_package
 from .schemas import JsonObject
 
 
@@ -171,12 +172,19 @@ def expand(sweep: SweepCreate) -> list[tuple[dict[str, Any], TrainSpec]]:
 
 def create_sweep(db: Session, sweep: SweepCreate, capacity: Capacity | None = None) -> Sweep:
     """Store the sweep and queue its trials, or raise SweepError for the first trial that is
-    invalid or can never run on a fixed cluster (nothing is stored then)."""
+    invalid, can never run on a fixed cluster or names a code package that is not stored
+    (nothing is stored then)."""
     trials = expand(sweep)
+    stored: set[str] = set()
     for varied, spec in trials:
         refused = refusal(spec.model_dump(mode="json"), capacity)
         if refused is not None:
             raise SweepError(varied, [{"loc": [refused[0]], "msg": refused[1]}])
+        if spec.code is not None and spec.code not in stored:
+            missing = missing_package(db, spec.code)
+            if missing is not None:
+                raise SweepError(varied, [{"loc": ["code"], "msg": missing}])
+            stored.add(spec.code)
     row = Sweep(
         name=sweep.name,
         status="running",

@@ -13,6 +13,7 @@ from ..deps import CapacityDep, SessionDep, TokenDep, UserDep
 from ..downsample import query_series
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric
+from ..packages import missing_package
 from ..schemas import (
     NAME_MAX,
     EventPublic,
@@ -59,13 +60,24 @@ def refuse_unfit(capacity: Capacity | None, spec: dict, loc: list[str | int]) ->
         )
 
 
+def refuse_missing_code(db: Session, spec: dict, loc: list[str | int]) -> None:
+    """422 naming ``code`` when the spec's code package is not stored."""
+    missing = missing_package(db, spec.get("code"))
+    if missing is not None:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": [*loc, "code"], "msg": missing, "type": "value_error"}],
+        )
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
 def submit(body: JobCreate, db: SessionDep, _: UserDep, capacity: CapacityDep) -> Job:
     """Queue a training job. The spec is validated (422 names the field) and stored as is;
     a job the cluster can never run (more workers than it has CPUs, GPUs it lacks) is
-    refused when the cluster cannot grow."""
+    refused when the cluster cannot grow, and so is one whose code package is not stored."""
     spec = body.spec.model_dump(mode="json")
     refuse_unfit(capacity, spec, ["body", "spec"])
+    refuse_missing_code(db, spec, ["body", "spec"])
     return create_job(db, body.name, spec, body.priority)
 
 
@@ -113,6 +125,7 @@ def retry(job_id: JobId, db: SessionDep, _: UserDep, capacity: CapacityDep) -> J
     """A new queued job with the same spec."""
     job = get_job(db, job_id)
     refuse_unfit(capacity, job.spec, ["spec"])
+    refuse_missing_code(db, job.spec, ["spec"])
     suffix = f" (retry of {job.id})"
     name = job.name[: NAME_MAX - len(suffix)] + suffix
     return create_job(db, name, job.spec, job.priority, sweep_id=job.sweep_id)

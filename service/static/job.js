@@ -14,10 +14,18 @@ const LIVE = new Set(["queued", "running"]);
 
 const jobId = Number(location.pathname.split("/").pop());
 
+// A built-in's name, a factory's import path, or a file data set's path.
+const factoryLabel = (v) => (typeof v === "string" ? v : v.name || v.factory || v.path);
+
 function specSummary(job) {
   const s = job.spec;
+  const code = [
+    ...(s.code ? [["code", s.code.slice(0, 19)]] : []),
+    ...(s.precision && s.precision !== "fp32" ? [["precision", s.precision]] : []),
+  ];
   return el("dl", { class: "summary" },
-    ...[["model", s.model], ["dataset", s.dataset.name], ["optimizer", optimizerLabel(s)],
+    ...[["model", factoryLabel(s.model)], ["dataset", factoryLabel(s.dataset)], ...code,
+      ["optimizer", optimizerLabel(s)],
       ["lr", fmt(s.optimizer.lr)], ["batch size", s.batch_size], ["workers", s.num_workers],
       ["ZeRO stage", s.zero_stage], ["steps", `${job.last_step} / ${s.max_steps}`],
       ["started", fmtTime(job.started_at)], ["finished", fmtTime(job.finished_at)]]
