@@ -30,7 +30,9 @@ Nestor's service; your code needs only torch (and this module, if you use its cl
 
 from __future__ import annotations
 
+import contextlib
 import mmap
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -59,13 +61,18 @@ class ArrayDataset:
     """Inputs and targets as two arrays of equal length: torch tensors, numpy arrays, or
     memory-mapped numpy arrays (``np.load(path, mmap_mode="r")``) bigger than memory.
 
-    ``batch(indices)`` reads the rows in one indexing operation. A memory-mapped array is
-    read in ascending row order, and its pages are handed back to the page cache as they
-    accumulate (``MADV_DONTNEED``), so a worker's memory stays the size of a few batches
-    however large the file.
+    ``batch(indices)`` reads the rows in one indexing operation. A memory-mapped array's
+    rows are read with ``pread`` from its file, in ascending order, not through the mapping:
+    a random row read through a mapping costs a page fault, the kernel maps up to 64 KiB
+    around each one, and those pages count in the worker's resident memory until they are
+    unmapped. Measured on 8,192 random rows of 160 bytes out of 2 GB (in the page cache):
+    the mapping, unmapped after each batch to bound memory, 44-47 ms; ``pread``, 10 ms and
+    no growth at all; the same rows from a tensor in memory, 1.4-2 ms. An array of at most
+    ``MAPPED_BYTES`` (the targets, typically) is read through its mapping, where all of it
+    may stay resident: one syscall per row would cost more than it saves.
     """
 
-    RELEASE_BYTES = 64 << 20  # pages read before they are handed back
+    MAPPED_BYTES = 256 << 20
 
     def __init__(self, inputs: Any, targets: Any, start: int = 0, stop: int | None = None):
         if len(inputs) != len(targets):
@@ -73,7 +80,7 @@ class ArrayDataset:
         self.inputs, self.targets = inputs, targets
         self.start = start
         self.stop = len(inputs) if stop is None else stop
-        self._read = 0
+        self._files: dict[str, int] = {}
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -94,24 +101,76 @@ class ArrayDataset:
 
     def batch(self, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``indices`` (positions in this view) as two tensors, in the order given."""
-        rows = np.asarray(indices, dtype=np.int64) + self.start
+        rows = np.asarray(indices, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows outside [0, {len(self)})")
+        rows = rows + self.start
         return self._take(self.inputs, rows), self._take(self.targets, rows)
 
     def _take(self, array: Any, rows: np.ndarray) -> torch.Tensor:
         if isinstance(array, torch.Tensor):
             return array[torch.from_numpy(rows)]
-        if not isinstance(array, np.memmap):
-            return torch.from_numpy(np.ascontiguousarray(array[rows]))
-        order = np.argsort(rows, kind="stable")
+        if (
+            isinstance(array, np.memmap)
+            and array.filename
+            and array.flags.c_contiguous
+            and array.nbytes > self.MAPPED_BYTES
+        ):
+            return torch.from_numpy(self._pread(array, rows))
+        if isinstance(array, np.memmap):
+            order = np.argsort(rows, kind="stable")  # forwards through the file
+            out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+            out[order] = array[rows[order]]
+            return torch.from_numpy(out)
+        return torch.from_numpy(np.ascontiguousarray(array[rows]))
+
+    def _pread(self, array: np.memmap, rows: np.ndarray) -> np.ndarray:
+        fd = self._files.get(array.filename)
+        if fd is None:
+            fd = self._files[array.filename] = os.open(array.filename, os.O_RDONLY)
+        width = array.itemsize * (array.size // max(1, len(array)))
+        order = np.argsort(rows, kind="stable")  # forwards through the file
+        pread = os.pread  # one call per row: this loop is the whole cost (10 ms per 8,192)
+        data = b"".join(
+            [pread(fd, width, o) for o in (rows[order] * width + array.offset).tolist()]
+        )
+        if len(data) != width * len(rows):
+            raise OSError(f"{array.filename}: short read (is the file still being written?)")
         out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
-        out[order] = array[rows[order]]  # ascending reads: the file is read forwards
-        self._read += out.nbytes
-        if self._read >= self.RELEASE_BYTES:
-            self._read = 0
-            for a in (self.inputs, self.targets):
-                if isinstance(a, np.memmap) and a._mmap is not None:
-                    a._mmap.madvise(mmap.MADV_DONTNEED)
-        return torch.from_numpy(out)
+        out[order] = np.frombuffer(data, dtype=array.dtype).reshape(out.shape)
+        return out
+
+    def release(self) -> None:
+        """Hand the pages a read through the mapping left resident back to the page cache."""
+        for a in (self.inputs, self.targets):
+            if isinstance(a, np.memmap) and a._mmap is not None:
+                a._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A memory-mapped array would pickle as a copy of the whole file (a DataLoader
+        # started with "spawn" pickles its data set): send where it is instead.
+        state = {**self.__dict__, "_files": {}}
+        for name in ("inputs", "targets"):
+            a = state[name]
+            if isinstance(a, np.memmap) and a.filename:
+                order = "C" if a.flags.c_contiguous else "F"
+                state[name] = ("memmap", a.filename, a.dtype.str, a.shape, a.offset, order)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("inputs", "targets"):
+            a = state[name]
+            if isinstance(a, tuple) and a and a[0] == "memmap":
+                _, filename, dtype, shape, offset, order = a
+                state[name] = np.memmap(
+                    filename, np.dtype(dtype), "r", offset=offset, shape=shape, order=order
+                )
+        self.__dict__.update(state)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def as_data(value: Any, where: str) -> Data:

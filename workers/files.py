@@ -153,11 +153,12 @@ def _stack(batch, columns: list[str]) -> np.ndarray:
     return np.stack([batch.column(c).to_numpy(zero_copy_only=False) for c in columns], axis=1)
 
 
-def _max_label(ds: ArrayDataset, chunk: int = 1 << 20) -> int:
+def _max_label(ds: ArrayDataset, chunk: int = 1 << 22) -> int:
+    """The largest target, read in chunks (the targets alone, never the inputs)."""
     best = -1
-    for lo in range(0, len(ds), chunk):
-        hi = min(len(ds), lo + chunk)
-        best = max(best, int(ds.batch(np.arange(lo, hi))[1].max()))
+    for lo in range(ds.start, ds.stop, chunk):
+        best = max(best, int(np.asarray(ds.targets[lo : min(ds.stop, lo + chunk)]).max()))
+        ds.release()
     return best
 
 
