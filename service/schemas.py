@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from workers import TrainSpec
+from workers.spec import finite_json
 
 from .packages import ID_EXAMPLE
-
-
-def finite_json(value: Any, path: str = "") -> Any:
-    """``value`` unchanged if every number in it is finite (JSON has no NaN or infinity, and
-    PostgreSQL refuses to store them; Python's parser reads 1e999 as infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path or 'value'}: {value} is not a finite number")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            finite_json(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            finite_json(v, f"{path}[{i}]")
-    return value
-
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(finite_json)]
 

@@ -50,16 +50,17 @@ FACTORY_PATTERN = rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$"
 PACKAGE_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
-def _finite(value: Any, path: str = "kwargs") -> Any:
-    """``value`` unchanged if every number in it is finite (JSON has no NaN or infinity)."""
+def finite_json(value: Any, path: str = "") -> Any:
+    """``value`` unchanged if every number in it is finite (JSON has no NaN or infinity, and
+    PostgreSQL refuses to store them; Python's parser reads 1e999 as infinity)."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path}: {value} is not a finite number")
+        raise ValueError(f"{path or 'value'}: {value} is not a finite number")
     if isinstance(value, dict):
         for k, v in value.items():
-            _finite(v, f"{path}.{k}")
+            finite_json(v, f"{path}.{k}" if path else str(k))
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _finite(v, f"{path}[{i}]")
+            finite_json(v, f"{path}[{i}]")
     return value
 
 
@@ -72,7 +73,7 @@ def _import_path(value: str) -> str:
     return value
 
 
-Kwargs = Annotated[dict[str, Any], AfterValidator(_finite)]
+Kwargs = Annotated[dict[str, Any], AfterValidator(lambda v: finite_json(v, "kwargs"))]
 FactoryPath = Annotated[
     str,
     AfterValidator(_import_path),
