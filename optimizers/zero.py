@@ -734,6 +734,8 @@ class ZeroOptimizer(Optimizer):
                     gathered.chunk(self.world_size)[self.rank].copy_(local)
                     for work in self._all_gather(gathered):
                         work.wait()
+                if self.rank != 0:  # only rank 0 keeps the whole state
+                    continue
                 for seg in b.segments:
                     p = self.params[seg.index]
                     start = seg.offset - b.start
@@ -765,6 +767,58 @@ class ZeroOptimizer(Optimizer):
         if isinstance(self.inner, Lookahead):
             out["lookahead_step"] = self.inner.lookahead_step
         return out
+
+    @torch.no_grad()
+    def load_consolidated_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a plain optimizer's state dict (``consolidated_state_dict()``, or the plain
+        optimizer's own ``state_dict()`` over the same parameters), each rank taking the
+        slices of its shards, at any world size and stage. The per-parameter state and step
+        counts are loaded; the hyperparameters stay this optimizer's. Not a collective."""
+        groups = state_dict.get("param_groups")
+        saved = state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(saved, Mapping):
+            raise ValueError("not an optimizer state dict (it has no 'state' and 'param_groups')")
+        order = [i for group in self._plain_groups for i in group]
+        positions = [pos for g in groups for pos in g.get("params", [])]
+        if len(positions) != len(order):
+            raise ValueError(
+                f"the optimizer state holds {len(positions)} parameters, this model has "
+                f"{len(order)}"
+            )
+        pairs = zip(order, positions, strict=True)
+        by_index = {i: saved.get(pos, saved.get(str(pos), {})) for i, pos in pairs}
+        scalars: dict[str, Any] = {}
+        for i, entry in by_index.items():
+            p = self.params[i]
+            for key, v in entry.items():
+                if isinstance(v, Tensor) and v.ndim > 0:
+                    if v.numel() != p.numel():
+                        raise ValueError(
+                            f"optimizer state {key!r} of parameter {self.names[i]!r} has shape "
+                            f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}"
+                        )
+                else:
+                    scalars.setdefault(key, v)
+        tensor_keys = sorted(
+            {k for e in by_index.values() for k, v in e.items() if isinstance(v, Tensor) and v.ndim}
+        )
+        new_state: dict[int, dict[str, Any]] = {}
+        for k, (c, bi, shard) in enumerate(self._shard_entries()):
+            entry: dict[str, Any] = {
+                key: v.clone() if isinstance(v, Tensor) else v for key, v in scalars.items()
+            }
+            entry.update({key: torch.zeros_like(shard) for key in tensor_keys})  # padding: 0
+            pieces = c.buckets[bi].pieces(self._plan_rank, self._plan_world)
+            for i, at, start, length in pieces:
+                for key in tensor_keys:
+                    if key not in by_index[i]:
+                        raise ValueError(f"parameter {self.names[i]!r} has no {key!r} state")
+                    src = by_index[i][key].reshape(-1)[start : start + length]
+                    entry[key][at : at + length] = src.to(device=shard.device, dtype=shard.dtype)
+            new_state[k] = entry
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.inner.param_groups]
+        lookahead_step = state_dict.get("lookahead_step")
+        self._load_inner(new_state, hyper, lookahead_step if lookahead_step is not None else None)
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state over this rank's shards (rank-local; use

@@ -19,7 +19,7 @@ from prometheus_client import (
 from sqlalchemy import func, select
 
 from . import dashboard
-from .api import jobs, packages, sweeps
+from .api import jobs, outputs, packages, sweeps
 from .auth import ensure_admin_token
 from .db import MAX_OVERFLOW, POOL_SIZE, Database, upgrade
 from .deps import UserDep
@@ -29,6 +29,7 @@ from .lease import acquire as acquire_lease
 from .models import STATUSES, Job
 from .ray_cluster import RayCluster
 from .settings import Settings
+from .storage import RunStorage
 from .streams import StreamHub
 
 
@@ -97,6 +98,8 @@ def create_app(
     app.state.settings = settings
     app.state.db = Database(settings.db_url)
     app.state.scheduler = None
+    app.state.storage = RunStorage(settings.run_root)
+    app.state.signing_key = outputs.signing_key(settings.home_dir)
     app.state.streams = StreamHub(
         app.state.db.sessions,
         poll_interval=settings.stream_poll_seconds,
@@ -151,6 +154,7 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(jobs.router)
+    app.include_router(outputs.router)
     app.include_router(sweeps.router)
     app.include_router(packages.router)
     dashboard.mount(app)

@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 spec,
                 run_dir,
                 ray_address=args.ray_address,
-                max_failures=args.max_failures,
+                max_failures=spec.max_restarts if args.max_failures is None else args.max_failures,
                 runtime_env=runtime_env,
             )
     except ConnectionError as e:
@@ -369,6 +369,78 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _api_call(lambda: _client(args).cancel(args.id))
 
 
+def _api_errors(fn):
+    """Run ``fn()``; an API or connection error is a one-line message and exit status 1."""
+    from .client import NestorError
+
+    try:
+        return fn()
+    except NestorError as e:
+        _fail(f"{e.status}: {json.dumps(e.detail)}")
+    except OSError as e:
+        _fail(f"cannot reach the Nestor service: {e}")
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the job's log; with -f, follow it until the job ends."""
+    client = _client(args)
+
+    def show(page: dict) -> None:
+        if page.get("notice"):
+            print(page["notice"], file=sys.stderr)
+        for line in page["lines"]:
+            print(line)
+        sys.stdout.flush()
+
+    def run() -> int:
+        if args.follow:
+            for page in client.follow_logs(args.id, args.since):
+                show(page)
+            return 0
+        since = args.since
+        while True:
+            page = client.logs(args.id, since, 5000)
+            show(page)
+            if page["next"] == since or len(page["lines"]) < 5000:
+                return 0
+            since = page["next"]
+
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        return _api_errors(run)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download a job's artifacts (default: the final state and files; --step N: that
+    checkpoint's model and optimizer state) with a progress bar."""
+    from tqdm import tqdm
+
+    client = _client(args)
+    listing = _api_errors(lambda: client.artifacts(args.id))
+    if listing.get("deleted_at"):
+        _fail(f"job {args.id}'s artifacts were deleted at {listing['deleted_at']}")
+    wanted = [
+        a
+        for a in listing["data"]
+        if (a["name"] in args.name if args.name else a["step"] == args.step)
+    ]
+    if not wanted:
+        have = ", ".join(a["name"] for a in listing["data"]) or "none yet"
+        _fail(f"job {args.id} has no such artifact (it has: {have})")
+    out = Path(args.out or f"job-{args.id}")
+    out.mkdir(parents=True, exist_ok=True)
+    for a in wanted:
+        with tqdm(total=a["size"], unit="B", unit_scale=True, desc=a["name"], leave=True) as bar:
+
+            def progress(done: int, total: int, bar=bar) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            path = _api_errors(lambda a=a, p=progress: client.download(args.id, a["name"], out, p))
+        print(f"{path}  sha256 {a['sha256']}", file=sys.stderr)
+    return 0
+
+
 def optimizer_label(spec: dict[str, Any]) -> str:
     opt = spec["optimizer"]
     return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
@@ -407,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max-failures",
         type=int,
-        default=3,
-        help="worker-group restarts from the latest checkpoint",
+        default=None,
+        help="worker-group restarts from the latest checkpoint (default: the spec's max_restarts)",
     )
     train.add_argument(
         "--local", action="store_true", help="local processes instead of Ray (debugging)"
@@ -449,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", cmd_show, "show one job"),
         ("cancel", cmd_cancel, "cancel a job"),
         ("sweep", cmd_sweep, "create a sweep from a JSON file"),
+        ("logs", cmd_logs, "print a job's log (-f: follow it while it runs)"),
+        ("download", cmd_download, "download a job's model, optimizer state and files"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", help="service URL (default NESTOR_URL or 127.0.0.1:8000)")
@@ -468,6 +542,15 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "jobs":
             p.add_argument("--status")
             p.add_argument("--sweep", type=int)
+        elif name == "logs":
+            p.add_argument("id", type=int)
+            p.add_argument("-f", "--follow", action="store_true", help="stream until it ends")
+            p.add_argument("--since", type=int, default=0, help="the first line to show")
+        elif name == "download":
+            p.add_argument("id", type=int)
+            p.add_argument("--out", help="directory (default: ./job-ID)")
+            p.add_argument("--step", type=int, help="a checkpoint's model and optimizer state")
+            p.add_argument("--name", action="append", help="one artifact by name (repeatable)")
         else:
             p.add_argument("id", type=int)
         p.set_defaults(func=fn)

@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,96 @@ class Client:
             if stored != pkg_id:
                 raise RuntimeError(f"uploaded {pkg_id} but the service stored {stored}") from None
         return pkg_id
+
+    # ------------------------------------------------------------------ outputs
+    def logs(self, job_id: int, since: int = 0, limit: int = 1000) -> dict:
+        """One page of the job's log: {"lines", "first", "next", "dropped", "notice",
+        "running"}; pass ``next`` as ``since`` for the next page."""
+        return self._call("GET", f"/v1/jobs/{job_id}/logs", params={"since": since, "limit": limit})
+
+    def follow_logs(self, job_id: int, since: int = 0) -> Iterator[dict]:
+        """The job's log pages as they are written, until the job has ended (a server-sent
+        event stream; reconnects where it stopped if the connection drops)."""
+        while True:
+            try:
+                with self._http.stream(
+                    "GET",
+                    f"/v1/jobs/{job_id}/logs",
+                    params={"follow": "true", "since": since},
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(since)},
+                    timeout=httpx.Timeout(self._http.timeout.connect, read=120.0),
+                ) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise NestorError(resp.status_code, resp.json().get("detail"))
+                    event = None
+                    for line in resp.iter_lines():
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data = json.loads(line[5:])
+                            if event == "end":
+                                return
+                            since = data["next"]
+                            yield data
+                return
+            except (httpx.RemoteProtocolError, httpx.ReadTimeout, httpx.ConnectError):
+                time.sleep(1.0)  # the service restarted or the connection dropped
+
+    def artifacts(self, job_id: int) -> dict:
+        """The job's artifacts: {"data": [{"name", "size", "sha256", "step", "url"}], ...}."""
+        return self._call("GET", f"/v1/jobs/{job_id}/artifacts")
+
+    def download(
+        self,
+        job_id: int,
+        name: str,
+        out: str | os.PathLike[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Path:
+        """Download one artifact to ``out`` (a directory or a file path), resuming a partial
+        ``.part`` file with a Range request; the SHA-256 is checked. ``progress(done, total)``
+        is called as bytes arrive. Returns the file's path."""
+        dest = Path(out)
+        if dest.is_dir():
+            dest = dest / name
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self._http.stream(
+            "GET", f"/v1/jobs/{job_id}/artifacts/{name}", headers=headers
+        ) as resp:
+            if resp.status_code >= 400 and resp.status_code != 416:
+                resp.read()
+                try:
+                    detail = resp.json().get("detail")
+                except ValueError:
+                    detail = resp.text
+                raise NestorError(resp.status_code, detail)
+            if resp.status_code != 206:  # the whole file (a fresh start, or no range support)
+                have = 0
+            total = have + int(resp.headers.get("content-length", 0))
+            expected = resp.headers.get("x-checksum-sha256")
+            with open(part, "ab" if have else "wb") as f:
+                for chunk in resp.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if progress:
+                        progress(have, total)
+        if expected:
+            h = hashlib.sha256()
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if h.hexdigest() != expected:
+                part.unlink()
+                raise RuntimeError(f"{name}: checksum mismatch (got {h.hexdigest()})")
+        os.replace(part, dest)
+        return dest
+
+    def delete_artifacts(self, job_id: int) -> dict:
+        """Free a finished job's stored model, optimizer state and checkpoints."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}/artifacts")
 
     def wait(self, job_id: int, timeout: float = 3600, poll: float = 1.0) -> dict:
         """Poll until the job ends; returns the job."""

@@ -4,6 +4,7 @@ create_all."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -67,8 +68,14 @@ class Job(Base):
     stop_reason: Mapped[str | None] = mapped_column(Text)  # set when stopped early
     pending_reason: Mapped[str | None] = mapped_column(Text)  # why a queued job waits
     last_step: Mapped[int] = mapped_column(Integer, default=0)
+    # When DELETE .../artifacts freed the run's storage (its log is kept).
+    artifacts_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)
+
+    @property
+    def run_dir_path(self) -> Path:
+        return Path(self.run_dir or "")
 
 
 class Metric(Base):

@@ -40,12 +40,13 @@ def prepare(root: Path, job_id: int, submission_id: str, spec: dict[str, Any]) -
                 "refusing to start in it"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write(run_dir / OWNER_FILE, {"job_id": job_id, "submission_id": submission_id})
-    _write(run_dir / "spec.json", spec)
+    write_json(run_dir / OWNER_FILE, {"job_id": job_id, "submission_id": submission_id})
+    write_json(run_dir / "spec.json", spec)
     return run_dir
 
 
-def _write(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(value))
     os.replace(tmp, path)

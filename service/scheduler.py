@@ -33,6 +33,7 @@ from .packages import ray_working_dir
 from .ray_cluster import RayCluster
 from .ray_jobs import RayJobs
 from .settings import Settings
+from .storage import RunStorage, init_files
 from .sweeps import update_sweep_status
 
 log = logging.getLogger("nestor.scheduler")
@@ -55,7 +56,12 @@ def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Ray's runtime environment for a job: Nestor's home for the workers, the job's code
     package as its working directory (Ray uploads the stored zip to the cluster and unpacks
     it on every node, so no node needs a shared code directory), its pip requirements."""
-    env: dict[str, Any] = {"env_vars": {"NESTOR_HOME": str(settings.home_dir)}}
+    env: dict[str, Any] = {
+        "env_vars": {
+            "NESTOR_HOME": str(settings.home_dir),
+            "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
+        }
+    }
     if spec.get("code"):
         env["working_dir"] = str(ray_working_dir(settings.packages_dir, spec["code"]))
     if spec.get("requirements"):
@@ -111,6 +117,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.ray: RayJobs | None = None
         self._capacity: tuple[float, Capacity] | None = None
+        self.storage = RunStorage(settings.run_root)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -216,8 +223,8 @@ class Scheduler:
             else:
                 self._finish(db, job, "failed", result.get("error") or "no result")
         elif state == "FAILED":
-            result = self._result(job)
-            self._finish(db, job, "failed", result.get("error") or info.message or "Ray job failed")
+            error = self._result(job).get("error") or self._log_tail(job) or info.message
+            self._finish(db, job, "failed", error or "Ray job failed")
         elif state == "STOPPED":
             if job.stop_reason:
                 self._finish(db, job, "stopped_early", job.stop_reason)
@@ -296,6 +303,34 @@ class Scheduler:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
+
+    def _log_tail(self, job: Job, lines: int = 12) -> str | None:
+        """The end of the job's log, for a job that died without a result (its driver)."""
+        if not job.run_dir:
+            return None
+        tail = self.storage.log(job.run_dir_path).tail(lines)
+        return "the job's log ends:\n" + "\n".join(tail) if tail else None
+
+    def init_from(self, db: Session, job: Job, run_dir: Path) -> str | None:
+        """Write ``init_from.json`` for a job that starts from another's weights; the
+        reason it cannot, if the other job's files are gone."""
+        init = job.spec.get("init_from")
+        if not init:
+            return None
+        source = db.get(Job, init["job"])
+        if source is None:
+            return f"init_from: job {init['job']} does not exist"
+        found = init_files(
+            self.storage,
+            source.id,
+            source.run_dir,
+            source.artifacts_deleted_at is not None,
+            init,
+        )
+        if isinstance(found, str):
+            return f"init_from {found}"
+        run_dirs.write_json(run_dir / "init_from.json", found)
+        return None
 
     def _finish(self, db: Session, job: Job, status: str, reason: str) -> None:
         """End a job: backfill any metric points the live path missed, then the status."""
@@ -399,6 +434,10 @@ class Scheduler:
         if not claimed:  # cancelled (or claimed elsewhere) meanwhile: launch nothing
             return False
         db.refresh(job)
+        refused = self.init_from(db, job, run_dir)
+        if refused:
+            transition(db, job, "failed", refused)
+            return False
         token_file = run_dir / "worker_token"
         token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id)
         token_file.touch(mode=0o600)

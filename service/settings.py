@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         "never delivered (off only to test the live path alone)",
     )
     runs_dir: Path | None = Field(None, description="run directories; default HOME/runs")
+    max_log_bytes: int = Field(
+        10 * 2**20,
+        ge=4096,
+        description="bytes of log kept per job (the oldest lines are dropped past it)",
+    )
     optuna_url: str | None = Field(
         None, description="Optuna storage for sweep early stopping; default HOME/optuna.db"
     )

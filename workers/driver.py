@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .launcher import run_on_ray
+from .logs import capture
 from .spec import TrainSpec
 
 
@@ -21,16 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--api-url", required=True)
     parser.add_argument("--token-file", required=True)
-    parser.add_argument("--max-failures", type=int, default=3)
+    parser.add_argument(
+        "--max-failures", type=int, default=None, help="default: the spec's max_restarts"
+    )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
-    http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
-    # A Ray job's driver: RAY_ADDRESS names the cluster the job was submitted to.
-    result = run_on_ray(
-        spec, run_dir, ray_address="auto", max_failures=args.max_failures, http=http
-    )
-    print(json.dumps({k: result.get(k) for k in ("status", "params_sha256", "error")}))
+    with capture(run_dir, "driver"):
+        spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
+        http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
+        failures = spec.max_restarts if args.max_failures is None else args.max_failures
+        # A Ray job's driver: RAY_ADDRESS names the cluster the job was submitted to.
+        result = run_on_ray(spec, run_dir, ray_address="auto", max_failures=failures, http=http)
+        print(json.dumps({k: result.get(k) for k in ("status", "params_sha256", "error")}))
     return 0 if result["status"] == "succeeded" else 1
 
 

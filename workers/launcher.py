@@ -8,6 +8,7 @@ host of each worker start) and ``result.json`` (status, final metrics, ``params_
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .data import SetupError
+from .logs import capture
 from .loop import NonFiniteLossError, Session, train, write_result
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .spec import TrainSpec
@@ -64,21 +66,63 @@ def run_worker(
     ``result.json``. A non-finite loss or a job whose code or data cannot train ends the run
     as failed, without retries (a restart would fail the same way); other errors propagate
     so that Ray can restart the group."""
-    _record_worker(session.run_dir, session.rank, node)
-    reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
-    try:
-        result = train(spec, session, reporter)
-    except (NonFiniteLossError, SetupError) as e:
-        result = {"status": "failed", "error": str(e)}
-        if reporter:
-            reporter.status("failed", error=str(e))
-    finally:
-        for r in getattr(reporter, "reporters", ()):
-            if hasattr(r, "close"):
-                r.close()
-    if session.rank == 0:
-        write_result(session.run_dir, result)
-    return result
+    with capture(session.run_dir, f"rank {session.rank}"):
+        _record_worker(session.run_dir, session.rank, node)
+        error_file = session.run_dir / f"error-rank{session.rank}.txt"
+        error_file.unlink(missing_ok=True)  # from an attempt before this one
+        reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
+        try:
+            result = train(spec, session, reporter)
+        except (NonFiniteLossError, SetupError) as e:
+            result = {"status": "failed", "error": str(e)}
+            if reporter:
+                reporter.status("failed", error=str(e))
+        except BaseException as e:
+            trace = traceback.format_exc()
+            print(trace, file=sys.stderr, flush=True)  # into the job's log
+            if not isinstance(e, KeyboardInterrupt | SystemExit):
+                error_file.write_text(trace)
+            raise
+        finally:
+            for r in getattr(reporter, "reporters", ()):
+                if hasattr(r, "close"):
+                    r.close()
+            if session.rank == 0:
+                write_metrics_csv(session.run_dir)
+        if session.rank == 0:
+            write_result(session.run_dir, result)
+        return result
+
+
+def failure_summary(run_dir: Path, lines: int = 12) -> str | None:
+    """The last lines of the traceback of the rank that failed first (the others usually
+    fail after it, their peer gone), from ``error-rank{r}.txt``."""
+    found = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    rank = found[0].stem.removeprefix("error-rank")
+    tail = found[0].read_text().rstrip().splitlines()[-lines:]
+    return f"rank {rank} raised:\n" + "\n".join(tail)
+
+
+def write_metrics_csv(run_dir: Path) -> None:
+    """``metrics.csv``: ``metrics.jsonl`` as a table (step, time, then every key)."""
+    source = run_dir / "metrics.jsonl"
+    if not source.exists():
+        return
+    rows = []
+    for line in source.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line
+            continue
+    keys = sorted({k for r in rows for k in r} - {"step", "time"})
+    tmp = run_dir / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["step", "time", *keys], restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, run_dir / "metrics.csv")
 
 
 # ----------------------------------------------------------------------------------- Ray
@@ -188,7 +232,8 @@ def run_on_ray(
         trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError: out of retries
         if not (run_dir / "result.json").exists():
-            write_result(run_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            error = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
+            write_result(run_dir, {"status": "failed", "error": error})
     return json.loads((run_dir / "result.json").read_text())
 
 
@@ -205,7 +250,8 @@ def _local_worker(
         run_worker(TrainSpec.model_validate_json(spec_json), session)
     except Exception:
         if rank == 0 and not (Path(run_dir) / "result.json").exists():
-            write_result(Path(run_dir), {"status": "failed", "error": traceback.format_exc()})
+            error = failure_summary(Path(run_dir)) or traceback.format_exc()
+            write_result(Path(run_dir), {"status": "failed", "error": error})
         raise
     finally:
         dist.destroy_process_group()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,17 +122,138 @@ def _reported_before(run_dir: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
-def save_checkpoint(opt: ZeroOptimizer, session: Session, step: int, best: dict) -> None:
-    """A collective: parameters and optimizer slices (ZeroOptimizer), each rank's RNG
-    state, and on rank 0 the loop's own position. The schedule is a function of the step,
-    and so is the data order."""
+def _save(value: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+
+
+def _cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cpu(v) for v in value]
+    return value
+
+
+def save_portable(
+    opt: ZeroOptimizer, model: torch.nn.Module, session: Session, directory: Path
+) -> None:
+    """The portable pair, readable without Nestor at any world size: ``model.pt`` (the
+    model's state dict) and ``optimizer.pt`` (the consolidated state dict of the plain
+    optimizer ``create_optimizer(model.parameters(), spec)`` builds), written by rank 0.
+    A collective (the optimizer state is gathered to rank 0, which briefly holds all of it)."""
+    consolidated = opt.consolidated_state_dict()
+    if session.rank != 0:
+        return
+    _save(_cpu(model.state_dict()), directory / "model.pt")
+    consolidated = _cpu(consolidated)
+    consolidated["nestor"] = {"optimizer": opt.spec.model_dump(mode="json"), "params": opt.names}
+    _save(consolidated, directory / "optimizer.pt")
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and any incomplete one
+    older than them)."""
+    complete = sorted(
+        int(d.name.split("-")[1])
+        for d in (run_dir / "checkpoints").glob("step-*")
+        if (d / "complete.json").exists()
+    )
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for d in (run_dir / "checkpoints").glob("step-*"):
+        if int(d.name.split("-")[1]) < oldest_kept:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def save_checkpoint(
+    opt: ZeroOptimizer,
+    model: torch.nn.Module,
+    session: Session,
+    step: int,
+    best: dict,
+    keep: int = 2,
+) -> None:
+    """A collective: parameters and optimizer slices (ZeroOptimizer, for resuming), the
+    portable pair, each rank's RNG state, and on rank 0 the loop's own position. The schedule
+    is a function of the step, and so is the data order. Then only the newest ``keep``
+    checkpoints stay."""
     d = session.run_dir / "checkpoints" / f"step-{step:08d}"
     opt.save_checkpoint(d)
+    save_portable(opt, model, session, d)
     torch.save({"torch": torch.get_rng_state()}, d / f"rng{session.rank}.pt")
     if session.world_size > 1:
         dist.barrier()
     if session.rank == 0:
         (d / "complete.json").write_text(json.dumps({"step": step, "best": best}))
+        prune_checkpoints(session.run_dir, keep)
+
+
+def load_buffers(model: torch.nn.Module, path: Path) -> None:
+    """Restore the model's buffers (BatchNorm's running statistics) from a ``model.pt``;
+    the parameters come from the optimizer's checkpoint."""
+    if not path.exists():
+        return
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in saved and saved[name].shape == buf.shape:
+                buf.copy_(saved[name])
+
+
+def load_weights(model: torch.nn.Module, path: Path, source: str) -> None:
+    """``init_from``: the model's state from another job's ``model.pt``; a SetupError naming
+    the tensors when they do not fit this model."""
+    saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    ours = model.state_dict()
+    problems = [f"{k} is missing from {source}" for k in ours if k not in saved]
+    problems += [f"{k} (from {source}) is not in this model" for k in saved if k not in ours]
+    problems += [
+        f"{k} is {tuple(saved[k].shape)} in {source}, {tuple(v.shape)} in this model"
+        for k, v in ours.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise SetupError(
+            f"init_from {source}: its weights do not fit this model: "
+            + "; ".join(problems[:5])
+            + more
+        )
+    model.load_state_dict(saved)
+
+
+def load_optimizer_state(opt: ZeroOptimizer, path: Path, source: str) -> None:
+    """``init_from`` with ``optimizer_state``: continue another job's optimizer."""
+    saved = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    theirs = saved.get("nestor", {}).get("optimizer", {}).get("name")
+    if theirs is not None and theirs != opt.spec.name:
+        raise SetupError(
+            f"init_from {source}: its optimizer state is {theirs!r}, this job uses "
+            f"{opt.spec.name!r}; set optimizer_state to false to start the optimizer afresh"
+        )
+    try:
+        opt.load_consolidated_state_dict(saved)
+    except (ValueError, KeyError) as e:
+        raise SetupError(f"init_from {source}: cannot continue its optimizer: {e}") from None
+
+
+def init_source(spec: TrainSpec, session: Session) -> dict[str, Any] | None:
+    """Where ``init_from`` points: ``run_dir/init_from.json`` ({"source", "model",
+    "optimizer"}), written by the service when it launches the job."""
+    if spec.init_from is None:
+        return None
+    path = session.run_dir / "init_from.json"
+    if not path.exists():
+        raise SetupError(
+            f"init_from {spec.init_from.describe()}: no init_from.json in the run directory "
+            "(init_from needs the Nestor service, which resolves the job's files)"
+        )
+    return json.loads(path.read_text())
 
 
 def params_sha256(model: torch.nn.Module) -> str:
@@ -144,14 +266,20 @@ def params_sha256(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------- the loop
-def setup(spec: TrainSpec, session: Session) -> tuple[Data, torch.nn.Module, Objective]:
-    """The data, the model on this rank's device and the objective, from the spec's
-    factories. Every rank agrees before training: when one fails, all raise, and the
-    failing rank's ``SetupError`` (in ``run_dir/setup-error-rank{r}.txt``) is the error."""
+def setup(
+    spec: TrainSpec, session: Session, init: dict[str, Any] | None = None
+) -> tuple[Data, torch.nn.Module, Objective]:
+    """The data, the model on this rank's device (from ``init``'s weights when given) and
+    the objective, from the spec's factories. Every rank agrees before training: when one
+    fails, all raise, and the failing rank's ``SetupError`` (in
+    ``run_dir/setup-error-rank{r}.txt``) is the error."""
     error: SetupError | None = None
     try:
         data = load_data(spec)
-        model = build_model(spec, data).to(session.device)
+        model = build_model(spec, data)
+        if init is not None:
+            load_weights(model, Path(init["model"]), init["source"])
+        model = model.to(session.device)
         objective = Objective(spec, data)
     except SetupError as e:
         error = e
@@ -175,15 +303,19 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         raise ValueError(f"spec asks for {spec.num_workers} workers, running on {world}")
     report = reporter if rank == 0 else None
 
-    data, model, objective = setup(spec, session)
+    resumed = latest_checkpoint(session.run_dir)
+    init = None if resumed is not None else init_source(spec, session)
+    data, model, objective = setup(spec, session, init)
     opt = ZeroOptimizer(model.named_parameters(), spec.optimizer_spec(), stage=spec.zero_stage)
     peak_lrs = [g["lr"] for g in opt.param_groups]
+    if init is not None and init.get("optimizer"):
+        load_optimizer_state(opt, Path(init["optimizer"]), init["source"])
 
     start, best = 0, {}
-    resumed = latest_checkpoint(session.run_dir)
     if resumed is not None:
         step_done, path = resumed
         opt.load_checkpoint(path)
+        load_buffers(model, path / "model.pt")
         torch.set_rng_state(torch.load(path / f"rng{rank}.pt", weights_only=True)["torch"])
         best = json.loads((path / "complete.json").read_text())["best"]
         start = step_done
@@ -255,12 +387,10 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         ):
             report.metrics(done, metrics)
         if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.max_steps:
-            save_checkpoint(opt, session, done, best)
+            save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
 
-    if rank == 0:  # the trained model: a plain state dict (load with weights_only=True)
-        tmp = session.run_dir / "model.pt.tmp"
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, session.run_dir / "model.pt")
+    # The trained model and optimizer: plain state dicts (load with weights_only=True).
+    save_portable(opt, model, session, session.run_dir)
     result = {
         "status": "succeeded",
         "steps": spec.max_steps,

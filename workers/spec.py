@@ -223,6 +223,21 @@ class LRScalingSpec(_Strict):
         return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.rule]
 
 
+class InitFromSpec(_Strict):
+    """Start from another job's trained weights (its ``model.pt``, or a checkpoint's), at any
+    world size and ZeRO stage; ``optimizer_state`` also continues its optimizer (moments and
+    step count; the hyperparameters are this spec's)."""
+
+    job: int = Field(..., ge=1, le=2**31 - 1, description="the job whose weights to start from")
+    step: int | None = Field(
+        None, ge=1, le=10_000_000, description="a checkpoint's step; default: the final state"
+    )
+    optimizer_state: bool = Field(False, description="continue the optimizer's state too")
+
+    def describe(self) -> str:
+        return f"job {self.job}" + (f" step {self.step}" if self.step else "")
+
+
 class TrainSpec(_Strict):
     """A training job.
 
@@ -302,6 +317,19 @@ class TrainSpec(_Strict):
     )
     max_bad_steps: int = Field(
         3, ge=1, le=1000, description="consecutive non-finite losses before the job fails"
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="the newest checkpoints kept (older ones are deleted)"
+    )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="times the worker group is restarted (from the latest checkpoint) after "
+        "a worker dies or raises; 0 = fail at the first error",
+    )
+    init_from: InitFromSpec | None = Field(
+        None, description="start from another job's weights (and optimizer state)"
     )
     use_gpu: bool = Field(False, description="one GPU per worker (NCCL); else CPU (gloo)")
 

@@ -25,6 +25,7 @@ from ..schemas import (
     MetricsPublic,
     Series,
 )
+from ..storage import RunStorage, init_files
 from ..streams import Cursor, StreamHub, StreamResponse, start_cursor
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -70,14 +71,39 @@ def refuse_missing_code(db: Session, spec: dict, loc: list[str | int]) -> None:
         )
 
 
+def refuse_bad_init(db: Session, runs: RunStorage, spec: dict, loc: list[str | int]) -> None:
+    """422 naming ``init_from`` when its job does not exist or lacks the files it names."""
+    init = spec.get("init_from")
+    if not init:
+        return
+    source = db.get(Job, init["job"])
+    if source is None:
+        found: dict | str = f"job {init['job']} does not exist"
+        field = "job"
+    else:
+        found = init_files(
+            runs, source.id, source.run_dir, source.artifacts_deleted_at is not None, init
+        )
+        field = "step" if init.get("step") else "job"
+    if isinstance(found, str):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [{"loc": [*loc, "init_from", field], "msg": found, "type": "value_error"}],
+        )
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def submit(body: JobCreate, db: SessionDep, _: UserDep, capacity: CapacityDep) -> Job:
+def submit(
+    body: JobCreate, request: Request, db: SessionDep, _: UserDep, capacity: CapacityDep
+) -> Job:
     """Queue a training job. The spec is validated (422 names the field) and stored as is;
     a job the cluster can never run (more workers than it has CPUs, GPUs it lacks) is
-    refused when the cluster cannot grow, and so is one whose code package is not stored."""
+    refused when the cluster cannot grow, and so is one whose code package is not stored
+    or whose ``init_from`` names a job or checkpoint that does not exist."""
     spec = body.spec.model_dump(mode="json")
     refuse_unfit(capacity, spec, ["body", "spec"])
     refuse_missing_code(db, spec, ["body", "spec"])
+    refuse_bad_init(db, request.app.state.storage, spec, ["body", "spec"])
     return create_job(db, body.name, spec, body.priority)
 
 
@@ -121,11 +147,14 @@ def cancel(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def retry(job_id: JobId, db: SessionDep, _: UserDep, capacity: CapacityDep) -> Job:
+def retry(
+    job_id: JobId, request: Request, db: SessionDep, _: UserDep, capacity: CapacityDep
+) -> Job:
     """A new queued job with the same spec."""
     job = get_job(db, job_id)
     refuse_unfit(capacity, job.spec, ["spec"])
     refuse_missing_code(db, job.spec, ["spec"])
+    refuse_bad_init(db, request.app.state.storage, job.spec, ["spec"])
     suffix = f" (retry of {job.id})"
     name = job.name[: NAME_MAX - len(suffix)] + suffix
     return create_job(db, name, job.spec, job.priority, sweep_id=job.sweep_id)

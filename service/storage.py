@@ -1,0 +1,169 @@
+"""Where a job's output lives, and what of it the API hands out.
+
+Run directories sit under one root (``NESTOR_RUNS_DIR``, default ``HOME/runs``): a local
+directory for one machine, a shared filesystem mounted at the same path on every node for a
+cluster (workers write there, the service reads there). Everything the API serves from a run
+goes through ``RunStorage``, so another backend replaces this one class.
+
+A job's artifacts are a fixed set of names, each mapped to one file; nothing else in the
+run directory is reachable, whatever a request asks for:
+
+    model.pt  optimizer.pt  spec.json  result.json  metrics.csv     (the final state)
+    step-400-model.pt  step-400-optimizer.pt                        (a checkpoint's)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.logs import JobLog
+
+FINAL = ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv")
+PORTABLE = ("model.pt", "optimizer.pt")
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{1,10})-(model|optimizer)\.pt$")
+_DIGESTS = ".artifacts.json"  # cached sha256 per name, keyed by size and mtime
+KEPT_ON_DELETE = {"logs", "nestor-job.json", _DIGESTS}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str
+    path: Path
+    size: int
+    step: int | None  # a checkpoint's step; None for the final state
+
+    @property
+    def kind(self) -> str:
+        return self.name.removeprefix(f"step-{self.step}-") if self.step else self.name
+
+
+def checkpoint_name(step: int, file: str) -> str:
+    return f"step-{step}-{file}"
+
+
+class RunStorage:
+    """Run directories under ``root``: listing, reading, hashing and deleting artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # ------------------------------------------------------------------ listing
+    def artifacts(self, run_dir: Path) -> list[Artifact]:
+        """What the run has left so far: the final files, then each complete checkpoint's
+        portable pair, newest first."""
+        found = []
+        for name in FINAL:
+            path = run_dir / name
+            if path.is_file():
+                found.append(Artifact(name, path, path.stat().st_size, None))
+        steps = []
+        for d in (run_dir / "checkpoints").glob("step-*"):
+            if (d / "complete.json").exists() and d.name[5:].isdigit():
+                steps.append((int(d.name[5:]), d))
+        for step, d in sorted(steps, reverse=True):
+            for file in PORTABLE:
+                path = d / file
+                if path.is_file():
+                    name = checkpoint_name(step, file)
+                    found.append(Artifact(name, path, path.stat().st_size, step))
+        return found
+
+    def artifact(self, run_dir: Path, name: str) -> Artifact | None:
+        """The artifact called ``name``, found by name in the listing only (so a name is
+        never turned into a path)."""
+        if name in FINAL:
+            path = run_dir / name
+            return Artifact(name, path, path.stat().st_size, None) if path.is_file() else None
+        m = _CHECKPOINT_NAME.match(name)
+        if m is None:
+            return None
+        step, file = int(m.group(1)), f"{m.group(2)}.pt"
+        d = run_dir / "checkpoints" / f"step-{step:08d}"
+        path = d / file
+        if not ((d / "complete.json").exists() and path.is_file()):
+            return None
+        return Artifact(name, path, path.stat().st_size, step)
+
+    def checkpoint_steps(self, run_dir: Path) -> list[int]:
+        return sorted({a.step for a in self.artifacts(run_dir) if a.step is not None})
+
+    # ------------------------------------------------------------------ digests
+    def sha256(self, run_dir: Path, artifact: Artifact) -> str:
+        """The artifact's SHA-256, computed once per (size, mtime) and cached in the run."""
+        cache_path = run_dir / _DIGESTS
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        st = artifact.path.stat()
+        key = [st.st_size, st.st_mtime_ns]
+        entry = cache.get(artifact.name)
+        if entry and entry[:2] == key:
+            return entry[2]
+        h = hashlib.sha256()
+        with open(artifact.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        cache[artifact.name] = [*key, h.hexdigest()]
+        tmp = cache_path.with_name(f"{_DIGESTS}.{os.getpid()}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ deleting
+    def delete(self, run_dir: Path) -> int:
+        """Delete everything the run wrote but its log and owner record; the bytes freed."""
+        freed = 0
+        for entry in run_dir.iterdir():
+            if entry.name in KEPT_ON_DELETE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                freed += entry.lstat().st_size
+                entry.unlink(missing_ok=True)
+        (run_dir / _DIGESTS).unlink(missing_ok=True)
+        return freed
+
+    # ------------------------------------------------------------------ logs
+    def log(self, run_dir: Path) -> JobLog:
+        return JobLog(run_dir / "logs")
+
+
+def init_files(
+    storage: RunStorage, job_id: int, run_dir: str | None, deleted: bool, init: dict
+) -> dict[str, str | None] | str:
+    """What ``init_from`` (``{"job", "step", "optimizer_state"}``) points at in job
+    ``job_id``'s run: {"source", "model", "optimizer"} for the workers, or why it cannot be
+    used (a sentence naming what is missing)."""
+    step = init.get("step")
+    source = f"job {job_id}" + (f" step {step}" if step else "")
+    if deleted:
+        return f"{source}: its artifacts were deleted"
+    if not run_dir:
+        return f"{source}: it has not started, so it has no weights yet"
+    base = Path(run_dir)
+    names = [checkpoint_name(step, f) if step else f for f in PORTABLE]
+    found = [storage.artifact(base, n) for n in names]
+    if found[0] is None:
+        if step:
+            steps = storage.checkpoint_steps(base)
+            have = f"its checkpoints: {', '.join(map(str, steps))}" if steps else "no checkpoints"
+            return f"{source}: there is no checkpoint at step {step} ({have})"
+        return f"{source}: it has no model.pt (it has not finished training)"
+    if init.get("optimizer_state") and found[1] is None:
+        return f"{source}: it has no optimizer.pt"
+    return {
+        "source": source,
+        "model": str(found[0].path),
+        "optimizer": str(found[1].path) if init.get("optimizer_state") and found[1] else None,
+    }
