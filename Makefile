@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/throughput.py --rounds 2
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/artifacts.py
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/data.py --model mnist1d-cnn
 	$(BIN)/python bench/sweep.py

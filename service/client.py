@@ -196,20 +196,21 @@ class Client:
                 have = 0
             total = have + int(resp.headers.get("content-length", 0))
             expected = resp.headers.get("x-checksum-sha256")
+            h = hashlib.sha256()
+            if have:  # the bytes already here count towards the digest
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
             with open(part, "ab" if have else "wb") as f:
                 for chunk in resp.iter_bytes(1 << 20):
                     f.write(chunk)
+                    h.update(chunk)
                     have += len(chunk)
                     if progress:
                         progress(have, total)
-        if expected:
-            h = hashlib.sha256()
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            if h.hexdigest() != expected:
-                part.unlink()
-                raise RuntimeError(f"{name}: checksum mismatch (got {h.hexdigest()})")
+        if expected and h.hexdigest() != expected:
+            part.unlink()
+            raise RuntimeError(f"{name}: checksum mismatch (got {h.hexdigest()})")
         os.replace(part, dest)
         return dest
 

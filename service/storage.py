@@ -27,7 +27,7 @@ from workers.logs import JobLog
 
 FINAL = ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv")
 PORTABLE = ("model.pt", "optimizer.pt")
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{1,10})-(model|optimizer)\.pt$")
+_CHECKPOINT_NAME = re.compile(r"^step-([1-9]\d{0,9})-(model|optimizer)\.pt$")
 _DIGESTS = ".artifacts.json"  # cached sha256 per name, keyed by size and mtime
 KEPT_ON_DELETE = {"logs", "nestor-job.json", _DIGESTS}
 

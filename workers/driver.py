@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    with capture(run_dir, "driver"):
+    with capture(run_dir, "driver", last=True):
         spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
         http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
         failures = spec.max_restarts if args.max_failures is None else args.max_failures

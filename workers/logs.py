@@ -123,6 +123,15 @@ class JobLog:
         page.next = at
         return page
 
+    def close(self) -> None:
+        """Say that no more lines will come (the driver, the job's last writer, on exit)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "closed").touch()
+
+    @property
+    def closed(self) -> bool:
+        return (self.dir / "closed").exists()
+
     def tail(self, count: int = 20) -> list[str]:
         """The last ``count`` lines."""
         try:
@@ -167,9 +176,10 @@ class _Tee:
 
 
 @contextlib.contextmanager
-def capture(run_dir: str | os.PathLike[str], who: str) -> Iterator[JobLog]:
+def capture(run_dir: str | os.PathLike[str], who: str, last: bool = False) -> Iterator[JobLog]:
     """While inside, everything this process (and any child it starts) writes to fd 1 and 2
-    also goes to ``run_dir/logs``, each line prefixed with ``[who] ``."""
+    also goes to ``run_dir/logs``, each line prefixed with ``[who] ``. ``last``: this is the
+    job's last writer (its driver), and the log is closed on the way out."""
     log = JobLog(Path(run_dir) / "logs")
     streams = [(sys.stdout, 1), (sys.stderr, 2)]
     for stream, _ in streams:
@@ -197,3 +207,6 @@ def capture(run_dir: str | os.PathLike[str], who: str) -> Iterator[JobLog]:
             tee.thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for _, original in saved:
             os.close(original)
+        if last:
+            with contextlib.suppress(OSError):
+                log.close()

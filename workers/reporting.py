@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger("nestor.reporting")
+# httpx logs every request at INFO: one line per metrics batch in the job's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class Reporter(Protocol):

@@ -1,5 +1,7 @@
-// "/jobs/{id}": spec, status, events, charts; live over server-sent events while it runs.
-import { api, badge, el, fmt, fmtTime, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+// "/jobs/{id}": spec, status, events, charts, log, artifacts; live over server-sent events
+// while it runs.
+import { api, badge, el, fmt, fmtTime, layout, loadPlotly, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+import { artifactsPanel, logPanel } from "./outputs.js";
 
 const CHARTS = [
   { id: "loss", title: "loss", keys: ["train_loss", "val_loss"] },
@@ -57,6 +59,8 @@ start(async (main) => {
   const charts = el("div", { class: "grid", id: "charts" },
     CHARTS.map((c) => el("div", { class: "card" }, el("div", { class: "chart", id: `chart-${c.id}` },
       el("p", { class: "loading" }, "Loading…")))));
+  const log = logPanel(jobId);
+  const artifacts = artifactsPanel(jobId);
   main.replaceChildren(
     el("h1", {}, `#${job.id} ${job.name} `, statusSlot),
     el("div", { class: "actions" }, cancelBtn, retryBtn,
@@ -67,7 +71,10 @@ start(async (main) => {
       el("div", { class: "card" }, el("h2", {}, "Run"), summary),
       el("div", { class: "card" }, el("h2", {}, "Events"), events),
       el("div", { class: "card" }, el("h2", {}, "Spec"), el("pre", { id: "spec" }, JSON.stringify(job.spec, null, 2)))),
+    el("div", { class: "row" }, log.node, artifacts.node),
   );
+  log.load(LIVE.has(job.status), job.finished_at); // both run on their own, beside the charts
+  artifacts.load(LIVE.has(job.status));
 
   function showJob(next) {
     job = next;
@@ -97,8 +104,7 @@ start(async (main) => {
 
   const [history, metrics] = await Promise.all([historyLoading, metricsLoading, plotlyLoading]);
   history.forEach(addEvent);
-  const when = (iso) => Date.parse(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
-  let lastEventTime = history.length ? when(history[history.length - 1].time) : -Infinity;
+  let lastEventTime = history.length ? parseTime(history[history.length - 1].time) : -Infinity;
 
   // One trace per key, in CHARTS order; traceOf[key] = [div, index].
   // Each series was read at its own moment: remember each one's last step, stream from the
@@ -145,12 +151,17 @@ start(async (main) => {
       if (!flushing) { flushing = true; setTimeout(flush, 300); }
     },
     status(e) {
-      if (when(e.time) <= lastEventTime) return; // already listed from the history
-      lastEventTime = when(e.time);
+      if (parseTime(e.time) <= lastEventTime) return; // already listed from the history
+      lastEventTime = parseTime(e.time);
       addEvent(e);
       api(`/v1/jobs/${jobId}`).then(showJob);
     },
-    end() { api(`/v1/jobs/${jobId}`).then(showJob); },
+    end() {
+      api(`/v1/jobs/${jobId}`).then((ended) => {
+        showJob(ended);
+        artifacts.load(LIVE.has(ended.status)); // the final model, result.json, metrics.csv
+      });
+    },
   };
   const cursor = {}; // the last message's id: a reconnect resumes after it
   while (LIVE.has(job.status)) {

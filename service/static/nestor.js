@@ -114,10 +114,23 @@ export function fmtBatch(b) {
   return b >= 1024 && b % 1024 === 0 ? `${b / 1024}k` : String(b);
 }
 
+// 1536 -> "1.5 KiB"
+export function fmtBytes(n) {
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  for (n /= 1024; n >= 1024 && i < units.length - 1; i++) n /= 1024;
+  return `${n < 100 ? n.toFixed(1) : n.toFixed(0)} ${units[i]}`;
+}
+
+// Milliseconds since the epoch of the API's times (UTC; some are written without an offset).
+export function parseTime(iso) {
+  return Date.parse(/Z|[+-]\d\d:\d\d$/.test(iso) ? iso : `${iso}Z`);
+}
+
 export function fmtTime(iso) {
   if (!iso) return "–";
-  const d = new Date(iso.endsWith("Z") || iso.includes("+") ? iso : `${iso}Z`);
-  return d.toLocaleString();
+  return new Date(parseTime(iso)).toLocaleString();
 }
 
 export function optimizerLabel(spec) {

@@ -77,6 +77,12 @@ def test_consolidated_state_dict_loads_into_the_plain_optimizer(zero_runs, world
     assert zero_runs[world][f"consolidated-{name}"]["max_diff"] <= 1e-9
 
 
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", list(sc.RESTORE_SPECS))
+def test_consolidated_state_restores_at_any_world_size_and_stage(zero_runs, world, name):
+    assert zero_runs[world][f"restore-{name}"]["max_diff"] <= 1e-9
+
+
 @pytest.mark.parametrize("world", (4, 2))
 def test_misuse_fails_fast_with_clear_errors(zero_runs, world):
     for errors in (zero_runs[world]["misuse-rank0"], zero_runs[world]["rank1"]["misuse-rank1"]):

@@ -184,6 +184,41 @@ def consolidation(rank: int, world: int, results: dict[str, Any]) -> None:
         }
 
 
+RESTORE_SPECS = {
+    "adan": {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05},
+    "lookahead_adamw": {"name": "lookahead_adamw", "lr": 0.02},
+    "lamb": {"name": "lamb", "lr": 0.02},
+}
+
+
+def consolidated_restore(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
+    """The portable pair the first world size (4, ZeRO-2) wrote halfway, loaded with
+    ``load_consolidated_state_dict`` at every world size and another stage: training goes
+    on as if never interrupted."""
+    dtype = torch.float64
+    stage = {4: 1, 3: 0, 2: 1, 1: 2}[world]
+    for name, spec in RESTORE_SPECS.items():
+        path = os.path.join(ckpt_dir, f"portable-{name}.pt")
+        if world == 4:
+            model = make_model(dtype)
+            opt = ZeroOptimizer(model.named_parameters(), spec, stage=2, bucket_mb=BUCKET_MB)
+            zero_steps(model, opt, rank, world, dtype, 0, STEPS // 2)
+            consolidated = opt.consolidated_state_dict()
+            opt.close()
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": consolidated}, path)
+            dist.barrier()
+        saved = torch.load(path, weights_only=True)
+        model = make_model(dtype)
+        model.load_state_dict(saved["model"])
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+        opt.load_consolidated_state_dict(saved["optimizer"])
+        zero_steps(model, opt, rank, world, dtype, STEPS // 2, STEPS)
+        opt.close()
+        if rank == 0:
+            results[f"restore-{name}"] = {"max_diff": max_diff(model, reference(spec, dtype))}
+
+
 def misuse(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
     errors: dict[str, str] = {}
     # Different parameter sets on different ranks: every rank raises, none hangs.
@@ -230,6 +265,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -
     try:
         equality(rank, world, results)
         checkpoints(rank, world, ckpt_dir, results)
+        consolidated_restore(rank, world, ckpt_dir, results)
         if world >= 2:
             consolidation(rank, world, results)
             misuse(rank, world, ckpt_dir, results)

@@ -1,12 +1,18 @@
 """The dashboard in a real browser (Debian's Chromium via Playwright) against the live service
 on the session's real Ray cluster: sign-in, the run list, a live run whose chart grows while it
-trains, cancel from the page, a finished sweep's comparison chart. Screenshots land in
+trains, cancel from the page, a job's log followed live, its artifacts downloaded by signed
+link and deleted, a finished sweep's comparison chart. Screenshots land in
 artifacts/screenshots/."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from playwright.sync_api import expect
+
+from service.models import TERMINAL, Job
+from workers.logs import JobLog
 
 from .conftest import ADMIN, ARTIFACTS
 from .live import TINY, wait_for, wait_for_sweep
@@ -96,6 +102,110 @@ def test_live_run_chart_grows_then_cancel_from_the_page_and_the_list_shows_it(se
     expect(row).to_have_count(1)
     page.fill("#filter-text", "no-such-name")
     expect(page.locator("#jobs .notice")).to_contain_text("No job matches")
+
+
+def run_dir_of(live, job_id: int) -> str | None:
+    """The job's run directory once the scheduler has started it (the API does not show it)."""
+    with live.app.state.db.sessions() as db:
+        job = db.get(Job, job_id)
+        return job.run_dir if job.status == "running" else None
+
+
+def scrolled_to_end(page, selector: str) -> bool:
+    return page.evaluate(
+        "s => { const e = document.querySelector(s); "
+        "return e.scrollHeight - e.scrollTop - e.clientHeight < 8; }",
+        selector,
+    )
+
+
+def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled(service, page):
+    live, client = service
+    spec = {**TINY, "num_workers": 1, "micro_batch_size": 256, "max_steps": 1_000_000}
+    job = client.submit(spec, name="browser-log")
+    try:
+        run_dir = wait_for(lambda: run_dir_of(live, job["id"]), timeout=180)
+        log = JobLog(Path(run_dir) / "logs")
+        sign_in(page, base_url(service) + f"/jobs/{job['id']}")
+        panel = page.locator("#log")
+        expect(panel).to_have_attribute("data-state", "following")
+        expect(page.locator("#artifacts")).not_to_contain_text("Loading")
+        expect(page.locator("#delete-artifacts")).to_have_count(0)  # not while it runs
+
+        # Each line is written after the page is following: only the stream can bring it.
+        # Terminal colour codes (Ray writes some) are not shown.
+        log.append(["[rank 0] \x1b[1m\x1b[32mhello\x1b[39m\x1b[22m from the test"])
+        expect(panel.locator("span").last).to_have_text("[rank 0] hello from the test")
+        log.append([f"[rank 0] line {i}" for i in range(200)])
+        expect(panel.locator("span").last).to_have_text("[rank 0] line 199")
+        assert scrolled_to_end(page, "#log")  # it kept up with the new lines
+
+        panel.evaluate("e => { e.scrollTop = 0; }")  # the reader goes back up
+        log.append(["[rank 0] written while the reader is scrolled up"])
+        expect(panel.locator("span").last).to_have_text(
+            "[rank 0] written while the reader is scrolled up"
+        )
+        assert panel.evaluate("e => e.scrollTop") == 0
+        assert panel.evaluate("e => e.scrollHeight > e.clientHeight")  # bounded, scrollable
+
+        # The job's end closes the log stream and lists the artifacts again, now deletable.
+        client.cancel(job["id"])
+        expect(panel).to_have_attribute("data-state", "complete", timeout=120_000)
+        expect(page.locator("#delete-artifacts")).to_be_visible()
+    finally:
+        if client.job(job["id"])["status"] not in TERMINAL:
+            client.cancel(job["id"])
+        wait_for(lambda: client.job(job["id"])["status"] in TERMINAL, timeout=120)
+
+
+def test_finished_job_shows_its_log_and_artifacts_downloaded_by_signed_link(service, page):
+    _, client = service
+    spec = {**TINY, "num_workers": 1, "max_steps": 6, "eval_every": 3, "checkpoint_every": 3}
+    job = client.submit(spec, name="browser-artifacts")
+    done = wait_for(
+        lambda: (j := client.job(job["id"]))["status"] in TERMINAL and j, timeout=300, every=1.0
+    )
+    assert done["status"] == "succeeded", done
+
+    sign_in(page, base_url(service) + f"/jobs/{job['id']}")
+    # A finished job's log is read page by page. The driver's last line, its result, reaches
+    # the log a moment after the job is marked ended: the panel reads on for a few seconds.
+    expect(page.locator("#log")).to_have_attribute("data-state", "complete")
+    expect(page.locator("#log")).to_contain_text('[driver] {"status": "succeeded"')
+
+    table = page.locator("#artifacts-table")
+    final = table.locator("tbody[data-step='final']")
+    for name in ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv"):
+        expect(final.locator(f"a[download='{name}']")).to_have_text(name)
+    checkpoint = table.locator("tbody[data-step='3']")
+    expect(checkpoint).to_contain_text("Checkpoint at step 3")
+    expect(checkpoint.locator("a[download='step-3-model.pt']")).to_have_count(1)
+    listed = {a["name"]: a for a in client.artifacts(job["id"])["data"]}
+    row = final.locator("tr[data-artifact='model.pt']")
+    size = int(row.locator("td.num").get_attribute("title").split()[0])
+    assert size == listed["model.pt"]["size"]
+    assert row.locator("code").get_attribute("title") == listed["model.pt"]["sha256"]
+
+    # The link is signed: the browser fetches it without the bearer token.
+    href = row.locator("a").get_attribute("href")
+    fetched = page.evaluate(
+        "async (u) => { const r = await fetch(u); "
+        "return [r.status, (await r.arrayBuffer()).byteLength]; }",
+        href,
+    )
+    assert fetched == [200, size]
+    with page.expect_download() as download:
+        row.locator("a").click()
+    assert download.value.suggested_filename == "model.pt"
+    assert Path(download.value.path()).stat().st_size == size
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-artifacts")
+    expect(page.locator("#artifacts")).to_contain_text("Artifacts deleted at")
+    expect(page.locator("#delete-artifacts")).to_have_count(0)
+    assert client.artifacts(job["id"])["deleted_at"] is not None
+    gone = page.evaluate("async (u) => (await fetch(u)).status", href)
+    assert gone == 410
 
 
 @pytest.fixture(scope="module")

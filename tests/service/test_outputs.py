@@ -1,0 +1,209 @@
+"""A job's outputs through the API, on SQLite and PostgreSQL: the artifact listing, downloads
+(checksums, Range, signed links), names outside the listing, deletion, logs and their
+follow stream, and init_from's refusals. The run directory is laid out here as a worker
+leaves it; the same files from a real Ray job are tested in test_outputs_live.py."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.models import Job
+from workers.logs import JobLog
+
+SPEC = {"model": "mnist1d-mlp", "dataset": {"name": "mnist1d", "num_samples": 1000}}
+
+
+def make_run(run_dir: Path) -> dict[str, bytes]:
+    """A finished run's files: the final pair, a checkpoint at step 8 (complete) and one at
+    step 12 (incomplete: no complete.json), the files around them, and a log."""
+    files: dict[str, bytes] = {}
+    run_dir.mkdir(parents=True)
+    for name, value in [("model.pt", {"w": torch.arange(10.0)}), ("optimizer.pt", {"state": {}})]:
+        torch.save(value, run_dir / name)
+        files[name] = (run_dir / name).read_bytes()
+    for name, text in [
+        ("spec.json", json.dumps(SPEC)),
+        ("result.json", '{"status": "succeeded"}'),
+        ("metrics.csv", "step,time,train_loss\n1,0.0,2.3\n"),
+        ("metrics.jsonl", '{"step": 1}\n'),
+        ("nestor-job.json", "{}"),
+    ]:
+        (run_dir / name).write_text(text)
+        files[name] = text.encode()
+    for step, complete in [(8, True), (12, False)]:
+        d = run_dir / "checkpoints" / f"step-{step:08d}"
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(b"model at %d" % step)
+        (d / "optimizer.pt").write_bytes(b"optimizer at %d" % step)
+        (d / "rank0.pt").write_bytes(b"shard")
+        if complete:
+            (d / "complete.json").write_text(json.dumps({"step": step}))
+    JobLog(run_dir / "logs").append([f"[rank {i % 2}] line {i}" for i in range(30)])
+    return files
+
+
+@pytest.fixture
+def finished(client, tmp_path):
+    """A job whose run directory holds a finished run; (job id, run directory, files)."""
+    job = client.post("/v1/jobs", json={"name": "done", "spec": SPEC}).json()
+    run_dir = tmp_path / "runs" / "nestor-job-x"
+    files = make_run(run_dir)
+    with client.app.state.db.sessions() as db:
+        row = db.get(Job, job["id"])
+        row.run_dir, row.status = str(run_dir), "succeeded"
+        db.commit()
+    return job["id"], run_dir, files
+
+
+def test_listing_names_sizes_and_checksums_of_final_and_checkpoint_files(client, finished):
+    job_id, _, files = finished
+    listing = client.get(f"/v1/jobs/{job_id}/artifacts").json()
+    by_name = {a["name"]: a for a in listing["data"]}
+    assert list(by_name) == [
+        "model.pt",
+        "optimizer.pt",
+        "spec.json",
+        "result.json",
+        "metrics.csv",
+        "step-8-model.pt",
+        "step-8-optimizer.pt",
+    ]  # the incomplete step-12 checkpoint and the run's other files are not artifacts
+    assert listing["checkpoints"] == [8] and listing["deleted_at"] is None
+    for name, content in files.items():
+        if name in by_name:
+            assert by_name[name]["size"] == len(content)
+            assert by_name[name]["sha256"] == hashlib.sha256(content).hexdigest()
+    assert by_name["step-8-model.pt"]["step"] == 8
+    assert by_name["step-8-model.pt"]["kind"] == "model.pt"
+
+
+def test_download_is_whole_checksummed_and_answers_ranges(client, finished):
+    job_id, _, files = finished
+    resp = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt")
+    assert resp.status_code == 200 and resp.content == files["model.pt"]
+    digest = hashlib.sha256(files["model.pt"]).digest()
+    assert resp.headers["content-length"] == str(len(files["model.pt"]))
+    assert resp.headers["x-checksum-sha256"] == digest.hex()
+    assert resp.headers["repr-digest"] == f"sha-256=:{base64.b64encode(digest).decode()}:"
+    part = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt", headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == files["model.pt"][10:100]
+    ckpt = client.get(f"/v1/jobs/{job_id}/artifacts/step-8-optimizer.pt")
+    assert ckpt.status_code == 200 and ckpt.content == b"optimizer at 8"
+    # The downloaded model loads without unpickling anything but tensors.
+    assert torch.equal(
+        torch.load(__import__("io").BytesIO(resp.content), weights_only=True)["w"],
+        torch.arange(10.0),
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "%2E%2E",
+        "..%2Fspec.json",
+        "..%2F..%2Fnestor.db",
+        "checkpoints%2Fstep-00000008%2Fmodel.pt",
+        "a%2Fb",
+        "%2Fetc%2Fpasswd",
+        "metrics.jsonl",
+        "nestor-job.json",
+        "worker_token",
+        "step-12-model.pt",  # incomplete checkpoint
+        "step-8-rank0.pt",
+        "step-00000008-model.pt",
+    ],
+)
+def test_no_name_reaches_outside_the_listing(client, finished, name):
+    job_id, _, _ = finished
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/{name}").status_code == 404
+
+
+def test_signed_links_work_without_a_token_and_nothing_else_does(client, finished):
+    job_id, _, files = finished
+    url = next(a["url"] for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"])
+    anon = {"Authorization": ""}
+    assert client.get(url, headers=anon).content == files["model.pt"]
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/model.pt", headers=anon).status_code == 401
+    tampered = url.replace("model.pt?", "optimizer.pt?")
+    assert client.get(tampered, headers=anon).status_code == 403
+    expired = url.split("?")[0] + "?expires=1&signature=" + url.split("signature=")[1]
+    resp = client.get(expired, headers=anon)
+    assert resp.status_code == 403 and "expired" in resp.json()["detail"]
+
+
+def test_delete_frees_storage_keeps_the_log_and_says_so_afterwards(client, finished):
+    job_id, run_dir, files = finished
+    running = client.post("/v1/jobs", json={"name": "r", "spec": SPEC}).json()
+    resp = client.delete(f"/v1/jobs/{running['id']}/artifacts")
+    assert resp.status_code == 409 and "queued" in resp.json()["detail"]
+
+    resp = client.delete(f"/v1/jobs/{job_id}/artifacts")
+    assert resp.status_code == 200
+    assert resp.json()["freed_bytes"] >= sum(len(b) for b in files.values()) - len(b"{}")
+    assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoints").exists()
+    listing = client.get(f"/v1/jobs/{job_id}/artifacts").json()
+    assert listing["data"] == [] and listing["deleted_at"]
+    gone = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt")
+    assert gone.status_code == 410 and "deleted" in gone.json()["detail"]
+    assert client.get(f"/v1/jobs/{job_id}/logs").json()["lines"][0] == "[rank 0] line 0"
+    again = client.delete(f"/v1/jobs/{job_id}/artifacts")
+    assert again.status_code == 200 and again.json()["freed_bytes"] == 0
+    # init_from a job whose artifacts are gone is refused at submit.
+    resp = client.post("/v1/jobs", json={"spec": {**SPEC, "init_from": {"job": job_id}}})
+    assert resp.status_code == 422 and "deleted" in resp.text
+
+
+def test_logs_page_with_a_cursor_and_follow_ends_with_the_job(client, finished):
+    job_id, _, _ = finished
+    first = client.get(f"/v1/jobs/{job_id}/logs", params={"limit": 20}).json()
+    assert first["lines"][:2] == ["[rank 0] line 0", "[rank 1] line 1"]
+    assert (first["first"], first["next"], first["running"]) == (0, 20, False)
+    rest = client.get(f"/v1/jobs/{job_id}/logs", params={"since": first["next"]}).json()
+    assert rest["lines"] == [f"[rank {i % 2}] line {i}" for i in range(20, 30)]
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true", "since": 25}
+    ) as r:
+        body = r.read().decode()
+    events = [block for block in body.split("\n\n") if block.startswith("event:")]
+    assert events[0].startswith("event: log\nid: 30")
+    assert json.loads(events[0].split("data: ")[1])["lines"][0] == "[rank 1] line 25"
+    assert events[-1].startswith("event: end")
+    assert client.get("/v1/jobs/999/logs").status_code == 404
+
+
+def test_a_capped_log_drops_its_oldest_lines_with_a_marker(tmp_path):
+    log = JobLog(tmp_path / "logs", cap=8192)
+    for i in range(2000):
+        log.append([f"[rank 0] line {i:05d}"])
+    page = log.read(0, 10)
+    assert page.dropped == page.first > 0 and page.lines[0] == f"[rank 0] line {page.first:05d}"
+    total = sum(p.stat().st_size for p in (tmp_path / "logs").glob("*.log"))
+    assert total <= 8192 + 8192 // 8  # the cap, plus at most the segment being written
+    assert log.tail(1) == ["[rank 0] line 01999"]
+
+
+def test_init_from_is_refused_naming_the_field(client, finished):
+    job_id, _, _ = finished
+
+    def submit(init):
+        return client.post("/v1/jobs", json={"spec": {**SPEC, "init_from": init}})
+
+    resp = submit({"job": 4242})
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["loc"][-2:] == ["init_from", "job"]
+    assert "job 4242 does not exist" in resp.json()["detail"][0]["msg"]
+    resp = submit({"job": job_id, "step": 12})  # incomplete checkpoint
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"][-1] == "step"
+    assert "its checkpoints: 8" in resp.json()["detail"][0]["msg"]
+    queued = client.post("/v1/jobs", json={"spec": SPEC}).json()
+    resp = submit({"job": queued["id"]})
+    assert resp.status_code == 422 and "has not started" in resp.text
+    assert submit({"job": 0}).status_code == 422  # not a job id
+    for ok in ({"job": job_id}, {"job": job_id, "step": 8, "optimizer_state": True}):
+        assert submit(ok).status_code == 201
