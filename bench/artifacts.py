@@ -24,9 +24,9 @@ first download. "Nestor CPU" is the service process's CPU seconds during each re
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,21 +48,12 @@ from service.settings import Settings  # noqa: E402
 
 TOKEN = "nst_bench_artifacts_admin"
 CHUNK = 1 << 20
-SPEC = {
-    "model": "mnist1d-mlp",
-    "dataset": {"name": "mnist1d"},
-    "optimizer": {"name": "adan"},
-    "batch_size": 256,
-    "micro_batch_size": 256,
-    "num_workers": 1,
-    "max_steps": 10,
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The same job spec and port helper as the service benchmark (loaded by path: as a module
+# name, "service" is Nestor's package).
+_loader = importlib.util.spec_from_file_location("bench_service", Path(_HERE) / "service.py")
+bench_service = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(bench_service)
+SPEC, free_port = bench_service.SPEC, bench_service.free_port
 
 
 def start_nestor(home: Path) -> tuple[subprocess.Popen, str]:

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+from fastapi import HTTPException, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
@@ -208,6 +209,18 @@ class StreamHub:
         return await anyio.to_thread.run_sync(run)
 
     # --------------------------------------------------------- per-token limit
+    def open_or_refuse(self, token_id: int) -> Callable[[], None]:
+        """``open``, or an HTTP 429 naming the limit."""
+        release = self.open(token_id)
+        if release is None:
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                f"this token already has {self.max_per_token} live streams open (the limit, "
+                "NESTOR_MAX_STREAMS_PER_TOKEN); close a job page or use another token",
+                headers={"Retry-After": "5"},
+            )
+        return release
+
     def open(self, token_id: int) -> Callable[[], None] | None:
         """Count one more stream for ``token_id``: the release function, or None if the
         token is at its limit."""

@@ -234,14 +234,7 @@ async def events(
         return Cursor.parse(last_event_id) or start_cursor(db, job_id, since_step)
 
     cursor = await hub.db(start)
-    release = hub.open(token.id)
-    if release is None:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"this token already has {hub.max_per_token} live streams open (the limit, "
-            "NESTOR_MAX_STREAMS_PER_TOKEN); close a job page or use another token",
-            headers={"Retry-After": "5"},
-        )
+    release = hub.open_or_refuse(token.id)
     settings = request.app.state.settings
     return StreamResponse(
         hub.stream(job_id, cursor, since_step),

@@ -178,14 +178,7 @@ async def logs(
     if last_event_id and last_event_id.isdigit():
         since = int(last_event_id)
     await hub.db(lambda db: get_job(db, job_id))  # 404 before the stream starts
-    release = hub.open(token.id)
-    if release is None:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            f"this token already has {hub.max_per_token} live streams open "
-            "(NESTOR_MAX_STREAMS_PER_TOKEN)",
-            headers={"Retry-After": "5"},
-        )
+    release = hub.open_or_refuse(token.id)
 
     async def messages():
         at, ended_reads = since, 0
