@@ -19,10 +19,10 @@ from prometheus_client import (
 from sqlalchemy import func, select
 
 from . import dashboard
-from .api import jobs, outputs, packages, sweeps
+from .api import jobs, outputs, packages, sweeps, users
 from .auth import ensure_admin_token
 from .db import MAX_OVERFLOW, POOL_SIZE, Database, upgrade
-from .deps import UserDep
+from .deps import ReadDep
 from .guard import BodyLimit, RequestGuard
 from .lease import Lease
 from .lease import acquire as acquire_lease
@@ -144,7 +144,7 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["meta"], response_class=Response)
-    def prometheus(_: UserDep) -> Response:
+    def prometheus(_: ReadDep) -> Response:
         """Prometheus text format: jobs by status, queue length, points ingested."""
         with app.state.db.sessions() as db:
             counts = dict(db.execute(select(Job.status, func.count()).group_by(Job.status)).all())
@@ -157,5 +157,7 @@ def create_app(
     app.include_router(outputs.router)
     app.include_router(sweeps.router)
     app.include_router(packages.router)
+    for router in (users.users, users.tokens, users.me, users.audit):
+        app.include_router(router)
     dashboard.mount(app)
     return app

@@ -9,9 +9,8 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from .auth import lookup
+from .auth import Principal, lookup
 from .capacity import Capacity
-from .models import ApiToken
 from .settings import Settings
 
 
@@ -38,10 +37,11 @@ CapacityDep = Annotated[Capacity | None, Depends(get_capacity)]
 _bearer = HTTPBearer(auto_error=False, description="a Nestor API token")
 
 
-def authenticate(request: Request, authorization: str | None) -> ApiToken:
-    """The token an ``Authorization`` header carries, looked up in a session of its own that
-    is closed before the request goes on (a long response, such as a live stream, must not
-    hold a pooled connection). 401 if it is missing, unknown or revoked."""
+def authenticate(request: Request, authorization: str | None) -> Principal:
+    """The principal an ``Authorization`` header's token stands for, looked up in a session
+    of its own that is closed before the request goes on (a long response, such as a live
+    stream, must not hold a pooled connection). 401 if it is missing, unknown, revoked,
+    expired or its user is disabled."""
     scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise HTTPException(
@@ -54,7 +54,7 @@ def authenticate(request: Request, authorization: str | None) -> ApiToken:
     if token is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "invalid or revoked token",
+            "invalid, revoked or expired token (or its user is disabled)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return token
@@ -63,23 +63,62 @@ def authenticate(request: Request, authorization: str | None) -> ApiToken:
 def require_token(
     request: Request,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiToken:
-    """Every endpoint but /healthz: a valid, unrevoked bearer token (already checked by the
-    request guard when the request has a body)."""
+) -> Principal:
+    """Every endpoint but /healthz: a valid bearer token (already checked by the request
+    guard when the request has a body)."""
     checked = getattr(request.state, "token", None)
     if checked is not None:
         return checked
     return authenticate(request, request.headers.get("authorization"))
 
 
-TokenDep = Annotated[ApiToken, Depends(require_token)]
+TokenDep = Annotated[Principal, Depends(require_token)]
 
 
-def require_user(token: TokenDep) -> ApiToken:
-    """Users and admins; worker tokens may only send metrics for their own job."""
-    if token.role == "worker":
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "worker tokens may only ingest metrics")
-    return token
+class Scope:
+    """A route's rule: the scope its caller's token must have (``"worker"``: a worker token,
+    for ingest; ``"user"``: any user's token, whatever its scopes). 403 names the missing
+    scope. The permission tests read these off the routes, so a route without one fails
+    them."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    def __call__(self, token: TokenDep) -> Principal:
+        if self.scope == "worker":
+            if token.role != "worker" and not token.admin:
+                raise HTTPException(
+                    status.HTTP_403_FORBIDDEN, "only a job's worker token may send its metrics"
+                )
+            return token
+        if token.role == "worker":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "worker tokens may only ingest metrics")
+        if self.scope == "user":  # any user's token: their own tokens, who they are
+            return token
+        if not token.has(self.scope):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this token lacks the {self.scope!r} scope (it has: "
+                f"{', '.join(sorted(token.scopes)) or 'none'})",
+            )
+        return token
+
+    def __repr__(self) -> str:
+        return f"Scope({self.scope!r})"
 
 
-UserDep = Annotated[ApiToken, Depends(require_user)]
+ReadDep = Annotated[Principal, Depends(Scope("read"))]
+SubmitDep = Annotated[Principal, Depends(Scope("submit"))]
+CodeDep = Annotated[Principal, Depends(Scope("code"))]
+AdminDep = Annotated[Principal, Depends(Scope("admin"))]
+WorkerDep = Annotated[Principal, Depends(Scope("worker"))]
+AnyUserDep = Annotated[Principal, Depends(Scope("user"))]
+
+
+def require_owner(token: Principal, owner_id: int | None, what: str) -> None:
+    """403 unless the token's user owns ``what`` or is an admin."""
+    if not token.owns(owner_id):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"{what} belongs to another user; only its owner or an admin may change it",
+        )

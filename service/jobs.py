@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from .models import TERMINAL, Event, Job, Metric, utcnow
+from .models import TERMINAL, ApiToken, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
 
 # The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op.
@@ -20,9 +20,21 @@ TRANSITIONS = {
 
 
 def create_job(
-    db: Session, name: str, spec: dict[str, Any], priority: int, sweep_id: int | None = None
+    db: Session,
+    name: str,
+    spec: dict[str, Any],
+    priority: int,
+    sweep_id: int | None = None,
+    owner_id: int | None = None,
 ) -> Job:
-    job = Job(name=name, spec=spec, priority=priority, sweep_id=sweep_id, status="queued")
+    job = Job(
+        name=name,
+        spec=spec,
+        priority=priority,
+        sweep_id=sweep_id,
+        status="queued",
+        owner_id=owner_id,
+    )
     db.add(job)
     db.flush()
     db.add(Event(job_id=job.id, status="queued", reason="submitted"))
@@ -55,6 +67,12 @@ def transition(
         db.refresh(job)
         return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
+    if status in TERMINAL:  # its workers' tokens end with it
+        db.execute(
+            update(ApiToken)
+            .where(ApiToken.job_id == job.id, ApiToken.role == "worker")
+            .values(revoked=True)
+        )
     db.commit()
     db.refresh(job)
     return True

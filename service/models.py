@@ -47,6 +47,7 @@ class Sweep(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
 
 
 class Job(Base):
@@ -70,6 +71,7 @@ class Job(Base):
     last_step: Mapped[int] = mapped_column(Integer, default=0)
     # When DELETE .../artifacts freed the run's storage (its log is kept).
     artifacts_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)
 
@@ -114,18 +116,54 @@ class Event(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
+class User(Base):
+    """A person (or a robot) with tokens; disabling one stops all of their tokens at once."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+SCOPES = ("read", "submit", "code", "admin")
+
+
 class ApiToken(Base):
-    """A bearer token, stored as its SHA-256 digest (the token itself is shown once)."""
+    """A bearer token, stored as its SHA-256 digest (the token itself is shown once). A
+    user's token has scopes and maybe an expiry; a worker token (``role`` "worker") may only
+    ingest into its job's current attempt (``submission_id``) and is revoked when it ends."""
 
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    role: Mapped[str] = mapped_column(String(20))  # "admin" | "user" | "worker"
+    role: Mapped[str] = mapped_column(String(20))  # "user" | "worker"
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    submission_id: Mapped[str | None] = mapped_column(String(100))  # a worker's attempt
+    configured: Mapped[bool] = mapped_column(Boolean, default=False)  # NESTOR_ADMIN_TOKEN's
+
+
+class Audit(Base):
+    """Who did what, when: append-only (nothing updates or deletes a row)."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    token_id: Mapped[int | None] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(50))  # "job.submit", "token.revoke", ...
+    target: Mapped[str | None] = mapped_column(String(100))  # "job 12", "user 3"
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class Package(Base):
@@ -138,3 +176,4 @@ class Package(Base):
     size: Mapped[int] = mapped_column(BigInteger)  # the archive's bytes
     files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, size}], by name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)

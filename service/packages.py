@@ -427,7 +427,12 @@ def missing_package(db: Session, code: str | None) -> str | None:
 
 
 def store_package(
-    db: Session, packages_dir: Path, upload: Path, pkg_id: str, limits: Limits = DEFAULT_LIMITS
+    db: Session,
+    packages_dir: Path,
+    upload: Path,
+    pkg_id: str,
+    limits: Limits = DEFAULT_LIMITS,
+    owner_id: int | None = None,
 ) -> tuple[Package, bool]:
     """Check the archive at ``upload`` (a file in ``packages_dir``, whose sha256 the
     caller computed as it arrived) and move it to its content address; returns the
@@ -442,7 +447,7 @@ def store_package(
         return existing, False
     files = check_archive(upload, limits)
     os.replace(upload, target)  # atomic: a reader sees the whole archive or none
-    row = Package(id=pkg_id, size=target.stat().st_size, files=files)
+    row = Package(id=pkg_id, size=target.stat().st_size, files=files, owner_id=owner_id)
     db.add(row)
     try:
         db.commit()

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from . import run_dirs
-from .auth import create_token
+from .auth import create_token, revoke_worker_tokens
 from .backfill import backfill
 from .capacity import Capacity, Resources, demand, shortfall
 from .db import Database
@@ -439,7 +439,10 @@ class Scheduler:
             transition(db, job, "failed", refused)
             return False
         token_file = run_dir / "worker_token"
-        token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id)
+        revoke_worker_tokens(db, job.id)  # an earlier attempt's token ends with it
+        token = create_token(
+            db, f"worker for job {job.id}", "worker", job_id=job.id, submission_id=sid
+        )
         token_file.touch(mode=0o600)
         token_file.write_text(token)
         entrypoint = shlex.join(

@@ -44,6 +44,7 @@ class JobPublic(BaseModel):
         None, description="why a queued job has not started yet (resources, its sweep)"
     )
     last_step: int
+    owner: str | None = Field(None, description="the name of the user who submitted it")
     latest: dict[str, float | None] = Field(
         default_factory=dict, description="train_loss, val_loss, val_accuracy at their last step"
     )

@@ -170,7 +170,12 @@ def expand(sweep: SweepCreate) -> list[tuple[dict[str, Any], TrainSpec]]:
     return out
 
 
-def create_sweep(db: Session, sweep: SweepCreate, capacity: Capacity | None = None) -> Sweep:
+def create_sweep(
+    db: Session,
+    sweep: SweepCreate,
+    capacity: Capacity | None = None,
+    owner_id: int | None = None,
+) -> Sweep:
     """Store the sweep and queue its trials, or raise SweepError for the first trial that is
     invalid, can never run on a fixed cluster or names a code package that is not stored
     (nothing is stored then)."""
@@ -190,13 +195,21 @@ def create_sweep(db: Session, sweep: SweepCreate, capacity: Capacity | None = No
         status="running",
         priority=sweep.priority,
         spec=sweep.model_dump(mode="json"),
+        owner_id=owner_id,
     )
     db.add(row)
     db.flush()
     db.add(Event(sweep_id=row.id, status="running", reason=f"{len(trials)} trials"))
     for i, (varied, spec) in enumerate(trials):
         name = f"{sweep.name}/{i}: " + ", ".join(f"{k}={compact(v)}" for k, v in varied.items())
-        create_job(db, name[:200], spec.model_dump(mode="json"), sweep.priority, sweep_id=row.id)
+        create_job(
+            db,
+            name[:200],
+            spec.model_dump(mode="json"),
+            sweep.priority,
+            sweep_id=row.id,
+            owner_id=owner_id,
+        )
     db.commit()
     return row
 

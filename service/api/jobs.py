@@ -8,11 +8,13 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, stat
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from ..audit import record
+from ..auth import Principal
 from ..capacity import Capacity, refusal
-from ..deps import CapacityDep, SessionDep, TokenDep, UserDep
+from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, WorkerDep, require_owner
 from ..downsample import query_series
 from ..jobs import cancel_job, create_job, final_metrics, ingest
-from ..models import STATUSES, Event, Job, Metric
+from ..models import STATUSES, Event, Job, Metric, User
 from ..packages import missing_package
 from ..schemas import (
     NAME_MAX,
@@ -42,10 +44,21 @@ def get_job(db: Session, job_id: int) -> Job:
     return job
 
 
+def owner_names(db: Session, ids: set[int | None]) -> dict[int, str]:
+    """User names by id, in one query."""
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    return dict(db.execute(select(User.id, User.name).where(User.id.in_(wanted))).all())
+
+
 def with_latest(db: Session, jobs: list[Job]) -> list[JobPublic]:
     latest = final_metrics(db, [j.id for j in jobs], LATEST_KEYS)
+    names = owner_names(db, {j.owner_id for j in jobs})
     return [
-        JobPublic.model_validate(j).model_copy(update={"latest": latest.get(j.id, {})})
+        JobPublic.model_validate(j).model_copy(
+            update={"latest": latest.get(j.id, {}), "owner": names.get(j.owner_id)}
+        )
         for j in jobs
     ]
 
@@ -92,34 +105,59 @@ def refuse_bad_init(db: Session, runs: RunStorage, spec: dict, loc: list[str | i
         )
 
 
+def require_code_scope(token: Principal, spec: dict) -> None:
+    """A job that runs a code package needs the ``code`` scope."""
+    if spec.get("code") and not token.has("code"):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "this token lacks the 'code' scope, which a job that runs a code package needs",
+        )
+
+
+def owner_filter(query, token: Principal, owner: str | None, column):
+    """``owner=me`` or a user's name."""
+    if owner is None:
+        return query
+    if owner == "me":
+        return query.where(column == token.user_id)
+    return query.where(column == select(User.id).where(User.name == owner).scalar_subquery())
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
 def submit(
-    body: JobCreate, request: Request, db: SessionDep, _: UserDep, capacity: CapacityDep
-) -> Job:
+    body: JobCreate, request: Request, db: SessionDep, token: SubmitDep, capacity: CapacityDep
+) -> JobPublic:
     """Queue a training job. The spec is validated (422 names the field) and stored as is;
     a job the cluster can never run (more workers than it has CPUs, GPUs it lacks) is
     refused when the cluster cannot grow, and so is one whose code package is not stored
     or whose ``init_from`` names a job or checkpoint that does not exist."""
     spec = body.spec.model_dump(mode="json")
+    require_code_scope(token, spec)
     refuse_unfit(capacity, spec, ["body", "spec"])
     refuse_missing_code(db, spec, ["body", "spec"])
     refuse_bad_init(db, request.app.state.storage, spec, ["body", "spec"])
-    return create_job(db, body.name, spec, body.priority)
+    job = create_job(db, body.name, spec, body.priority, owner_id=token.user_id)
+    record(db, token, "job.submit", f"job {job.id}", job.name)
+    db.commit()
+    return with_latest(db, [job])[0]
 
 
 @router.get("", response_model=JobList)
 def list_jobs(
     db: SessionDep,
-    _: UserDep,
+    token: ReadDep,
     status_: Annotated[
         str | None, Query(alias="status", pattern=f"^({'|'.join(STATUSES)})$")
     ] = None,
     sweep: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    owner: Annotated[
+        str | None, Query(max_length=100, description="'me', or a user's name")
+    ] = None,
 ) -> JobList:
-    """Jobs, newest first, filtered by status and sweep."""
-    query = select(Job)
+    """Jobs, newest first, filtered by status, sweep and owner."""
+    query = owner_filter(select(Job), token, owner, Job.owner_id)
     if status_:
         query = query.where(Job.status == status_)
     if sweep is not None:
@@ -130,38 +168,48 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def show(job_id: JobId, db: SessionDep, _: UserDep) -> JobPublic:
+def show(job_id: JobId, db: SessionDep, _: ReadDep) -> JobPublic:
     return with_latest(db, [get_job(db, job_id)])[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel(job_id: JobId, db: SessionDep, _: UserDep) -> Job:
-    """Cancel a queued or running job (409 if it has already ended)."""
+def cancel(job_id: JobId, db: SessionDep, token: SubmitDep) -> Job:
+    """Cancel a queued or running job (409 if it has already ended); its owner or an admin."""
     job = get_job(db, job_id)
+    require_owner(token, job.owner_id, f"job {job_id}")
     if not cancel_job(db, job, "cancelled by user"):
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"job {job_id} is {job.status}; only queued or running jobs can be cancelled",
         )
+    record(db, token, "job.cancel", f"job {job_id}")
+    db.commit()
     return job
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
 def retry(
-    job_id: JobId, request: Request, db: SessionDep, _: UserDep, capacity: CapacityDep
-) -> Job:
-    """A new queued job with the same spec."""
+    job_id: JobId, request: Request, db: SessionDep, token: SubmitDep, capacity: CapacityDep
+) -> JobPublic:
+    """A new queued job with the same spec (its owner or an admin; the new job is theirs)."""
     job = get_job(db, job_id)
+    require_owner(token, job.owner_id, f"job {job_id}")
+    require_code_scope(token, job.spec)
     refuse_unfit(capacity, job.spec, ["spec"])
     refuse_missing_code(db, job.spec, ["spec"])
     refuse_bad_init(db, request.app.state.storage, job.spec, ["spec"])
     suffix = f" (retry of {job.id})"
     name = job.name[: NAME_MAX - len(suffix)] + suffix
-    return create_job(db, name, job.spec, job.priority, sweep_id=job.sweep_id)
+    new = create_job(
+        db, name, job.spec, job.priority, sweep_id=job.sweep_id, owner_id=token.user_id
+    )
+    record(db, token, "job.retry", f"job {job_id}", f"as job {new.id}")
+    db.commit()
+    return with_latest(db, [new])[0]
 
 
 @router.get("/{job_id}/events/history", response_model=list[EventPublic])
-def events_history(job_id: JobId, db: SessionDep, _: UserDep) -> list[Event]:
+def events_history(job_id: JobId, db: SessionDep, _: ReadDep) -> list[Event]:
     get_job(db, job_id)
     return list(db.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
 
@@ -170,7 +218,7 @@ def events_history(job_id: JobId, db: SessionDep, _: UserDep) -> list[Event]:
 def metrics(
     job_id: JobId,
     db: SessionDep,
-    _: UserDep,
+    _: ReadDep,
     keys: Annotated[str | None, Query(description="comma-separated; default all")] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
     since_step: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
@@ -189,10 +237,11 @@ def metrics(
 
 @router.post("/{job_id}/ingest", response_model=IngestResult)
 def ingest_metrics(
-    job_id: JobId, batch: MetricBatch, db: SessionDep, token: TokenDep, request: Request
+    job_id: JobId, batch: MetricBatch, db: SessionDep, token: WorkerDep, request: Request
 ) -> IngestResult:
     """Workers send metric points (idempotent: a re-sent point replaces itself) and their
-    status. A worker token is valid for its own job only."""
+    status. A worker token is valid for its own job's current attempt only (it is revoked
+    when the attempt ends); an admin token may ingest too (tools, backfills)."""
     if token.role == "worker" and token.job_id != job_id:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this token belongs to another job")
     job = get_job(db, job_id)
@@ -213,7 +262,7 @@ def ingest_metrics(
 async def events(
     job_id: JobId,
     request: Request,
-    token: UserDep,
+    token: ReadDep,
     since_step: Annotated[
         int, Query(ge=0, le=MAX_ID, description="send only metric points after this step")
     ] = 0,
@@ -234,7 +283,7 @@ async def events(
         return Cursor.parse(last_event_id) or start_cursor(db, job_id, since_step)
 
     cursor = await hub.db(start)
-    release = hub.open_or_refuse(token.id)
+    release = hub.open_or_refuse(token.token_id)
     settings = request.app.state.settings
     return StreamResponse(
         hub.stream(job_id, cursor, since_step),

@@ -25,7 +25,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from ..deps import SessionDep, UserDep, authenticate
+from ..audit import record
+from ..deps import ReadDep, Scope, SessionDep, SubmitDep, authenticate, require_owner
 from ..models import TERMINAL, Job, utcnow
 from ..schemas import UtcDatetime
 from ..storage import RunStorage
@@ -138,7 +139,7 @@ def _log_notice(page, cap: int) -> str | None:
 async def logs(
     job_id: JobId,
     request: Request,
-    token: UserDep,
+    token: ReadDep,
     runs: StorageDep,
     since: Annotated[int, Query(ge=0, le=2**62, description="the first line wanted")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -178,7 +179,7 @@ async def logs(
     if last_event_id and last_event_id.isdigit():
         since = int(last_event_id)
     await hub.db(lambda db: get_job(db, job_id))  # 404 before the stream starts
-    release = hub.open_or_refuse(token.id)
+    release = hub.open_or_refuse(token.token_id)
 
     async def messages():
         at, ended_reads = since, 0
@@ -215,7 +216,7 @@ async def logs(
 # ---------------------------------------------------------------------- artifacts
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(
-    job_id: JobId, request: Request, db: SessionDep, _: UserDep, runs: StorageDep
+    job_id: JobId, request: Request, db: SessionDep, _: ReadDep, runs: StorageDep
 ) -> ArtifactList:
     """What the job has left: the final ``model.pt`` (a plain state dict, load it with
     ``weights_only=True``), ``optimizer.pt`` (the consolidated optimizer state, loadable by
@@ -247,32 +248,33 @@ def list_artifacts(
     return ArtifactList(job_id=job_id, data=data, checkpoints=steps)
 
 
-def download_access(
-    request: Request,
-    job_id: JobId,
-    name: str,
-    expires: Annotated[int | None, Query(ge=0, le=2**62)] = None,
-    signature_: Annotated[str | None, Query(alias="signature", max_length=64)] = None,
-) -> None:
-    """A signed link from a listing, or a user's bearer token."""
-    if signature_ is None:
-        token = authenticate(request, request.headers.get("authorization"))
-        if token.role == "worker":
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "worker tokens may only ingest metrics")
-        return
-    good = signature(request.app.state.signing_key, job_id, name, expires or 0)
-    if expires is None or expires < time.time() or not hmac.compare_digest(good, signature_):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            "this download link is invalid or has expired; list the artifacts again for a "
-            "fresh one, or send a bearer token",
-        )
+class SignedOrScope(Scope):
+    """A signed link from a listing, or a bearer token with the scope (``read``)."""
+
+    def __call__(  # type: ignore[override]
+        self,
+        request: Request,
+        job_id: JobId,
+        name: str,
+        expires: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+        signature_: Annotated[str | None, Query(alias="signature", max_length=64)] = None,
+    ) -> None:
+        if signature_ is None:
+            super().__call__(authenticate(request, request.headers.get("authorization")))
+            return
+        good = signature(request.app.state.signing_key, job_id, name, expires or 0)
+        if expires is None or expires < time.time() or not hmac.compare_digest(good, signature_):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                "this download link is invalid or has expired; list the artifacts again for "
+                "a fresh one, or send a bearer token",
+            )
 
 
 @router.get(
     "/{job_id}/artifacts/{name}",
     response_class=ArtifactFile,
-    dependencies=[Depends(download_access)],
+    dependencies=[Depends(SignedOrScope("read"))],
     responses={
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "the byte range asked for (Range: bytes=a-b)"},
@@ -300,12 +302,13 @@ def download(job_id: JobId, name: str, db: SessionDep, runs: StorageDep) -> Arti
 
 @router.delete("/{job_id}/artifacts", response_model=ArtifactsDeleted)
 def delete_artifacts(
-    job_id: JobId, db: SessionDep, _: UserDep, runs: StorageDep
+    job_id: JobId, db: SessionDep, token: SubmitDep, runs: StorageDep
 ) -> ArtifactsDeleted:
     """Free a finished job's storage: its model, optimizer state, checkpoints and files
     (its log, its metrics in the database and its record stay). Afterwards the listing
     says when, and downloads answer 410. 409 while the job may still write."""
     job = get_job(db, job_id)
+    require_owner(token, job.owner_id, f"job {job_id}")
     if job.status not in TERMINAL:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
@@ -315,5 +318,6 @@ def delete_artifacts(
         return ArtifactsDeleted(job_id=job_id, freed_bytes=0, deleted_at=job.artifacts_deleted_at)
     freed = runs.delete(job.run_dir_path) if job.run_dir else 0
     job.artifacts_deleted_at = utcnow()
+    record(db, token, "artifacts.delete", f"job {job_id}", f"{freed} bytes")
     db.commit()
     return ArtifactsDeleted(job_id=job_id, freed_bytes=freed, deleted_at=job.artifacts_deleted_at)

@@ -11,7 +11,8 @@ from typing import Annotated, Any, BinaryIO
 import anyio
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 
-from ..deps import SessionDep, UserDep
+from ..audit import record
+from ..deps import CodeDep, ReadDep, SessionDep
 from ..models import Package
 from ..packages import (
     ID_EXAMPLE,
@@ -50,7 +51,7 @@ WRITE_BYTES = 1 << 20  # the body is written and hashed in a worker thread a MiB
         }
     },
 )
-async def upload(request: Request, response: Response, _: UserDep) -> PackagePublic:
+async def upload(request: Request, response: Response, token: CodeDep) -> PackagePublic:
     """Store a zip of a project directory, sent as the raw body (``curl --data-binary
     @pkg.zip -H 'Content-Type: application/zip'``), under its content's id
     ``sha256:<hex>``. 201 when stored now, 200 when the same bytes already were (stored
@@ -72,7 +73,10 @@ async def upload(request: Request, response: Response, _: UserDep) -> PackagePub
 
         def store() -> tuple[PackagePublic, bool]:
             with request.app.state.db.sessions() as db:
-                row, created = store_package(db, root, path, pkg_id, limits)
+                row, created = store_package(db, root, path, pkg_id, limits, token.user_id)
+                if created:
+                    record(db, token, "package.upload", pkg_id[:100])
+                    db.commit()
                 return PackagePublic.model_validate(row), created
 
         try:
@@ -91,7 +95,7 @@ async def upload(request: Request, response: Response, _: UserDep) -> PackagePub
 
 
 @router.get("/{package_id}", response_model=PackagePublic)
-def show(package_id: PackageId, db: SessionDep, _: UserDep) -> Package:
+def show(package_id: PackageId, db: SessionDep, _: ReadDep) -> Package:
     """A stored package: its id, size and files."""
     package = get_package(db, package_id)
     if package is None:

@@ -8,10 +8,12 @@ from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from ..deps import CapacityDep, SessionDep, UserDep
+from ..audit import record
+from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, require_owner
 from ..jobs import final_metrics
 from ..models import Job, Sweep
 from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
+from .jobs import owner_filter, owner_names, require_code_scope
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 SweepId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a sweep id")]
@@ -24,6 +26,7 @@ class SweepPublic(BaseModel):
     spec: dict[str, Any]
     priority: int
     trials: int = 0
+    owner: str | None = None
 
 
 class SweepList(BaseModel):
@@ -52,6 +55,7 @@ def _public(db, sweep: Sweep) -> SweepPublic:
         spec=sweep.spec,
         priority=sweep.priority,
         trials=count,
+        owner=owner_names(db, {sweep.owner_id}).get(sweep.owner_id),
     )
 
 
@@ -63,28 +67,37 @@ def _get(db, sweep_id: int) -> Sweep:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
-def create(body: SweepCreate, db: SessionDep, _: UserDep, capacity: CapacityDep) -> SweepPublic:
+def create(
+    body: SweepCreate, db: SessionDep, token: SubmitDep, capacity: CapacityDep
+) -> SweepPublic:
     """Expand the space, validate every trial's spec (422 names the combination that
     failed, and nothing is queued), and queue one job per trial."""
+    require_code_scope(token, body.base)
     try:
-        sweep = create_sweep(db, body, capacity)
+        sweep = create_sweep(db, body, capacity, owner_id=token.user_id)
     except SweepError as e:
         db.rollback()
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, {"combination": e.varied, "errors": e.errors}
         ) from None
+    record(db, token, "sweep.create", f"sweep {sweep.id}", sweep.name)
+    db.commit()
     return _public(db, sweep)
 
 
 @router.get("", response_model=SweepList)
 def list_sweeps(
     db: SessionDep,
-    _: UserDep,
+    token: ReadDep,
     skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    owner: Annotated[
+        str | None, Query(max_length=100, description="'me', or a user's name")
+    ] = None,
 ) -> SweepList:
-    count = db.scalar(select(func.count()).select_from(Sweep)) or 0
-    rows = db.scalars(select(Sweep).order_by(Sweep.id.desc()).offset(skip).limit(limit))
+    query = owner_filter(select(Sweep), token, owner, Sweep.owner_id)
+    count = db.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = db.scalars(query.order_by(Sweep.id.desc()).offset(skip).limit(limit))
     return SweepList(data=[_public(db, s) for s in rows], count=count)
 
 
@@ -92,7 +105,7 @@ def list_sweeps(
 def show(
     sweep_id: SweepId,
     db: SessionDep,
-    _: UserDep,
+    _: ReadDep,
     sort: Annotated[
         str | None, Query(max_length=100, description="a final metric to sort by")
     ] = None,
@@ -125,10 +138,14 @@ def show(
 
 
 @router.post("/{sweep_id}/cancel", response_model=SweepPublic)
-def cancel(sweep_id: SweepId, db: SessionDep, _: UserDep) -> SweepPublic:
-    """Cancel every trial that has not ended (409 if the sweep already has)."""
+def cancel(sweep_id: SweepId, db: SessionDep, token: SubmitDep) -> SweepPublic:
+    """Cancel every trial that has not ended (409 if the sweep already has); its owner or
+    an admin."""
     sweep = _get(db, sweep_id)
+    require_owner(token, sweep.owner_id, f"sweep {sweep_id}")
     if sweep.status != "running":
         raise HTTPException(status.HTTP_409_CONFLICT, f"sweep {sweep_id} is {sweep.status}")
     cancel_sweep(db, sweep)
+    record(db, token, "sweep.cancel", f"sweep {sweep_id}")
+    db.commit()
     return _public(db, sweep)

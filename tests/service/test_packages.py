@@ -462,7 +462,10 @@ def test_a_jobs_runtime_env_ships_its_package_and_its_requirements(tmp_path):
     zip_path(settings.packages_dir, pkg).write_bytes(data)
     env = job_runtime_env({"code": pkg, "requirements": ["einops==0.8.0"]}, settings)
     assert env == {
-        "env_vars": {"NESTOR_HOME": str(tmp_path)},
+        "env_vars": {
+            "NESTOR_HOME": str(tmp_path),
+            "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),  # the job log's cap
+        },
         "working_dir": str(zip_path(settings.packages_dir, pkg)),
         "pip": ["einops==0.8.0"],
     }
