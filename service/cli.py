@@ -441,6 +441,75 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _days(text: str) -> float:
+    """'30d', '12h' or a number of days."""
+    units = {"d": 1.0, "h": 1 / 24, "w": 7.0}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--expires {text!r}: give e.g. 30d, 12h or 2w") from None
+
+
+def _scopes(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """Users (admins): create one (its first token is printed once), list, disable."""
+    client = _client(args)
+    if args.action == "create":
+        if not args.name:
+            _fail("nestor users create NAME")
+        made = _api_errors(lambda: client.create_user(args.name, _scopes(args.scope)))
+        print(f"user {made['id']} {made['name']}; their token (shown once):", file=sys.stderr)
+        print(made["token"])
+        return 0
+    users = _api_errors(client.users)
+    if args.action == "list":
+        for u in users:
+            state = "disabled" if u["disabled"] else "active"
+            print(f"{u['id']:>4}  {u['name']:<20} {state:<9} {u['created_at']}")
+        return 0
+    match = [u for u in users if args.name in (u["name"], str(u["id"]))]
+    if not match:
+        _fail(f"no user {args.name!r}")
+    done = _api_errors(lambda: client.set_user_disabled(match[0]["id"], args.action == "disable"))
+    print(f"user {done['name']}: {'disabled' if done['disabled'] else 'enabled'}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Your tokens: create (the secret is printed once), list, revoke."""
+    client = _client(args)
+    if args.action == "create":
+        made = _api_errors(
+            lambda: client.create_token(args.name or "token", _scopes(args.scope), args.expires)
+        )
+        expiry = f", expires {made['expires_at']}" if made["expires_at"] else ""
+        print(
+            f"token {made['id']} ({', '.join(made['scopes'])}{expiry}), shown once:",
+            file=sys.stderr,
+        )
+        print(made["token"])
+        return 0
+    if args.action == "revoke":
+        if not args.id:
+            _fail("nestor token revoke ID")
+        done = _api_errors(lambda: client.revoke_token(int(args.id)))
+        print(f"token {done['id']} ({done['name']}) revoked")
+        return 0
+    for t in _api_errors(lambda: client.tokens(args.all)):
+        state = "revoked" if t["revoked"] else "active"
+        print(
+            f"{t['id']:>4}  {t['name']:<16} {t['user'] or '-':<12} {','.join(t['scopes']):<22} "
+            f"{state:<8} last used {t['last_used_at'] or 'never'}; "
+            f"expires {t['expires_at'] or 'never'}"
+        )
+    return 0
+
+
 def optimizer_label(spec: dict[str, Any]) -> str:
     opt = spec["optimizer"]
     return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
@@ -523,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sweep", cmd_sweep, "create a sweep from a JSON file"),
         ("logs", cmd_logs, "print a job's log (-f: follow it while it runs)"),
         ("download", cmd_download, "download a job's model, optimizer state and files"),
+        ("users", cmd_users, "users (admins): create NAME, list, disable NAME, enable NAME"),
+        ("token", cmd_token, "your API tokens: create, list, revoke ID"),
     ]:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", help="service URL (default NESTOR_URL or 127.0.0.1:8000)")
@@ -546,6 +617,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", type=int)
             p.add_argument("-f", "--follow", action="store_true", help="stream until it ends")
             p.add_argument("--since", type=int, default=0, help="the first line to show")
+        elif name == "users":
+            p.add_argument("action", choices=["create", "list", "disable", "enable"])
+            p.add_argument("name", nargs="?", help="the user's name (or id)")
+            p.add_argument("--scope", default="read,submit", help="the first token's scopes")
+        elif name == "token":
+            p.add_argument("action", choices=["create", "list", "revoke"])
+            p.add_argument("id", nargs="?", help="the token to revoke")
+            p.add_argument("--name", help="a name to recognise it by")
+            p.add_argument(
+                "--scope", default="read,submit", help="read, submit, code, admin (comma-separated)"
+            )
+            p.add_argument("--expires", type=_days, help="e.g. 30d, 12h (default: never)")
+            p.add_argument("--all", action="store_true", help="every user's tokens (admins)")
         elif name == "download":
             p.add_argument("id", type=int)
             p.add_argument("--out", help="directory (default: ./job-ID)")

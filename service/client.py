@@ -127,6 +127,40 @@ class Client:
                 raise RuntimeError(f"uploaded {pkg_id} but the service stored {stored}") from None
         return pkg_id
 
+    # ------------------------------------------------------------------ users and tokens
+    def me(self) -> dict:
+        """Who this client's token stands for: {"user", "scopes", ...}."""
+        return self._call("GET", "/v1/me")
+
+    def create_user(self, name: str, scopes: list[str] | None = None) -> dict:
+        """(Admins.) A new user; the answer's ``token`` is their first token, shown once."""
+        body: dict[str, Any] = {"name": name}
+        if scopes:
+            body["scopes"] = scopes
+        return self._call("POST", "/v1/users", json=body)
+
+    def users(self) -> list[dict]:
+        return self._call("GET", "/v1/users")
+
+    def set_user_disabled(self, user_id: int, disabled: bool = True) -> dict:
+        return self._call("PATCH", f"/v1/users/{user_id}", json={"disabled": disabled})
+
+    def create_token(
+        self, name: str, scopes: list[str], expires_in_days: float | None = None
+    ) -> dict:
+        """A new token of this client's user; the answer's ``token`` is shown once."""
+        body = {"name": name, "scopes": scopes, "expires_in_days": expires_in_days}
+        return self._call("POST", "/v1/tokens", json=body)
+
+    def tokens(self, all_users: bool = False) -> list[dict]:
+        return self._call("GET", "/v1/tokens", params={"all": str(all_users).lower()})
+
+    def revoke_token(self, token_id: int) -> dict:
+        return self._call("DELETE", f"/v1/tokens/{token_id}")
+
+    def audit(self, since_id: int = 0, limit: int = 100) -> list[dict]:
+        return self._call("GET", "/v1/audit", params={"since_id": since_id, "limit": limit})
+
     # ------------------------------------------------------------------ outputs
     def logs(self, job_id: int, since: int = 0, limit: int = 1000) -> dict:
         """One page of the job's log: {"lines", "first", "next", "dropped", "notice",

@@ -1,8 +1,10 @@
 """The Ray cluster the service schedules onto: an existing one, or a local one it starts.
 
 The embedded cluster is `ray start --head` on loopback with the dashboard (for the Jobs
-API). Ray 2.60 enables token authentication for local clusters; the embedded cluster runs
-with RAY_AUTH_MODE=disabled because it listens on 127.0.0.1 only, and says so in the docs.
+API), with Ray's token authentication on: the token is made once and kept in
+``HOME/ray-auth-token`` (mode 0600); every process of the cluster (GCS, raylet, dashboard, job
+drivers, Train workers) inherits it from `ray start`'s environment, and the service sends it
+with each call. Without it, Ray's Jobs API answers 401 and its gRPC ports refuse the caller.
 
 The embedded cluster outlives the service while jobs run on it: its addresses and process
 are recorded in ``HOME/ray-cluster.json``, and the next start adopts it when it answers, or
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,8 +45,13 @@ class RayCluster:
     8265) or the dashboard URL (http://host:port, GCS assumed on 6379).
     """
 
-    def __init__(self, address: str | None, home: Path, num_cpus: int | None = None) -> None:
+    def __init__(
+        self, address: str | None, home: Path, num_cpus: int | None = None, auth: bool = True
+    ) -> None:
         self.embedded = address is None
+        # The embedded cluster's Ray token; an external cluster's from RAY_AUTH_TOKEN, if any.
+        self.token = ray_token(home) if self.embedded and auth else os.environ.get("RAY_AUTH_TOKEN")
+        self.auth = auth
         self.home = home
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.adopted = False  # an embedded cluster a previous service left running
@@ -63,11 +71,20 @@ class RayCluster:
     def state_file(self) -> Path:
         return self.home / STATE_FILE
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a call to the cluster's dashboard (Jobs and state APIs) must carry."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)  # addresses are passed explicitly
-        if self.embedded:
-            env["RAY_AUTH_MODE"] = "disabled"  # loopback only
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+        if self.embedded and self.token:
+            env["RAY_AUTH_MODE"] = "token"
+            env["RAY_AUTH_TOKEN"] = self.token
+        elif self.embedded:
+            env["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster
         return env
 
     def _ray_start(self, args: list[str], log_name: str) -> subprocess.Popen:
@@ -131,7 +148,7 @@ class RayCluster:
         except (OSError, ValueError):
             return False
         pid = int(state.get("pid") or 0)
-        if _is_ray_start(pid) and _answers(state.get("dashboard_url", "")):
+        if _is_ray_start(pid) and _answers(state.get("dashboard_url", ""), self.headers):
             self.gcs_address, self.dashboard_url = state["gcs_address"], state["dashboard_url"]
             self.num_cpus = int(state.get("num_cpus") or self.num_cpus)
             self._head_pid, self.adopted = pid, True
@@ -148,7 +165,7 @@ class RayCluster:
         while time.time() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"ray start exited ({self.home / 'ray-head.log'})")
-            if _answers(self.dashboard_url):
+            if _answers(self.dashboard_url, self.headers):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"Ray dashboard at {self.dashboard_url} did not come up")
@@ -190,10 +207,17 @@ class RayCluster:
         return self._alive_resources()
 
     def _alive_resources(self) -> dict[str, float]:
-        from ray.util.state import list_nodes
+        from ray.util.state.api import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
 
-        nodes = list_nodes(
-            address=self.dashboard_url, filters=[("state", "=", "ALIVE")], timeout=10
+        client = StateApiClient(
+            address=self.dashboard_url,
+            headers={**self.headers, "Content-Type": "application/json"},
+        )
+        nodes = client.list(
+            StateResource.NODES,
+            options=ListApiOptions(filters=[("state", "=", "ALIVE")], timeout=10),
+            raise_on_missing_output=False,
         )
         total = {"CPU": 0.0, "GPU": 0.0}
         for node in nodes:
@@ -202,13 +226,27 @@ class RayCluster:
         return total
 
 
-def _answers(dashboard_url: str, timeout: float = 2.0) -> bool:
+def ray_token(home: Path) -> str:
+    """The embedded cluster's Ray token, made on first use (``HOME/ray-auth-token``, 0600)."""
+    path = home / "ray-auth-token"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _answers(dashboard_url: str, headers: dict[str, str], timeout: float = 2.0) -> bool:
+    """Whether the dashboard answers this caller (a cluster with another token: 403, no)."""
     import urllib.request
 
     if not dashboard_url:
         return False
     try:
-        with urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=timeout):
+        request = urllib.request.Request(f"{dashboard_url}/api/version", headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout):
             return True
     except OSError:
         return False

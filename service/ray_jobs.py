@@ -24,9 +24,12 @@ class RayJob:
 
 
 class RayJobs:
-    def __init__(self, dashboard_url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, dashboard_url: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+    ) -> None:
         self.url = dashboard_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.headers = dict(headers or {})  # Ray's token, when the cluster has one
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=self.headers)
         self._sdk = None
 
     def _request(self, method: str, path: str) -> httpx.Response:
@@ -61,7 +64,7 @@ class RayJobs:
         if self._sdk is None:
             from ray.job_submission import JobSubmissionClient
 
-            self._sdk = JobSubmissionClient(self.url)
+            self._sdk = JobSubmissionClient(self.url, headers=self.headers)
         self._sdk.submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id,

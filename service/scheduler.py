@@ -122,7 +122,7 @@ class Scheduler:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self.cluster.start()
-        self.ray = RayJobs(self.cluster.dashboard_url)
+        self.ray = RayJobs(self.cluster.dashboard_url, headers=self.cluster.headers)
         _ = self.capacity  # read once now, so the API can refuse jobs that can never fit
         self._thread = threading.Thread(target=self._loop, name="nestor-scheduler", daemon=True)
         self._thread.start()

@@ -52,7 +52,8 @@ def stop_everything(settings: Settings) -> str:
             select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
         ).all()
         if running:
-            _stop_ray_jobs(RayJobs(cluster.dashboard_url), [j.submission_id for j in jobs])
+            ray_jobs = RayJobs(cluster.dashboard_url, headers=cluster.headers)
+            _stop_ray_jobs(ray_jobs, [j.submission_id for j in jobs])
             cluster.stop()
         for job in jobs:
             if settings.backfill and job.run_dir:

@@ -27,7 +27,9 @@ def ray_cluster(nestor_home):
     from service.ray_cluster import RayCluster
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
-    cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=2)
+    # Without Ray's token auth, so that this process can join it as a driver; the service's
+    # own embedded clusters (tests/e2e, test_ray_auth.py) run with it.
+    cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=2, auth=False)
     cluster.start()
     cluster.add_node(num_cpus=2)
     yield cluster

@@ -325,3 +325,27 @@ def test_a_previous_release_database_upgrades_with_jobs_and_tokens_intact(tmp_pa
         assert c.get("/v1/sweeps", headers=h).json()["data"][0]["owner"] == "admin"
     with sqlite3.connect(home / "nestor.db") as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] >= "0006"
+
+
+def test_the_cli_creates_users_and_scoped_expiring_tokens(api_server, capsys):
+    from service.cli import main as nestor
+
+    live, _ = api_server
+    base = ["--url", live.url]
+    assert nestor(["users", "create", "carol", *base, "--token", live.settings.admin_token]) == 0
+    carol = capsys.readouterr().out.strip()
+    assert carol.startswith("nst_")
+    args = ["token", "create", "--scope", "read", "--expires", "30d", "--name", "ci"]
+    assert nestor([*args, *base, "--token", carol]) == 0
+    ci = capsys.readouterr().out.strip()
+    assert nestor(["token", "list", *base, "--token", ci]) == 0
+    listed = capsys.readouterr().out
+    assert "ci " in listed and "read " in listed and "expires never" in listed  # first token
+    token_id = next(line.split()[0] for line in listed.splitlines() if " ci " in line)
+    assert nestor(["token", "revoke", token_id, *base, "--token", carol]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        nestor(["jobs", *base, "--token", ci])
+    assert "401" in capsys.readouterr().err
+    assert nestor(["users", "disable", "carol", *base, "--token", live.settings.admin_token]) == 0
+    assert "disabled" in capsys.readouterr().out

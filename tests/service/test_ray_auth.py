@@ -1,0 +1,52 @@
+"""Ray's own door: the embedded cluster `nestor serve` starts runs with Ray's token
+authentication, the service holds the token, and nobody without it submits a Ray job."""
+
+from __future__ import annotations
+
+import stat
+import time
+
+import httpx
+import pytest
+
+from service.ray_cluster import RayCluster
+from service.ray_jobs import RayJobs
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    home = tmp_path_factory.mktemp("ray-auth")
+    cluster = RayCluster(None, home, num_cpus=1)
+    cluster.start()
+    yield cluster, home
+    cluster.stop(drain=5)
+
+
+def test_the_embedded_cluster_refuses_jobs_without_the_services_ray_token(guarded):
+    cluster, home = guarded
+    token_file = home / "ray-auth-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert cluster.token == token_file.read_text().strip() and len(cluster.token) == 64
+    url = cluster.dashboard_url
+    mode = httpx.get(f"{url}/api/authentication_mode", timeout=10).json()
+    assert mode["authentication_mode"] == "token"
+
+    intruder = {"entrypoint": "echo owned", "submission_id": "intruder"}
+    assert httpx.post(f"{url}/api/jobs/", json=intruder, timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer " + "0" * 64}
+    assert (
+        httpx.post(f"{url}/api/jobs/", json=intruder, headers=wrong, timeout=10).status_code == 403
+    )
+    assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code == 401
+
+    jobs = RayJobs(url, headers=cluster.headers)
+    assert jobs.get("intruder") is None  # never created
+    # The service's own calls, with the token: a job is submitted and its driver (which
+    # inherits the token from the cluster) runs to the end.
+    assert jobs.submit("nestor-auth-check", "python -c \"print('inside')\"", {})
+    deadline = time.time() + 120
+    while (state := jobs.get("nestor-auth-check").status) not in ("SUCCEEDED", "FAILED"):
+        assert time.time() < deadline, state
+        time.sleep(0.5)
+    assert state == "SUCCEEDED"
+    assert cluster.resources()["CPU"] == 1.0  # the state API, with the token
