@@ -1,4 +1,5 @@
-// "/": jobs and sweeps, filtered, refreshed every few seconds.
+// "/": jobs and sweeps with their owners, filtered (status, text, mine only), refreshed every
+// few seconds.
 import { api, badge, el, fmt, fmtTime, notice, optimizerLabel, start } from "./nestor.js";
 
 const REFRESH_MS = 2000;
@@ -16,6 +17,7 @@ function jobRow(job) {
   return el("tr", { "data-job": job.id },
     el("td", {}, el("a", { href: `/jobs/${job.id}` }, `#${job.id}`)),
     el("td", {}, job.name),
+    el("td", { class: "owner" }, job.owner ?? "–"),
     el("td", { title: job.status === "queued" && job.pending_reason ? `waiting: ${job.pending_reason}` : null },
       badge(job.status)),
     el("td", {}, optimizerLabel(job.spec)),
@@ -33,6 +35,7 @@ function sweepRow(sweep) {
   return el("tr", { "data-sweep": sweep.id },
     el("td", {}, el("a", { href: `/sweeps/${sweep.id}` }, `#${sweep.id}`)),
     el("td", {}, sweep.name),
+    el("td", { class: "owner" }, sweep.owner ?? "–"),
     el("td", {}, badge(sweep.status)),
     el("td", { class: "num" }, sweep.trials),
     el("td", {}, sweep.spec.search || "grid"),
@@ -52,12 +55,14 @@ start(async (main) => {
   const status = el("select", { id: "filter-status", "aria-label": "status" },
     STATUSES.map((s) => el("option", { value: s }, s ? s.replace("_", " ") : "any status")));
   const text = el("input", { id: "filter-text", type: "search", placeholder: "name or optimizer" });
+  const mine = el("input", { id: "mine", type: "checkbox" });
   const jobsBox = el("section", { id: "jobs" }, el("p", { class: "loading" }, "Loading jobs…"));
   const sweepsBox = el("section", { id: "sweeps" }, el("p", { class: "loading" }, "Loading sweeps…"));
   const errorBox = el("div", { id: "errors" });
   main.replaceChildren(
     el("h1", {}, "Runs"),
     el("div", { class: "filters" }, el("label", {}, "Status ", status), text,
+      el("label", {}, mine, " mine only"),
       el("span", { class: "muted", id: "updated" })),
     errorBox,
     el("h2", {}, "Sweeps"), sweepsBox,
@@ -68,25 +73,27 @@ start(async (main) => {
   async function refresh() {
     const seq = ++latest;
     const params = new URLSearchParams({ limit: "200" });
+    const sweepParams = new URLSearchParams({ limit: "100" });
     if (status.value) params.set("status", status.value);
+    if (mine.checked) for (const p of [params, sweepParams]) p.set("owner", "me");
     const needle = text.value.trim().toLowerCase();
     try {
-      const [jobs, sweeps] = await Promise.all([api(`/v1/jobs?${params}`), api("/v1/sweeps?limit=100")]);
+      const [jobs, sweeps] = await Promise.all([api(`/v1/jobs?${params}`), api(`/v1/sweeps?${sweepParams}`)]);
       if (seq !== latest) return;
       const jobRows = jobs.data.filter((j) => !needle
         || j.name.toLowerCase().includes(needle) || optimizerLabel(j.spec).includes(needle));
       const sweepRows = sweeps.data.filter((s) => (!status.value || s.status === status.value)
         && (!needle || s.name.toLowerCase().includes(needle)));
       jobsBox.replaceChildren(jobRows.length
-        ? table("jobs-table", ["id", "name", "status", "optimizer", "batch", "workers", "progress",
+        ? table("jobs-table", ["id", "name", "owner", "status", "optimizer", "batch", "workers", "progress",
           "train loss", "val acc", "sweep", "submitted"], jobRows.map(jobRow))
-        : notice("empty", jobs.count || needle || status.value
+        : notice("empty", jobs.count || needle || status.value || mine.checked
           ? "No job matches these filters."
           : "No jobs yet. Submit one: nestor submit examples/mnist1d-adan-32k.json"));
       sweepsBox.replaceChildren(sweepRows.length
-        ? table("sweeps-table", ["id", "name", "status", "trials", "search", "varies", "early stopping"],
+        ? table("sweeps-table", ["id", "name", "owner", "status", "trials", "search", "varies", "early stopping"],
           sweepRows.map(sweepRow))
-        : notice("empty", sweeps.count ? "No sweep matches these filters."
+        : notice("empty", sweeps.count || mine.checked ? "No sweep matches these filters."
           : "No sweeps yet. Start one: nestor sweep examples/sweep-large-batch-small.json"));
       errorBox.replaceChildren();
       document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
@@ -96,6 +103,7 @@ start(async (main) => {
   }
   status.addEventListener("change", refresh);
   text.addEventListener("input", refresh);
+  mine.addEventListener("change", refresh);
   await refresh();
   setInterval(refresh, REFRESH_MS);
 });

@@ -1,6 +1,6 @@
-// "/jobs/{id}": spec, status, events, charts, log, artifacts; live over server-sent events
-// while it runs.
-import { api, badge, el, fmt, fmtTime, layout, loadPlotly, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+// "/jobs/{id}": spec, status, owner, events, charts, log, artifacts; live over server-sent events
+// while it runs. Cancel, retry and artifact deletion are shown only to a token that may use them.
+import { actionFailed, api, badge, can, el, fmt, fmtTime, hasScope, layout, loadPlotly, me, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
 import { artifactsPanel, logPanel } from "./outputs.js";
 
 const CHARTS = [
@@ -26,6 +26,7 @@ function specSummary(job) {
     ...(s.precision && s.precision !== "fp32" ? [["precision", s.precision]] : []),
   ];
   return el("dl", { class: "summary" },
+    el("div", {}, el("dt", { class: "muted" }, "submitted by"), el("dd", { id: "owner" }, job.owner ?? "–")),
     ...[["model", factoryLabel(s.model)], ["dataset", factoryLabel(s.dataset)], ...code,
       ["optimizer", optimizerLabel(s)],
       ["lr", fmt(s.optimizer.lr)], ["batch size", s.batch_size], ["workers", s.num_workers],
@@ -44,15 +45,22 @@ start(async (main) => {
   const historyLoading = api(`/v1/jobs/${jobId}/events/history`);
   metricsLoading.catch(() => {}); historyLoading.catch(() => {}); // awaited below
   const plotlyLoading = loadPlotly();
+  const whoLoading = me();
+  whoLoading.catch(() => {}); // awaited below
   let job = await api(`/v1/jobs/${jobId}`).catch((err) => {
     main.replaceChildren(notice("error", err.status === 404 ? `Job ${jobId} does not exist.` : err.message));
     return null;
   });
   if (!job) return;
+  const who = await whoLoading;
+  // Retrying a job that runs a code package also needs "code" (the service checks both).
+  const mayRetry = can(who, "retry", job.owner) && (!job.spec.code || hasScope(who, "code"));
   document.title = `Nestor — #${job.id} ${job.name}`;
   const statusSlot = el("span", { id: "status" }, badge(job.status));
-  const cancelBtn = el("button", { id: "cancel", class: "danger", type: "button" }, "Cancel job");
-  const retryBtn = el("button", { id: "retry", type: "button" }, "Retry");
+  const cancelBtn = el("button", {
+    id: "cancel", class: "danger", type: "button", hidden: !can(who, "cancel", job.owner),
+  }, "Cancel job");
+  const retryBtn = el("button", { id: "retry", type: "button", hidden: !mayRetry }, "Retry");
   const message = el("div", { id: "message" });
   const summary = el("div", { id: "summary" }, specSummary(job));
   const events = el("ol", { class: "events", id: "events" });
@@ -60,7 +68,7 @@ start(async (main) => {
     CHARTS.map((c) => el("div", { class: "card" }, el("div", { class: "chart", id: `chart-${c.id}` },
       el("p", { class: "loading" }, "Loading…")))));
   const log = logPanel(jobId);
-  const artifacts = artifactsPanel(jobId);
+  const artifacts = artifactsPanel(jobId, { deletable: can(who, "delete", job.owner) });
   main.replaceChildren(
     el("h1", {}, `#${job.id} ${job.name} `, statusSlot),
     el("div", { class: "actions" }, cancelBtn, retryBtn,
@@ -93,12 +101,13 @@ start(async (main) => {
   cancelBtn.addEventListener("click", async () => {
     cancelBtn.disabled = true;
     try { showJob(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" })); } catch (err) {
-      message.replaceChildren(notice("error", `Cancel failed: ${err.message}`));
+      showJob(job);
+      message.replaceChildren(actionFailed("Cancel", err));
     }
   });
   retryBtn.addEventListener("click", async () => {
     try { location.href = `/jobs/${(await api(`/v1/jobs/${jobId}/retry`, { method: "POST" })).id}`; } catch (err) {
-      message.replaceChildren(notice("error", `Retry failed: ${err.message}`));
+      message.replaceChildren(actionFailed("Retry", err));
     }
   });
 

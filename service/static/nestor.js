@@ -47,6 +47,39 @@ export async function api(path, { method = "GET", body } = {}) {
   return data;
 }
 
+// ---- who is signed in ---------------------------------------------------------------------
+
+// The signed-in token's user and scopes, {user_id, user, token_id, scopes}: asked once per page
+// load, shared by everything on the page.
+let meLoading = null;
+export function me() {
+  meLoading ||= api("/v1/me").catch((err) => { meLoading = null; throw err; });
+  return meLoading;
+}
+
+// The service's rule: "admin" grants every scope, "code" grants "submit".
+export function hasScope(who, scope) {
+  const s = who.scopes;
+  return s.includes(scope) || s.includes("admin") || (scope === "submit" && s.includes("code"));
+}
+
+const OWNER_ACTIONS = new Set(["cancel", "retry", "delete"]);
+
+// Whether `who` (from me()) may cancel, retry or delete (artifacts) a job or sweep of `owner`
+// (a user's name): an admin always; anyone else with "submit" on their own. The page hides
+// what this refuses; the service still decides (a 403 is shown with actionFailed).
+export function can(who, action, owner) {
+  if (!OWNER_ACTIONS.has(action)) throw new Error(`unknown action: ${action}`);
+  if (hasScope(who, "admin")) return true;
+  return hasScope(who, "submit") && owner !== null && owner !== undefined && who.user === owner;
+}
+
+// The notice for an action the service refused or that failed: a 403's detail names the missing
+// scope or says whose the job is (the page's view of the permissions was out of date).
+export function actionFailed(what, err) {
+  return notice("error", err.status === 403 ? `${what} not allowed: ${err.message}` : `${what} failed: ${err.message}`);
+}
+
 // Server-sent events over fetch: calls handlers[event](data) until the stream ends or
 // `signal` aborts. Resolves when the server closes the stream. `cursor.lastEventId` is the
 // last message's id; pass the same cursor again to resume after a reconnect.

@@ -1,6 +1,6 @@
 // The job page's outputs: its log (followed over server-sent events while the job runs, read
 // page by page once it has ended) and its artifacts (signed download links, deletion).
-import { api, el, fmtBytes, fmtTime, notice, parseTime, streamEvents } from "./nestor.js";
+import { actionFailed, api, el, fmtBytes, fmtTime, notice, parseTime, streamEvents } from "./nestor.js";
 
 const MAX_LOG_LINES = 5000; // lines kept in the page: the DOM stays small however long the log
 const LOG_PAGE = 10_000; // the API's largest page
@@ -120,8 +120,8 @@ function artifactTable(data) {
 }
 
 // The "Artifacts" card. `load(live)` lists them again; deletion is offered once the job has
-// ended (not live).
-export function artifactsPanel(jobId) {
+// ended (not live), to a token that may delete them (`deletable`: its owner's or an admin's).
+export function artifactsPanel(jobId, { deletable = false } = {}) {
   const box = el("div", { id: "artifacts" }, el("p", { class: "loading" }, "Loading…"));
   const node = el("div", { class: "card" }, el("h2", {}, "Artifacts"), box);
   let live = true;
@@ -136,7 +136,7 @@ export function artifactsPanel(jobId) {
     try {
       await api(`/v1/jobs/${jobId}/artifacts`, { method: "DELETE" });
     } catch (err) {
-      box.append(notice("error", `Delete failed: ${err.message}`));
+      box.append(actionFailed("Delete", err));
       button.disabled = false;
       return;
     }
@@ -165,7 +165,7 @@ export function artifactsPanel(jobId) {
       return;
     }
     box.replaceChildren(artifactTable(data));
-    if (!live) {
+    if (!live && deletable) {
       const button = el("button", {
         id: "delete-artifacts", class: "danger", type: "button", onclick: () => remove(data, button),
       }, "Delete artifacts");

@@ -1,6 +1,7 @@
 // "/sweeps/{id}": trials' curves by optimizer, final metric against batch size per optimizer,
-// parallel coordinates of the varied parameters, a sortable trials table.
-import { api, badge, colorFor, el, fmt, fmtBatch, layout, loadPlotly, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
+// parallel coordinates of the varied parameters, a sortable trials table; its owner, and a cancel
+// button for a token that may use it.
+import { actionFailed, api, badge, can, colorFor, el, fmt, fmtBatch, layout, loadPlotly, me, notice, optimizerLabel, PLOT_CONFIG, start } from "./nestor.js";
 
 const REFRESH_MS = 5000;
 const CURVE_POINTS = 500;
@@ -59,14 +60,15 @@ function parcoords(trials, varied, metric) {
 start(async (main) => {
   const head = el("h1", {}, `Sweep #${sweepId}`);
   const statusSlot = el("span", { id: "status" });
-  const cancelBtn = el("button", { id: "cancel", class: "danger", type: "button" }, "Cancel sweep");
+  const owner = el("span", { class: "muted", id: "owner" });
+  const cancelBtn = el("button", { id: "cancel", class: "danger", type: "button", hidden: true }, "Cancel sweep");
   const metricSel = el("select", { id: "metric", "aria-label": "metric" });
   const message = el("div", { id: "message" });
   const tableBox = el("div", { id: "trials" }, el("p", { class: "loading" }, "Loading trials…"));
   const chart = (id, cls = "chart tall") => el("div", { class: "card" }, el("div", { class: cls, id }));
   main.replaceChildren(
     head,
-    el("div", { class: "filters" }, statusSlot, el("label", {}, "Metric ", metricSel), cancelBtn,
+    el("div", { class: "filters" }, statusSlot, owner, el("label", {}, "Metric ", metricSel), cancelBtn,
       el("span", { class: "muted", id: "updated" })),
     message,
     el("div", { class: "grid" }, chart("chart-batch"), chart("chart-curves")),
@@ -157,8 +159,8 @@ start(async (main) => {
   }
 
   async function load() {
-    const [d, jobs] = await Promise.all([
-      api(`/v1/sweeps/${sweepId}`), api(`/v1/jobs?sweep=${sweepId}&limit=1000`), loadPlotly(),
+    const [d, jobs, who] = await Promise.all([
+      api(`/v1/sweeps/${sweepId}`), api(`/v1/jobs?sweep=${sweepId}&limit=1000`), me(), loadPlotly(),
     ]);
     detail = d;
     const specs = new Map(jobs.data.map((j) => [j.id, j.spec]));
@@ -166,6 +168,8 @@ start(async (main) => {
     head.textContent = `Sweep #${d.id} ${d.name}`;
     document.title = `Nestor — sweep #${d.id} ${d.name}`;
     statusSlot.replaceChildren(badge(d.status));
+    owner.textContent = `submitted by ${d.owner ?? "–"}`;
+    cancelBtn.hidden = !can(who, "cancel", d.owner);
     cancelBtn.disabled = d.status !== "running";
     const keys = [...new Set(trials.flatMap((t) => Object.keys(t.final)))]
       .filter((k) => /^(val_|train_loss)/.test(k)).sort();
@@ -181,7 +185,8 @@ start(async (main) => {
   cancelBtn.addEventListener("click", async () => {
     cancelBtn.disabled = true;
     try { await api(`/v1/sweeps/${sweepId}/cancel`, { method: "POST" }); await load(); } catch (err) {
-      message.replaceChildren(notice("error", `Cancel failed: ${err.message}`));
+      cancelBtn.disabled = detail.status !== "running";
+      message.replaceChildren(actionFailed("Cancel", err));
     }
   });
   try {

@@ -1,8 +1,8 @@
 """The dashboard in a real browser (Debian's Chromium via Playwright) against the live service
 on the session's real Ray cluster: sign-in, the run list, a live run whose chart grows while it
 trains, cancel from the page, a job's log followed live, its artifacts downloaded by signed
-link and deleted, a finished sweep's comparison chart. Screenshots land in
-artifacts/screenshots/."""
+link and deleted, a finished sweep's comparison chart, owners (shown, "mine only", buttons only
+for a token that may use them). Screenshots land in artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from service.client import Client
 from service.models import TERMINAL, Job
 from workers.logs import JobLog
 
@@ -291,3 +292,98 @@ def test_pages_fit_laptop_and_large_monitor_widths(service, browser, finished_sw
             name = path.strip("/").replace("/", "-") or "home"
             page.screenshot(path=str(shots / f"{name}-{size['width']}.png"), full_page=True)
         context.close()
+
+
+@pytest.fixture(scope="module")
+def people(service):
+    """Two users besides the admin: vera may only read, olga may read and submit; each as
+    (token, Client)."""
+    live, admin = service
+    made = {}
+    for name, scopes in (("vera", ["read"]), ("olga", ["read", "submit"])):
+        user = admin._call("POST", "/v1/users", json={"name": name, "scopes": scopes})
+        made[name] = (user["token"], Client(live.url, user["token"]))
+    return made
+
+
+def test_owner_is_shown_and_only_a_token_that_may_act_sees_the_buttons(service, page, people):
+    _, admin = service
+    vera_token, _ = people["vera"]
+    olga_token, olga = people["olga"]
+    spec = {**TINY, "num_workers": 1, "micro_batch_size": 256, "max_steps": 1_000_000}
+    job = olga.submit(spec, name="olgas-run")
+    url = base_url(service) + f"/jobs/{job['id']}"
+    try:
+        # vera (read only) sees whose it is, and no button she could not use.
+        sign_in(page, base_url(service) + "/", vera_token)
+        row = page.locator(f"#jobs-table tr[data-job='{job['id']}']")
+        expect(row.locator("td.owner")).to_have_text("olga")
+        page.goto(url)
+        expect(page.locator("#owner")).to_have_text("olga")
+        for button in ("#cancel", "#retry"):
+            expect(page.locator(button)).to_be_hidden()
+        # Shown anyway (a page older than a change of scopes), the service's refusal is shown.
+        page.evaluate("document.getElementById('cancel').hidden = false")
+        page.click("#cancel")
+        expect(page.get_by_role("alert")).to_contain_text("lacks the 'submit' scope")
+        assert admin.job(job["id"])["status"] in ("queued", "running")
+
+        # olga, its owner, cancels it from the page once it runs (so that it leaves artifacts).
+        page.click("#signout")
+        sign_in(page, url, olga_token)
+        expect(page.locator("#status [data-status]")).to_have_attribute(
+            "data-status", "running", timeout=180_000
+        )
+        page.click("#cancel")
+        expect(page.locator("#status [data-status]")).to_have_attribute(
+            "data-status", "cancelled", timeout=90_000
+        )
+        expect(page.locator("#retry")).to_be_visible()
+        expect(page.locator("#delete-artifacts")).to_be_visible()
+
+        # The ended job's artifacts are listed for vera too, without a delete button.
+        page.click("#signout")
+        sign_in(page, url, vera_token)
+        expect(page.locator("#artifacts-table")).to_be_visible()
+        expect(page.locator("#delete-artifacts")).to_have_count(0)
+        expect(page.locator("#retry")).to_be_hidden()
+    finally:
+        if admin.job(job["id"])["status"] not in TERMINAL:
+            admin.cancel(job["id"])
+        wait_for(lambda: admin.job(job["id"])["status"] in TERMINAL, timeout=120)
+
+
+def test_mine_only_lists_the_signed_in_users_jobs_and_sweeps(service, page, people):
+    _, admin = service
+    olga_token, olga = people["olga"]
+    spec = {**TINY, "num_workers": 1, "max_steps": 2}
+    # Cancelled at once: they need not run to be listed.
+    hers = olga.cancel(olga.submit(spec, name="olgas-mine")["id"])
+    theirs = admin.cancel(admin.submit(spec, name="admins-not-hers")["id"])
+    sweep = admin.sweep({"name": "admins-sweep", "base": spec, "space": {"batch_size": [256]}})
+    admin.cancel_sweep(sweep["id"])
+
+    sign_in(page, base_url(service) + "/", olga_token)
+    her_row = page.locator(f"#jobs-table tr[data-job='{hers['id']}']")
+    their_row = page.locator(f"#jobs-table tr[data-job='{theirs['id']}']")
+    sweep_row = page.locator(f"#sweeps-table tr[data-sweep='{sweep['id']}']")
+    expect(their_row.locator("td.owner")).to_have_text("admin")
+    expect(sweep_row.locator("td.owner")).to_have_text("admin")
+    expect(her_row).to_have_count(1)
+
+    page.check("#mine")
+    expect(their_row).to_have_count(0)
+    expect(her_row.locator("td.owner")).to_have_text("olga")
+    assert set(page.locator("#jobs-table td.owner").all_inner_texts()) == {"olga"}
+    expect(page.locator("#sweeps .notice")).to_contain_text("No sweep matches")
+    page.uncheck("#mine")
+    expect(their_row).to_have_count(1)
+
+    # Another user's sweep: olga sees whose it is and no cancel button; the admin has one.
+    page.goto(base_url(service) + f"/sweeps/{sweep['id']}")
+    expect(page.locator("#owner")).to_have_text("submitted by admin")
+    expect(page.locator("#cancel")).to_be_hidden()
+    page.click("#signout")
+    sign_in(page, base_url(service) + f"/sweeps/{sweep['id']}")
+    expect(page.locator("#owner")).to_have_text("submitted by admin")
+    expect(page.locator("#cancel")).to_be_visible()
