@@ -26,7 +26,10 @@ def create_job(
     priority: int,
     sweep_id: int | None = None,
     owner_id: int | None = None,
+    commit: bool = True,
 ) -> Job:
+    """A queued job and its first event; ``commit=False`` leaves the transaction open for
+    the caller to add to (an audit row) and commit once."""
     job = Job(
         name=name,
         spec=spec,
@@ -38,7 +41,8 @@ def create_job(
     db.add(job)
     db.flush()
     db.add(Event(job_id=job.id, status="queued", reason="submitted"))
-    db.commit()
+    if commit:
+        db.commit()
     return job
 
 

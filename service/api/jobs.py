@@ -136,10 +136,10 @@ def submit(
     refuse_unfit(capacity, spec, ["body", "spec"])
     refuse_missing_code(db, spec, ["body", "spec"])
     refuse_bad_init(db, request.app.state.storage, spec, ["body", "spec"])
-    job = create_job(db, body.name, spec, body.priority, owner_id=token.user_id)
+    job = create_job(db, body.name, spec, body.priority, owner_id=token.user_id, commit=False)
     record(db, token, "job.submit", f"job {job.id}", job.name)
-    db.commit()
-    return with_latest(db, [job])[0]
+    db.commit()  # the job, its event and the audit row: one transaction
+    return JobPublic.model_validate(job).model_copy(update={"owner": token.user_name})
 
 
 @router.get("", response_model=JobList)
@@ -201,11 +201,17 @@ def retry(
     suffix = f" (retry of {job.id})"
     name = job.name[: NAME_MAX - len(suffix)] + suffix
     new = create_job(
-        db, name, job.spec, job.priority, sweep_id=job.sweep_id, owner_id=token.user_id
+        db,
+        name,
+        job.spec,
+        job.priority,
+        sweep_id=job.sweep_id,
+        owner_id=token.user_id,
+        commit=False,
     )
     record(db, token, "job.retry", f"job {job_id}", f"as job {new.id}")
     db.commit()
-    return with_latest(db, [new])[0]
+    return JobPublic.model_validate(new).model_copy(update={"owner": token.user_name})
 
 
 @router.get("/{job_id}/events/history", response_model=list[EventPublic])
