@@ -136,13 +136,13 @@ def lookup(db: Session, token: str) -> Principal | None:
 
 
 def revoke_worker_tokens(db: Session, job_id: int) -> None:
-    """A job's worker tokens stop working (its attempt ended, or a new one starts)."""
+    """A job's worker tokens stop working (its attempt ended, or a new one starts); in the
+    caller's transaction."""
     db.execute(
         update(ApiToken)
         .where(ApiToken.job_id == job_id, ApiToken.role == "worker", ApiToken.revoked.is_(False))
         .values(revoked=True)
     )
-    db.commit()
 
 
 def ensure_admin_token(db: Session, home: Path, configured: str | None) -> Path | None:

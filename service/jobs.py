@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from .models import TERMINAL, ApiToken, Event, Job, Metric, utcnow
+from .auth import revoke_worker_tokens
+from .models import TERMINAL, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
 
 # The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op.
@@ -72,11 +73,7 @@ def transition(
         return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
     if status in TERMINAL:  # its workers' tokens end with it
-        db.execute(
-            update(ApiToken)
-            .where(ApiToken.job_id == job.id, ApiToken.role == "worker")
-            .values(revoked=True)
-        )
+        revoke_worker_tokens(db, job.id)
     db.commit()
     db.refresh(job)
     return True
