@@ -47,3 +47,16 @@ def ray_session(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster.gcs_address, log_to_driver=False)
     return ray
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_is_left_alone():
+    """A test (or user code it imports in-process) that changes torch's default dtype fails
+    itself, instead of making float32 tests elsewhere in the session fail with a dtype
+    mismatch."""
+    import torch
+
+    yield
+    leaked = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    assert leaked == torch.float32, f"the test left torch's default dtype at {leaked}"

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-torch.set_default_dtype(torch.float64)
 
 
 class Net(nn.Module):
