@@ -99,6 +99,10 @@ class RayCluster:
                 "--block",
                 "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats",
+                # Ray's job agent listens on 52365 unless told otherwise: a second cluster
+                # on the machine (another service, another node) would find it taken,
+                # and its head would answer every job submission with "no available agent".
+                f"--dashboard-agent-listen-port={free_port()}",
                 *args,
             ],
             stdout=log,
