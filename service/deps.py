@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from .auth import Principal, lookup
 from .capacity import Capacity
@@ -18,7 +19,7 @@ def get_db(request: Request) -> Iterator[Session]:
     yield from request.app.state.db.session()
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:  # no I/O: no thread-pool hop
     return request.app.state.settings
 
 
@@ -60,16 +61,17 @@ def authenticate(request: Request, authorization: str | None) -> Principal:
     return token
 
 
-def require_token(
+async def require_token(
     request: Request,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """Every endpoint but /healthz: a valid bearer token (already checked by the request
-    guard when the request has a body)."""
+    guard when the request has a body). Async, so that a request pays a thread-pool hop
+    only for the database lookup, not for reading what the guard found."""
     checked = getattr(request.state, "token", None)
     if checked is not None:
         return checked
-    return authenticate(request, request.headers.get("authorization"))
+    return await run_in_threadpool(authenticate, request, request.headers.get("authorization"))
 
 
 TokenDep = Annotated[Principal, Depends(require_token)]
@@ -84,7 +86,10 @@ class Scope:
     def __init__(self, scope: str) -> None:
         self.scope = scope
 
-    def __call__(self, token: TokenDep) -> Principal:
+    async def __call__(self, token: TokenDep) -> Principal:  # pure: runs on the event loop
+        return self.check(token)
+
+    def check(self, token: Principal) -> Principal:
         if self.scope == "worker":
             if token.role != "worker" and not token.admin:
                 raise HTTPException(

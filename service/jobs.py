@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from .auth import revoke_worker_tokens
@@ -41,7 +41,7 @@ def create_job(
     )
     db.add(job)
     db.flush()
-    db.add(Event(job_id=job.id, status="queued", reason="submitted"))
+    db.execute(insert(Event).values(job_id=job.id, status="queued", reason="submitted"))
     if commit:
         db.commit()
     return job

@@ -260,7 +260,7 @@ class SignedOrScope(Scope):
         signature_: Annotated[str | None, Query(alias="signature", max_length=64)] = None,
     ) -> None:
         if signature_ is None:
-            super().__call__(authenticate(request, request.headers.get("authorization")))
+            self.check(authenticate(request, request.headers.get("authorization")))
             return
         good = signature(request.app.state.signing_key, job_id, name, expires or 0)
         if expires is None or expires < time.time() or not hmac.compare_digest(good, signature_):
