@@ -32,7 +32,9 @@ class FusedKernel:
 
     def __init__(self, kernel: Callable[..., None]) -> None:
         self.kernel = kernel
-        self._compiled = torch.compile(self._chunk, dynamic=True, fullgraph=True)
+        # Made on first use: torch.compile imports dynamo (seconds), which importing an
+        # optimizer, or stepping one that never fuses, should not pay.
+        self._compiled: Callable[..., None] | None = None
         self._scratch: dict[tuple, list[list[Tensor]]] = {}
 
     def _chunk(self, tensors: list[list[Tensor]], hp: Tensor) -> None:
@@ -56,6 +58,8 @@ class FusedKernel:
     ) -> None:
         """Run the kernel over ``lists``; ``views`` caches the 1-D views of the lists after
         the second (the gradients change every step, parameters and state do not)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._chunk, dynamic=True, fullgraph=True)
         views = views if views is not None else FlatViews()
         columns = [
             [t.view(-1) for t in column] if j == 1 else views.flat(column)

@@ -1,156 +1,96 @@
 """The optimizer registry: names -> optimizers, and ``create_optimizer(params, spec)``.
 
-Variants are data: ``adanw`` is Adan with ``no_prox=True``, ``amsgrad`` is AdamW with
-``amsgrad=True``. Names compose: ``lookahead_adan`` wraps Adan in Lookahead, the same as
-``{"name": "adan", "lookahead": {}}``.
+The names and the spec are torch-free data in ``spec``; here each name's class gets built,
+and each class declares what a sharded optimizer (``ZeroOptimizer``) needs of it beyond
+``step()``: LAMB's per-parameter norms must be summed across shards, Lookahead keeps slow
+weights beside its base optimizer's state and a step counter of its own. ``shard_hooks``
+reads those declarations, so ``ZeroOptimizer`` never asks what class it holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 from torch.optim import Optimizer
 
 from .adamw import AdamW
 from .adan import Adan
-from .lamb import LAMB
+from .lamb import LAMB, NormFn
 from .lookahead import Lookahead
+from .spec import LookaheadSpec, OptimizerSpec, list_optimizers, name_entry
 
-_LOOKAHEAD_PREFIX = "lookahead_"
+
+def _lamb_norms(optimizer: Optimizer, norms: NormFn) -> None:
+    optimizer.norm_fn = norms  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
 class OptimizerEntry:
-    """One registry row: the class, fixed keyword arguments, and what its state costs."""
+    """One optimizer class and what it needs when its parameters are shards."""
 
     cls: type[Optimizer]
-    fixed: dict[str, Any] = field(default_factory=dict)
-    num_betas: int = 2
-    state_bytes_per_param: int = 8  # fp32 state, for sizing and the docs
-    description: str = ""
+    # Called with a function giving per-element norms of whole parameters (summed across
+    # shards); for optimizers whose update depends on per-parameter norms (LAMB).
+    bind_norms: Callable[[Optimizer, NormFn], None] | None = None
 
 
-_REGISTRY: dict[str, OptimizerEntry] = {
-    "adan": OptimizerEntry(Adan, {}, 3, 16, "Adan with proximal weight decay (paper default)"),
-    "adanw": OptimizerEntry(Adan, {"no_prox": True}, 3, 16, "Adan with AdamW-style decay"),
-    "adamw": OptimizerEntry(AdamW, {}, 2, 8, "AdamW, equal to torch.optim.AdamW"),
-    "amsgrad": OptimizerEntry(AdamW, {"amsgrad": True}, 2, 12, "AdamW with AMSGrad's max"),
-    "lamb": OptimizerEntry(LAMB, {}, 2, 8, "LAMB, layer-wise trust ratios"),
+@dataclass(frozen=True)
+class WrapperEntry:
+    """An optimizer around another one (Lookahead): how to reach the one inside, and the
+    counters of its own that a checkpoint keeps."""
+
+    cls: type[Optimizer]
+    base: Callable[[Optimizer], Optimizer]
+    counters: tuple[str, ...] = ()
+
+
+CLASSES: dict[str, OptimizerEntry] = {
+    "Adan": OptimizerEntry(Adan),
+    "AdamW": OptimizerEntry(AdamW),
+    "LAMB": OptimizerEntry(LAMB, bind_norms=_lamb_norms),
 }
+WRAPPERS: dict[type[Optimizer], WrapperEntry] = {
+    Lookahead: WrapperEntry(Lookahead, lambda o: o.base_optimizer, ("lookahead_step",)),
+}
+_BY_CLASS = {e.cls: e for e in CLASSES.values()}
 
 
-def list_optimizers() -> list[str]:
-    """Registered names, base names first, then their ``lookahead_`` compositions."""
-    return sorted(_REGISTRY) + [_LOOKAHEAD_PREFIX + n for n in sorted(_REGISTRY)]
+@dataclass(frozen=True)
+class ShardHooks:
+    """What ``ZeroOptimizer`` needs of an optimizer that ``create_optimizer`` built over its
+    shards: every per-parameter state dict (a wrapper's and its base's), the counters to
+    checkpoint, and where to plug in cross-shard norms."""
 
-
-def _entry(name: str) -> OptimizerEntry:
-    if name not in _REGISTRY:
-        known = ", ".join(list_optimizers())
-        raise ValueError(f"Unknown optimizer name: {name!r} (known: {known})")
-    return _REGISTRY[name]
-
-
-class LookaheadSpec(BaseModel):
-    """Lookahead's two hyperparameters."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    k: int = Field(5, ge=1, le=100_000, description="base optimizer steps between syncs")
-    alpha: float = Field(0.5, gt=0.0, le=1.0, description="slow-weight step size")
-
-
-class OptimizerSpec(BaseModel):
-    """A JSON-able optimizer description, e.g.
-    ``{"name": "adan", "lr": 0.01, "weight_decay": 0.02, "lookahead": {"k": 5, "alpha": 0.5}}``.
-
-    Fields left as None take the optimizer's own default (Adan's betas are 3 values,
-    AdamW's and LAMB's 2).
-    """
-
-    # Numbers are finite and bounded well beyond any sensible setting, so a typo (lr 1e6, or
-    # 1e999, which JSON parsers read as infinity) is an error naming the field.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    name: str = Field("adan", description="a registered name, see list_optimizers()")
-    lr: float = Field(1e-3, ge=0.0, le=10.0, description="learning rate (before any schedule)")
-    betas: list[float] | None = Field(
-        None, max_length=3, description="moment coefficients, each in [0, 1)"
-    )
-    eps: float | None = Field(None, ge=0.0, le=1.0, description="denominator term")
-    weight_decay: float | None = Field(None, ge=0.0, le=10.0, description="decoupled weight decay")
-    no_decay_1d: bool = Field(
-        True, description="exempt biases and norm weights (1-D parameters) from weight decay"
-    )
-    max_grad_norm: float = Field(
-        0.0, ge=0.0, le=1e6, description="global gradient clipping; 0 = off"
-    )
-    lookahead: LookaheadSpec | None = Field(None, description="wrap in Lookahead")
-    fused: bool | None = Field(None, description="compiled kernels; None = best available")
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, name: str) -> str:
-        _entry(name.removeprefix(_LOOKAHEAD_PREFIX))
-        return name
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, betas: list[float] | None) -> list[float] | None:
-        for i, beta in enumerate(betas or []):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{i}] = {beta!r} must be in [0, 1)")
-        return betas
-
-    @model_validator(mode="after")
-    def _betas_count(self) -> OptimizerSpec:
-        n = _entry(self.base_name).num_betas
-        if self.betas is not None and len(self.betas) != n:
-            raise ValueError(f"betas = {self.betas!r}: {self.base_name} takes {n} values")
-        return self
+    optimizer: Optimizer
+    base: Optimizer
+    wrapper: WrapperEntry | None
 
     @property
-    def base_name(self) -> str:
-        """The registry name without a ``lookahead_`` prefix."""
-        return self.name.removeprefix(_LOOKAHEAD_PREFIX)
+    def states(self) -> list[dict[Tensor, dict[str, Any]]]:
+        if self.wrapper is None:
+            return [self.optimizer.state]
+        return [self.base.state, self.optimizer.state]
 
     @property
-    def lookahead_spec(self) -> LookaheadSpec | None:
-        """Lookahead settings from the field or from a ``lookahead_`` name."""
-        if self.lookahead is not None:
-            return self.lookahead
-        return LookaheadSpec() if self.name.startswith(_LOOKAHEAD_PREFIX) else None
+    def counter_names(self) -> tuple[str, ...]:
+        return self.wrapper.counters if self.wrapper else ()
 
-    def state_bytes_per_param(self) -> int:
-        """fp32 bytes of optimizer state per parameter (Lookahead adds a slow copy)."""
-        extra = 4 if self.lookahead_spec else 0
-        return _entry(self.base_name).state_bytes_per_param + extra
+    def counters(self) -> dict[str, Any]:
+        return {n: getattr(self.optimizer, n) for n in self.counter_names}
 
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the base optimizer class, fixed variants included."""
-        entry = _entry(self.base_name)
-        kwargs: dict[str, Any] = {"lr": self.lr, **entry.fixed}
-        if self.betas is not None:
-            kwargs["betas"] = tuple(self.betas)
-        if self.eps is not None:
-            kwargs["eps"] = self.eps
-        if self.weight_decay is not None:
-            kwargs["weight_decay"] = self.weight_decay
-        if self.max_grad_norm:
-            kwargs["max_grad_norm"] = self.max_grad_norm
-        if self.fused is not None and "fused" in _init_params(entry.cls):
-            kwargs["fused"] = self.fused
-        return kwargs
+    def bind_norms(self, norms: NormFn) -> None:
+        entry = _BY_CLASS.get(type(self.base))
+        if entry is not None and entry.bind_norms is not None:
+            entry.bind_norms(self.base, norms)
 
 
-def _init_params(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)
+def shard_hooks(optimizer: Optimizer) -> ShardHooks:
+    wrapper = WRAPPERS.get(type(optimizer))
+    base = wrapper.base(optimizer) if wrapper else optimizer
+    return ShardHooks(optimizer, base, wrapper)
 
 
 def param_groups_weight_decay(
@@ -202,8 +142,8 @@ def create_optimizer(
         params = [p for _, p in params]
     if spec.no_decay_1d and params and isinstance(params[0], Tensor):
         params = param_groups_weight_decay(params)
-    entry = _entry(spec.base_name)
-    optimizer = entry.cls(params, **spec.optimizer_kwargs())
+    cls = CLASSES[name_entry(spec.base_name).cls].cls
+    optimizer = cls(params, **spec.optimizer_kwargs())
     la = spec.lookahead_spec
     if la is not None:
         optimizer = Lookahead(optimizer, k=la.k, alpha=la.alpha)
@@ -211,10 +151,15 @@ def create_optimizer(
 
 
 __all__ = [
+    "CLASSES",
+    "WRAPPERS",
     "LookaheadSpec",
     "OptimizerEntry",
     "OptimizerSpec",
+    "ShardHooks",
+    "WrapperEntry",
     "create_optimizer",
     "list_optimizers",
     "param_groups_weight_decay",
+    "shard_hooks",
 ]

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from optimizers import OptimizerSpec
+from optimizers.spec import OptimizerSpec
 
 MAX_BATCH_SIZE = 1 << 20
 DEFAULT_SAMPLES = {"mnist1d": 10_000, "digits": 1797, "pystdlib-chars": 20_000}
@@ -48,6 +48,13 @@ BUILTIN_MODELS = {  # alias: (factory, the built-in data sets it takes, descript
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 FACTORY_PATTERN = rf"^{_NAME}(\.{_NAME})*:{_NAME}(\.{_NAME})*$"
 PACKAGE_PATTERN = r"^sha256:[0-9a-f]{64}$"
+
+
+def optimizer_label(spec: dict[str, Any]) -> str:
+    """A job spec's optimizer in a few characters, for tables and plots: ``adan``,
+    ``lookahead(adamw)``."""
+    opt = spec["optimizer"]
+    return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
 
 
 def finite_json(value: Any, path: str = "") -> Any:
