@@ -4,6 +4,10 @@ Every scenario trains the same small model on the same sequence of global batche
 rank takes its own part of every batch in micro-batches. Rank 0 also trains the model in
 one process with the plain optimizer on the whole batch, and records how far apart the two
 end up. Results go to ``out_dir/world{W}.json`` for the pytest side to assert on.
+
+Scenarios are isolated: one that raises records its traceback under its own name (on every
+rank that raised, ``world{W}-errors-rank{r}.json``) and the next one runs, so a bug in one
+is one failing test, not an error in every test of the matrix.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,22 +31,32 @@ STEPS = 20
 # ~100 fp32 elements per bucket: several buckets, parameters cut between ranks.
 BUCKET_MB = 400 / 2**20
 
+BF16 = torch.bfloat16
+
 # (name, spec, stage, dtype)
-SCENARIOS: list[tuple[str, dict[str, Any], int, torch.dtype]] = [
-    (
-        f"{opt}-stage{stage}-fp64",
-        {"name": opt, "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5},
-        stage,
-        torch.float64,
-    )
-    for opt in ("adan", "adamw", "lamb", "lookahead_adan")
-    for stage in (1, 2)
-] + [
-    ("adan-stage0-fp64", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 0, torch.float64),
-    ("amsgrad-stage2-fp64", {"name": "amsgrad", "lr": 0.02}, 2, torch.float64),
-    ("adan-stage2-fp32", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 2, torch.float32),
-    ("lamb-stage1-fp32", {"name": "lamb", "lr": 0.02}, 1, torch.float32),
-]
+SCENARIOS: list[tuple[str, dict[str, Any], int, torch.dtype]] = (
+    [
+        (
+            f"{opt}-stage{stage}-fp64",
+            {"name": opt, "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5},
+            stage,
+            torch.float64,
+        )
+        for opt in ("adan", "adamw", "lamb", "lookahead_adan")
+        for stage in (1, 2)
+    ]
+    + [
+        ("adan-stage0-fp64", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 0, torch.float64),
+        ("amsgrad-stage2-fp64", {"name": "amsgrad", "lr": 0.02}, 2, torch.float64),
+        ("adan-stage2-fp32", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5}, 2, torch.float32),
+        ("lamb-stage1-fp32", {"name": "lamb", "lr": 0.02}, 1, torch.float32),
+    ]
+    + [  # bf16 parameters, fp32 master weights and state
+        (f"{opt}-stage{stage}-bf16", {"name": opt, "lr": 0.02, "max_grad_norm": 0.5}, stage, BF16)
+        for opt in ("adan", "adamw")
+        for stage in (1, 2)
+    ]
+)
 
 
 def make_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -82,11 +98,34 @@ def plain_steps(model, opt, dtype, first: int, last: int) -> None:
         opt.step()
 
 
+def master_steps(model, spec: dict[str, Any], first: int, last: int):
+    """Mixed precision in one process, the textbook way: forward and backward in the
+    model's bf16, the plain optimizer stepping fp32 master copies, the parameters rounded
+    from them after every step. Returns the optimizer (over the masters)."""
+    masters = [p.detach().float().requires_grad_() for p in model.parameters()]
+    named = [(n, m) for (n, _), m in zip(model.named_parameters(), masters, strict=True)]
+    opt = create_optimizer(named, spec)
+    for step in range(first, last):
+        x, y = batch(step, BF16)
+        model.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        for p, m in zip(model.parameters(), masters, strict=True):
+            m.grad = p.grad.float()
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(model.parameters(), masters, strict=True):
+                p.copy_(m)
+    return opt
+
+
 def reference(spec: dict[str, Any], dtype: torch.dtype, with_state_bytes: bool = False):
     """Parameters after STEPS plain single-process steps (and the state's size)."""
     model = make_model(dtype)
-    opt = create_optimizer(model.named_parameters(), spec)
-    plain_steps(model, opt, dtype, 0, STEPS)
+    if dtype == BF16:
+        opt = master_steps(model, spec, 0, STEPS)
+    else:
+        opt = create_optimizer(model.named_parameters(), spec)
+        plain_steps(model, opt, dtype, 0, STEPS)
     params = [p.detach().clone() for p in model.parameters()]
     if not with_state_bytes:
         return params
@@ -101,6 +140,14 @@ def reference(spec: dict[str, Any], dtype: torch.dtype, with_state_bytes: bool =
     return params, nbytes
 
 
+def mean_diff(model: torch.nn.Module, expected: list[torch.Tensor]) -> float:
+    diffs = [
+        (p.detach().double() - e.double()).abs().reshape(-1)
+        for p, e in zip(model.parameters(), expected, strict=True)
+    ]
+    return torch.cat(diffs).mean().item()
+
+
 def max_diff(model: torch.nn.Module, expected: list[torch.Tensor]) -> float:
     return max(
         (p.detach().double() - e.double()).abs().max().item()
@@ -108,24 +155,42 @@ def max_diff(model: torch.nn.Module, expected: list[torch.Tensor]) -> float:
     )
 
 
-def equality(rank: int, world: int, results: dict[str, Any]) -> None:
+def isolated(errors: dict[str, str], name: str, run: Callable[[], None]) -> None:
+    """Run one scenario; an exception is recorded under its name and the next one runs
+    (a rank that raised inside a collective makes the others time out, see ``worker``)."""
+    try:
+        run()
+    except Exception:
+        errors[name] = traceback.format_exc()
+
+
+def equality(rank: int, world: int, results: dict[str, Any], errors: dict[str, str]) -> None:
     for name, spec, stage, dtype in SCENARIOS:
-        model = make_model(dtype)
-        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
-        zero_steps(model, opt, rank, world, dtype, 0, STEPS)
-        state = torch.tensor([opt.state_nbytes()], dtype=torch.int64)
-        states = [torch.zeros_like(state) for _ in range(world)]
-        dist.all_gather(states, state)
-        opt.close()
-        if rank == 0:
-            expected, unsharded_bytes = reference(spec, dtype, with_state_bytes=True)
-            results[name] = {
-                "max_diff": max_diff(model, expected),
-                "state_bytes_per_rank": [int(s.item()) for s in states],
-                "unsharded_state_bytes": unsharded_bytes,
-                "padded_numel": sum(c.flat_param.numel() for c in opt._classes),
-                "grad_norm": float(opt.last_grad_norm),
-            }
+        isolated(
+            errors, name, lambda a=(name, spec, stage, dtype): _equal(rank, world, results, *a)
+        )
+
+
+def _equal(rank, world, results, name, spec, stage, dtype) -> None:
+    model = make_model(dtype)
+    opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+    zero_steps(model, opt, rank, world, dtype, 0, STEPS)
+    state = torch.tensor([opt.state_nbytes()], dtype=torch.int64)
+    states = [torch.zeros_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    opt.close()
+    if rank == 0:
+        expected, unsharded_bytes = reference(spec, dtype, with_state_bytes=True)
+        results[name] = {
+            "max_diff": max_diff(model, expected),
+            "mean_diff": mean_diff(model, expected),
+            "state_bytes_per_rank": [int(s.item()) for s in states],
+            "unsharded_state_bytes": unsharded_bytes,
+            "padded_numel": sum(c.flat_param.numel() for c in opt._classes),
+            "grad_norm": float(opt.last_grad_norm),
+            "master_bytes": opt.master_nbytes(),
+            "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+        }
 
 
 CHECKPOINT_SPECS = {
@@ -134,11 +199,14 @@ CHECKPOINT_SPECS = {
 }
 
 
-def checkpoints(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
+def checkpoints(
+    rank: int, world: int, ckpt_dir: str, results: dict[str, Any], errors: dict[str, str]
+) -> None:
     """World 4 and 3 save after 10 steps; 1 and 2 load (4 -> 1, 3 -> 2) and finish."""
     dtype = torch.float64
     source = {1: 4, 2: 3}.get(world)
-    for name, (spec, stage) in CHECKPOINT_SPECS.items():
+
+    def one(name: str, spec: dict[str, Any], stage: int) -> None:
         model = make_model(dtype)
         opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
         if source is None:
@@ -155,15 +223,22 @@ def checkpoints(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -
             }
         opt.close()
 
+    for name, (spec, stage) in CHECKPOINT_SPECS.items():
+        isolated(errors, f"ckpt-{name}", lambda a=(name, spec, stage): one(*a))
 
-def consolidation(rank: int, world: int, results: dict[str, Any]) -> None:
+
+CONSOLIDATION_SPECS = {
+    "adan": ({"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05}, 2),
+    "lookahead_adamw": ({"name": "lookahead_adamw", "lr": 0.02}, 1),
+    "lamb": ({"name": "lamb", "lr": 0.02}, 1),
+}
+
+
+def consolidation(rank: int, world: int, results: dict[str, Any], errors: dict[str, str]) -> None:
     """Half the steps under ZeRO, then the plain optimizer from consolidated_state_dict."""
     dtype = torch.float64
-    for name, spec, stage in [
-        ("adan", {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05}, 2),
-        ("lookahead_adamw", {"name": "lookahead_adamw", "lr": 0.02}, 1),
-        ("lamb", {"name": "lamb", "lr": 0.02}, 1),
-    ]:
+
+    def one(name: str, spec: dict[str, Any], stage: int) -> None:
         model = make_model(dtype)
         opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
         zero_steps(model, opt, rank, world, dtype, 0, STEPS // 2)
@@ -171,7 +246,7 @@ def consolidation(rank: int, world: int, results: dict[str, Any]) -> None:
         opt.close()
         if rank != 0:
             assert consolidated is None
-            continue
+            return
         plain_model = make_model(dtype)
         with torch.no_grad():
             for p, q in zip(plain_model.parameters(), model.parameters(), strict=True):
@@ -183,6 +258,9 @@ def consolidation(rank: int, world: int, results: dict[str, Any]) -> None:
             "max_diff": max_diff(plain_model, reference(spec, dtype))
         }
 
+    for name, (spec, stage) in CONSOLIDATION_SPECS.items():
+        isolated(errors, f"consolidated-{name}", lambda a=(name, spec, stage): one(*a))
+
 
 RESTORE_SPECS = {
     "adan": {"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05},
@@ -191,13 +269,16 @@ RESTORE_SPECS = {
 }
 
 
-def consolidated_restore(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
+def consolidated_restore(
+    rank: int, world: int, ckpt_dir: str, results: dict[str, Any], errors: dict[str, str]
+) -> None:
     """The portable pair the first world size (4, ZeRO-2) wrote halfway, loaded with
     ``load_consolidated_state_dict`` at every world size and another stage: training goes
     on as if never interrupted."""
     dtype = torch.float64
     stage = {4: 1, 3: 0, 2: 1, 1: 2}[world]
-    for name, spec in RESTORE_SPECS.items():
+
+    def one(name: str, spec: dict[str, Any]) -> None:
         path = os.path.join(ckpt_dir, f"portable-{name}.pt")
         if world == 4:
             model = make_model(dtype)
@@ -217,6 +298,9 @@ def consolidated_restore(rank: int, world: int, ckpt_dir: str, results: dict[str
         opt.close()
         if rank == 0:
             results[f"restore-{name}"] = {"max_diff": max_diff(model, reference(spec, dtype))}
+
+    for name, spec in RESTORE_SPECS.items():
+        isolated(errors, f"restore-{name}", lambda a=(name, spec): one(*a))
 
 
 def misuse(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> None:
@@ -260,23 +344,32 @@ def misuse(rank: int, world: int, ckpt_dir: str, results: dict[str, Any]) -> Non
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A rank that raised inside a collective leaves the others waiting: they time out
+    # (gloo raises) instead of hanging the test session.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     try:
-        equality(rank, world, results)
-        checkpoints(rank, world, ckpt_dir, results)
-        consolidated_restore(rank, world, ckpt_dir, results)
+        equality(rank, world, results, errors)
+        checkpoints(rank, world, ckpt_dir, results, errors)
+        consolidated_restore(rank, world, ckpt_dir, results, errors)
         if world >= 2:
-            consolidation(rank, world, results)
-            misuse(rank, world, ckpt_dir, results)
+            consolidation(rank, world, results, errors)
+            isolated(errors, f"misuse-rank{rank}", lambda: misuse(rank, world, ckpt_dir, results))
         if world >= 2 and rank == 1:  # rank 1's own view of the misuse errors
             with open(os.path.join(out_dir, f"world{world}-rank1.json"), "w") as f:
                 json.dump(results, f, indent=1)
-    except Exception:
-        results["error"] = traceback.format_exc()
-        raise
     finally:
         if rank == 0:
             with open(os.path.join(out_dir, f"world{world}.json"), "w") as f:
                 json.dump(results, f, indent=1)
+        if errors:
+            with open(os.path.join(out_dir, f"world{world}-errors-rank{rank}.json"), "w") as f:
+                json.dump(errors, f, indent=1)
         dist.destroy_process_group()
