@@ -1,0 +1,153 @@
+"""The scheduler: queued jobs onto Ray in priority-then-FIFO order as resources allow, and
+every job's status kept true by reconciling with Ray (also after a service restart).
+
+One scheduler per database (service/lease.py). A pass runs four phases, each a module of
+this package: ``reconcile`` (rows in line with Ray), ``asha`` (sweeps' early stopping),
+``queue`` (what starts now, and why the rest waits; ``launch`` hands a job to Ray), and the
+sweeps' status. Each pass handles every job on its own: an error with one job is logged
+against it and never stops the others or later passes. This class holds what the phases
+share (settings, database, the cluster and its Ray client, run storage) and the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..capacity import Capacity, Resources
+from ..db import Database
+from ..models import Job, Sweep
+from ..ray_cluster import RayCluster
+from ..ray_jobs import RayJobs
+from ..settings import Settings
+from ..storage import RunStorage
+from ..sweeps import update_sweep_status
+from . import asha, launch, queue, reconcile
+
+log = logging.getLogger("nestor.scheduler")
+CAPACITY_TTL = 10.0  # seconds a growable cluster's resources are cached
+
+
+class Scheduler:
+    """A background thread; ``run_once`` is one pass (tests call it directly)."""
+
+    def __init__(self, settings: Settings, db: Database, cluster: RayCluster | None = None):
+        self.settings = settings
+        self.db = db
+        self._owns_cluster = cluster is None
+        self.cluster = cluster or RayCluster(settings.ray_address, settings.home_dir)
+        self._stop = threading.Event()
+        self._stopper = None  # early stopping, created for the first sweep that asks
+        self._thread: threading.Thread | None = None
+        self.ray: RayJobs | None = None
+        self._capacity: tuple[float, Capacity] | None = None
+        self.storage = RunStorage(settings.run_root)
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self.cluster.start()
+        self.ray = RayJobs(self.cluster.dashboard_url, headers=self.cluster.headers)
+        _ = self.capacity  # read once now, so the API can refuse jobs that can never fit
+        self._thread = threading.Thread(target=self._loop, name="nestor-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop scheduling. An embedded cluster this service owns stops with it unless jobs
+        are running on it: then it stays up, they go on, and the next start adopts it."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        if not (self._owns_cluster and self.cluster.embedded):
+            return
+        active = self.active_jobs()
+        if active:
+            print(
+                f"nestor: {len(active)} job(s) still running on the embedded Ray "
+                f"({self.cluster.gcs_address}: jobs {', '.join(map(str, active))}); they go on, "
+                "and the next `nestor serve` adopts them. `nestor stop` stops everything.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.cluster.stop()
+
+    def active_jobs(self) -> list[int]:
+        """Ids of jobs handed to Ray that have not ended."""
+        with self.db.sessions() as db:
+            return list(
+                db.scalars(
+                    select(Job.id).where(
+                        Job.status.in_(("queued", "running")), Job.submission_id.is_not(None)
+                    )
+                )
+            )
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scheduling pass failed")
+            self._stop.wait(self.settings.scheduler_interval)
+
+    # ------------------------------------------------------------------ capacity
+    @property
+    def capacity(self) -> Capacity:
+        """The cluster's total resources (a growable cluster's re-read every few seconds)."""
+        now = time.monotonic()
+        if self._capacity is None or (
+            not self._capacity[1].fixed and now - self._capacity[0] > CAPACITY_TTL
+        ):
+            res = self.cluster.resources()
+            total = Resources(res.get("CPU", 0.0), res.get("GPU", 0.0))
+            self._capacity = (now, Capacity(total, fixed=self.cluster.embedded))
+        return self._capacity[1]
+
+    # ------------------------------------------------------------------ one pass
+    def run_once(self) -> None:
+        for phase in (self.reconcile, self.early_stop, self.start_queued, self.update_sweeps):
+            with self.db.sessions() as db:
+                try:
+                    phase(db)
+                except Exception:
+                    log.exception("scheduling phase %s failed", phase.__name__)
+
+    def update_sweeps(self, db: Session) -> None:
+        sweeps = db.scalars(select(Sweep).where(Sweep.status == "running")).all()
+        for sweep in sweeps:
+            try:
+                update_sweep_status(db, sweep)
+            except Exception:
+                log.exception("updating sweep %s failed", sweep.id)
+                db.rollback()
+
+    # ------------------------------------------------------------------ the phases
+    def reconcile(self, db: Session) -> None:
+        """Bring the rows of jobs handed to Ray in line with Ray, and carry out cancel and
+        early-stop requests."""
+        reconcile.reconcile(self, db)
+
+    def early_stop(self, db: Session) -> None:
+        asha.early_stop(self, db)
+
+    def start_queued(self, db: Session) -> None:
+        queue.start_queued(self, db)
+
+    def launch(self, db: Session, job: Job) -> bool:
+        return launch.launch(self, db, job)
+
+    def init_from(self, db: Session, job: Job, run_dir: Path) -> str | None:
+        return launch.init_from(self, db, job, run_dir)
+
+    def _finish(self, db: Session, job: Job, status: str, reason: str) -> None:
+        reconcile.finish(self, db, job, status, reason)
+
+    def stop_job(self, job: Job) -> None:
+        """Ask Ray to stop the job's driver and workers."""
+        self.ray.stop(job.submission_id)

@@ -1,0 +1,146 @@
+"""Launching a job: claim it, prepare its run directory and worker token, hand it to Ray.
+
+A launch is idempotent per attempt: the submission id is the same on every attempt, so a
+submission that reached Ray before a crash is adopted, not repeated; and a job whose
+submission fails goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from .. import run_dirs
+from ..auth import create_token, revoke_worker_tokens
+from ..jobs import transition
+from ..models import Job
+from ..packages import ray_working_dir
+from ..settings import Settings
+from ..storage import init_files
+
+if TYPE_CHECKING:
+    from .core import Scheduler
+
+log = logging.getLogger("nestor.scheduler")
+
+
+def submission_id(job: Job) -> str:
+    """Unique per job row, not just per id: two Nestor databases (a second deployment, a
+    reset database, each test module's service) may share one Ray cluster or one storage.
+    And the same on every attempt, so a submission that reached Ray before a crash is
+    adopted, and a requeued job finds its own run directory and checkpoints again."""
+    created = job.created_at
+    if created.tzinfo is not None:  # PostgreSQL answers in the session's time zone
+        created = created.astimezone(UTC).replace(tzinfo=None)
+    return f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
+
+
+def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Ray's runtime environment for a job: Nestor's home for the workers, the job's code
+    package as its working directory (Ray uploads the stored zip to the cluster and unpacks
+    it on every node, so no node needs a shared code directory), its pip requirements."""
+    env: dict[str, Any] = {
+        "env_vars": {
+            "NESTOR_HOME": str(settings.home_dir),
+            "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
+        }
+    }
+    if spec.get("code"):
+        env["working_dir"] = str(ray_working_dir(settings.packages_dir, spec["code"]))
+    if spec.get("requirements"):
+        env["pip"] = list(spec["requirements"])
+    return env
+
+
+def init_from(scheduler: Scheduler, db: Session, job: Job, run_dir: Path) -> str | None:
+    """Write ``init_from.json`` for a job that starts from another's weights; the
+    reason it cannot, if the other job's files are gone."""
+    init = job.spec.get("init_from")
+    if not init:
+        return None
+    source = db.get(Job, init["job"])
+    if source is None:
+        return f"init_from: job {init['job']} does not exist"
+    found = init_files(
+        scheduler.storage,
+        source.id,
+        source.run_dir,
+        source.artifacts_deleted_at is not None,
+        init,
+    )
+    if isinstance(found, str):
+        return f"init_from {found}"
+    run_dirs.write_json(run_dir / "init_from.json", found)
+    return None
+
+
+def launch(scheduler: Scheduler, db: Session, job: Job) -> bool:
+    """Claim the queued job (compare-and-set, so a cancel that came first wins), then
+    hand it to Ray. False if it was no longer ours to start."""
+    sid = submission_id(job)
+    try:
+        run_dir = run_dirs.prepare(scheduler.settings.run_root, job.id, sid, job.spec)
+    except run_dirs.RunDirTaken as e:
+        transition(db, job, "failed", str(e), unclaimed=True)
+        return False
+    claimed = db.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued", Job.submission_id.is_(None))
+        .values(submission_id=sid, run_dir=str(run_dir), pending_reason=None)
+    ).rowcount
+    db.commit()
+    if not claimed:  # cancelled (or claimed elsewhere) meanwhile: launch nothing
+        return False
+    db.refresh(job)
+    refused = init_from(scheduler, db, job, run_dir)
+    if refused:
+        transition(db, job, "failed", refused)
+        return False
+    token_file = run_dir / "worker_token"
+    revoke_worker_tokens(db, job.id)  # an earlier attempt's token ends with it
+    token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id, submission_id=sid)
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    entrypoint = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "workers.driver",
+            "--job-id",
+            str(job.id),
+            "--run-dir",
+            str(run_dir),
+            "--api-url",
+            scheduler.settings.api_url,
+            "--token-file",
+            str(token_file),
+        ]
+    )
+    try:
+        runtime_env = job_runtime_env(job.spec, scheduler.settings)
+    except FileNotFoundError as e:
+        transition(db, job, "failed", str(e))
+        return False
+    try:
+        submitted = scheduler.ray.submit(sid, entrypoint, runtime_env)
+    except Exception:
+        # Not on Ray: back to the queue (unless a cancel came in meanwhile).
+        db.execute(
+            update(Job).where(Job.id == job.id, Job.status == "queued").values(submission_id=None)
+        )
+        db.commit()
+        raise
+    if not submitted:
+        log.warning("job %s was already submitted to Ray as %s", job.id, sid)
+    log.info("job %s submitted to Ray as %s", job.id, sid)
+    db.refresh(job)
+    if job.cancel_requested:  # cancelled while it was being handed over
+        scheduler.ray.stop(sid)
+    return True

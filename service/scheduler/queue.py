@@ -1,0 +1,125 @@
+"""The queue: queued jobs start in priority-then-FIFO order while the cluster's free CPUs
+and GPUs allow; every job that waits says why (``pending_reason``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..capacity import Capacity, Resources, demand, shortfall
+from ..jobs import transition
+from ..models import Job, Sweep
+from .each import each
+
+if TYPE_CHECKING:
+    from .core import Scheduler
+
+log = logging.getLogger("nestor.scheduler")
+
+
+def _demand_or_none(job: Job) -> Resources | None:
+    try:
+        return demand(job.spec)
+    except (TypeError, ValueError):
+        log.warning("job %s has an unreadable spec; counting no resources for it", job.id)
+        return None
+
+
+@dataclass
+class _Queue:
+    """One pass over the queue: what is free, trials running per sweep, and why the jobs
+    after a waiting one wait too."""
+
+    free: Resources
+    active: dict[int, int] = field(default_factory=dict)
+    limits: dict[int, int] = field(default_factory=dict)
+    blocked: str | None = None
+
+    def take(self, job: Job, need: Resources | None) -> None:
+        if need is not None:
+            self.free = self.free - need
+        if job.sweep_id is not None:
+            self.active[job.sweep_id] = self.active.get(job.sweep_id, 0) + 1
+
+
+def start_queued(scheduler: Scheduler, db: Session) -> None:
+    """Start queued jobs, highest priority first then oldest, while the cluster's free
+    CPUs and GPUs allow. A job that fits the cluster but not its free resources holds
+    back the jobs after it (no starvation of big jobs); one that cannot fit the cluster
+    at all (it may grow) waits aside and the jobs after it still start. Every waiting
+    job says why in ``pending_reason``."""
+    capacity = scheduler.capacity
+    queue = _Queue(free=capacity.total)
+    handed = db.scalars(
+        select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
+    ).all()
+    for j in handed:
+        queue.take(j, _demand_or_none(j))
+    queue.limits = {
+        sweep.id: sweep.spec.get("max_concurrent", 1)
+        for sweep in db.scalars(select(Sweep).where(Sweep.status == "running"))
+    }
+    queued = db.scalars(
+        select(Job)
+        .where(Job.status == "queued", Job.submission_id.is_(None))
+        .order_by(Job.priority.desc(), Job.id)
+    ).all()
+
+    def consider(job: Job) -> None:
+        try:
+            _consider(scheduler, db, job, capacity, queue)
+        except Exception as e:
+            db.rollback()
+            _pending(db, job, f"cannot be scheduled ({type(e).__name__}: {e})")
+            raise
+
+    each(db, queued, "scheduling", consider)
+
+
+def _consider(
+    scheduler: Scheduler, db: Session, job: Job, capacity: Capacity, queue: _Queue
+) -> None:
+    """Start ``job`` if it may start now, else record why it waits."""
+    if job.cancel_requested:
+        transition(db, job, "cancelled", "cancelled by user", unclaimed=True)
+        return
+    need = demand(job.spec)
+    never = shortfall(need, capacity.total)
+    if never is not None:
+        _pending(db, job, f"{never}; waiting for the cluster to grow")
+        return
+    if queue.blocked is not None:
+        _pending(db, job, queue.blocked)
+        return
+    sweep = job.sweep_id
+    if sweep is not None and queue.active.get(sweep, 0) >= queue.limits.get(sweep, 1):
+        _pending(db, job, f"its sweep runs {queue.limits.get(sweep, 1)} trials at a time")
+        return  # other jobs may go ahead
+    short = shortfall(need, queue.free, free=True)
+    if short is not None:
+        _pending(db, job, short)
+        queue.blocked = f"behind job {job.id}, which waits for resources"
+        return
+    try:
+        launched = scheduler.launch(db, job)  # through the scheduler: tests put their own in
+    except Exception as e:
+        log.exception("launching job %s failed", job.id)
+        db.rollback()
+        _pending(db, job, f"could not start on Ray ({type(e).__name__}: {e})")
+        return
+    if launched:
+        queue.take(job, need)
+
+
+def _pending(db: Session, job: Job, reason: str) -> None:
+    if job.pending_reason != reason:
+        db.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(pending_reason=reason[:500])
+        )
+        db.commit()
