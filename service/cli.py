@@ -94,12 +94,12 @@ def _progress(run_dir: Path, total: int, done: threading.Event) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"num_workers": args.workers} if args.workers else {}
     spec = load_spec_file(args.spec, overrides)
-    from workers.datasets import nestor_home
+    from .settings import Settings
 
     run_dir = (
         Path(args.out)
         if args.out
-        else (nestor_home() / "runs" / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        else Settings().run_root / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     if (run_dir / "result.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out")
@@ -342,6 +342,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from workers.spec import optimizer_label
+
     from .client import NestorError
 
     try:
@@ -508,11 +510,6 @@ def cmd_token(args: argparse.Namespace) -> int:
             f"expires {t['expires_at'] or 'never'}"
         )
     return 0
-
-
-def optimizer_label(spec: dict[str, Any]) -> str:
-    opt = spec["optimizer"]
-    return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -33,7 +33,9 @@ def default_token() -> str | None:
     """NESTOR_TOKEN, else the embedded service's admin token file in NESTOR_HOME."""
     if os.environ.get("NESTOR_TOKEN"):
         return os.environ["NESTOR_TOKEN"]
-    path = Path(os.environ.get("NESTOR_HOME", "~/.nestor")).expanduser() / "admin_token"
+    from .settings import Settings  # the one reader of NESTOR_HOME
+
+    path = Settings().home_dir / "admin_token"
     return path.read_text().strip() if path.exists() else None
 
 

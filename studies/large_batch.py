@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from service.cli import optimizer_label
 from service.client import Client
+from workers.spec import optimizer_label
 
 COLORS = {"adan": "#d62728", "adamw": "#1f77b4", "lamb": "#2ca02c", "lookahead(adan)": "#9467bd"}
 
