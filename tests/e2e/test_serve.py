@@ -22,6 +22,8 @@ import pytest
 
 from service.client import Client
 
+from ..helpers import free_port
+
 ROOT = Path(__file__).parents[2]
 ADMIN = "nst_e2e_admin_token"
 JOB = {
@@ -35,12 +37,6 @@ JOB = {
     "eval_every": 50,
     "checkpoint_every": 100,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gcs_servers() -> set[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from service.app import create_app
 from service.client import Client
 from service.settings import Settings
 
+from ..helpers import free_port
 from ..postgres import PostgresMissing, postgres_server
 from .live import LiveService
 
@@ -52,12 +52,6 @@ def client(db_url, tmp_path):
     with TestClient(create_app(settings, scheduler=False)) as c:
         c.headers["Authorization"] = f"Bearer {ADMIN}"
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import pytest
 
 from service.downsample import min_max_downsample
 
+from ..helpers import worker_token
+
 SPEC = {
     "model": "mnist1d-mlp",
     "dataset": {"name": "mnist1d", "num_samples": 1000},
@@ -98,12 +100,10 @@ def test_unknown_ids_404_and_oversized_bodies_413(client):
 
 
 def test_ingest_is_idempotent_scoped_and_moves_status(client):
-    from service.auth import create_token
 
     job = submit(client)
     other = submit(client)
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     headers = {"Authorization": f"Bearer {worker}"}
     batch = {
         "points": [{"step": s, "values": {"train_loss": 1.0 / s, "lr": 0.1}} for s in range(1, 11)],
@@ -129,11 +129,9 @@ def test_ingest_is_idempotent_scoped_and_moves_status(client):
 
 
 def test_metrics_are_downsampled_keeping_extremes(client):
-    from service.auth import create_token
 
     job = submit(client)
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     values = np.sin(np.arange(20_000) / 100.0)
     values[12_345] = 50.0  # a spike must survive
     points = [{"step": i + 1, "values": {"loss": float(v)}} for i, v in enumerate(values)]
@@ -159,7 +157,6 @@ def test_min_max_downsample_unit():
 def test_sql_downsampling_equals_the_numpy_reference(client):
     """The database computes exactly the reference's points: gaps in the steps, NaN holes,
     ties (the first step wins), a constant stretch and a spike."""
-    from service.auth import create_token
     from service.downsample import query_series
 
     job = submit(client)
@@ -169,8 +166,7 @@ def test_sql_downsampling_equals_the_numpy_reference(client):
     values[rng.choice(len(steps), 300, replace=False)] = np.nan
     values[4000:4500] = 0.25
     values[7777] = 1e6
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     points = [
         {"step": int(st), "values": {"loss": None if np.isnan(v) else float(v)}}
         for st, v in zip(steps, values, strict=True)
@@ -217,11 +213,9 @@ def test_paging_beyond_64_bits_is_422(client):
 
 
 def test_jobs_carry_their_latest_loss_and_accuracy(client):
-    from service.auth import create_token
 
     quiet, busy = submit(client), submit(client)
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=busy["id"])
+    worker = worker_token(client.app, busy["id"])
     points = [
         {"step": 1, "values": {"train_loss": 2.0, "val_accuracy": 0.5}},
         {"step": 2, "values": {"train_loss": 1.5, "lr": 0.1}},
@@ -285,11 +279,9 @@ def test_retrying_a_job_with_a_200_character_name_keeps_the_name_within_bounds(c
 
 
 def test_a_restart_without_a_checkpoint_discards_the_crashed_attempts_points(client):
-    from service.auth import create_token
 
     job = submit(client)
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     headers = {"Authorization": f"Bearer {worker}"}
     first = [{"step": s, "values": {"train_loss": 9.0}} for s in range(1, 11)]
     client.post(f"/v1/jobs/{job['id']}/ingest", json={"points": first}, headers=headers)
@@ -308,11 +300,9 @@ def test_a_restart_without_a_checkpoint_discards_the_crashed_attempts_points(cli
 
 def test_a_point_repeated_within_one_batch_keeps_its_last_value(client):
     """PostgreSQL stores a batch in one statement, which may not update a row twice."""
-    from service.auth import create_token
 
     job = submit(client)
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     points = [
         {"step": 1, "values": {"loss": 3.0, "lr": None}},
         {"step": 2, "values": {"loss": 2.0}},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -19,19 +21,56 @@ def test_dockerfile_copies_what_exists_and_runs_the_cli():
     assert "postgres = [" in pyproject and 'nestor = "service.cli:main"' in pyproject
 
 
-def test_compose_wires_postgres_ray_and_the_service():
+def test_compose_wires_postgres_ray_and_the_service(monkeypatch):
+    """The compose file read as the code reads it: the service's command goes through the
+    CLI's own parser into the settings class, and those settings name the compose file's
+    PostgreSQL and Ray head; every NESTOR_ variable is a setting; data and Ray's token are
+    shared by every Nestor container."""
+    from sqlalchemy.engine import make_url
+
+    from service.cli import _serve_settings, build_parser
+    from service.settings import Settings
+
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     assert set(services) == {"postgres", "ray-head", "ray-worker", "nestor"}
-    serve = services["nestor"]["command"]
-    assert "nestor serve" in serve and "postgresql+psycopg://" in serve
-    assert "--ray-address ray-head:6379" in serve
-    assert "--address=ray-head:6379" in services["ray-worker"]["command"]
-    # Every flag the compose file passes to `nestor serve` exists in the CLI.
-    from service.cli import build_parser
+    nestor = services["nestor"]
 
-    serve_parser = build_parser()._subparsers._group_actions[0].choices["serve"]
-    known = {opt for a in serve_parser._actions for opt in a.option_strings}
-    for flag in re.findall(r"(--[a-z-]+)", serve):
-        assert flag in known, flag
-    assert services["nestor"]["ports"] == ["127.0.0.1:8000:8000"]  # loopback by default
+    argv = shlex.split(nestor["command"])
+    assert argv[:2] == ["nestor", "serve"]
+    args = build_parser().parse_args(argv[1:])  # an unknown flag exits here
+    for key in list(os.environ):
+        if key.startswith("NESTOR_"):
+            monkeypatch.delenv(key)
+    for key, value in nestor["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    settings = _serve_settings(args)
+
+    db = make_url(settings.db_url)
+    pg = services["postgres"]["environment"]
+    assert db.drivername == "postgresql+psycopg" and db.host == "postgres"
+    assert (db.username, db.password, db.database) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
+    host, _, port = settings.ray_address.partition(":")
+    head = shlex.split(services["ray-head"]["command"])
+    assert host == "ray-head" and f"--port={port}" in head and "--head" in head
+    assert f"--address={settings.ray_address}" in shlex.split(services["ray-worker"]["command"])
+
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)  # inside its container
+    assert nestor["ports"] == [f"127.0.0.1:{settings.port}:{settings.port}"]  # loopback outside
+    assert settings.public_url == "http://nestor:8000"  # what workers call back
+
+    for name, service in services.items():
+        for key in service.get("environment") or {}:
+            if key.startswith("NESTOR_"):
+                field = key.removeprefix("NESTOR_").lower()
+                assert field in Settings.model_fields, f"{name}: {key} is no setting"
+    for name in ("ray-head", "ray-worker", "nestor"):
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token"
+        assert env["RAY_AUTH_TOKEN"] == services["ray-head"]["environment"]["RAY_AUTH_TOKEN"]
+        volume = services[name]["volumes"][0]
+        assert volume.split(":")[1] == env["NESTOR_HOME"] == str(settings.home_dir), name

@@ -12,8 +12,7 @@ from contextlib import AsyncExitStack
 
 import httpx
 
-from service.auth import create_token
-
+from ..helpers import worker_token
 from .conftest import ADMIN
 from .test_api import SPEC
 
@@ -58,8 +57,7 @@ class Sse:
 
 
 def ingest(live, job_id: int, steps, status: str | None = None) -> None:
-    with live.app.state.db.sessions() as db:
-        token = create_token(db, "w", "worker", job_id=job_id)
+    token = worker_token(live.app, job_id)
     body = {"points": [{"step": s, "values": {"train_loss": 1.0 / s}} for s in steps]}
     if status:
         body["status"] = status

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from service.db import downgrade, upgrade
@@ -21,3 +23,16 @@ def test_upgrade_creates_the_models_tables_and_downgrade_removes_them(db_url):
     upgrade(db_url)  # and up again
     assert "jobs" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_the_migrated_schema_matches_the_models_in_types_indexes_and_keys(db_url):
+    """Alembic's own comparison (what autogenerate would write): a column type, nullability,
+    index, unique constraint or foreign key in the models that no migration made (or the
+    reverse) is a difference, not only a missing name."""
+    upgrade(db_url)
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    engine.dispose()
+    assert diff == [], "\n".join(map(str, diff))

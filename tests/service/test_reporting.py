@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import time
 
-from service.auth import create_token
 from workers.reporting import HttpReporter
 
+from ..helpers import worker_token
 from .live import wait_for
 from .test_api import SPEC
 
 
 def reporter_for(live, client, **kw) -> tuple[HttpReporter, int]:
     job = client.submit(SPEC, name="reported")
-    with live.app.state.db.sessions() as db:
-        token = create_token(db, "w", "worker", job_id=job["id"])
+    token = worker_token(live.app, job["id"])
     return HttpReporter(live.url, job["id"], token, flush_every=0.05, **kw), job["id"]
 
 

@@ -6,32 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from service.auth import create_token
-from service.db import Database, upgrade
 from service.jobs import create_job, transition
 from service.models import Job
 from service.ray_cluster import RayCluster
-from service.scheduler import Scheduler
 from service.settings import Settings
 
+from ..helpers import record_launches, scheduler_for, worker_token
 from .test_api import SPEC
 
 
 def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
-    url = f"sqlite:///{tmp_path / 'n.db'}"
-    upgrade(url)
-    db = Database(url)
     # A local cluster description with 4 CPUs; not started: launching is recorded instead.
-    scheduler = Scheduler(Settings(home=tmp_path), db, RayCluster(None, tmp_path, num_cpus=4))
-    launched: list[str] = []
-
-    def launch(session, job):
-        launched.append(job.name)
-        job.submission_id = f"test-{job.id}"
-        session.commit()
-        return True
-
-    scheduler.launch = launch
+    scheduler, db = scheduler_for(tmp_path, cpus=4)
+    launched = record_launches(scheduler, key="name")
     with db.sessions() as s:
         create_job(s, "low-a", {**SPEC, "num_workers": 1}, 0)
         create_job(s, "high", {**SPEC, "num_workers": 2}, 10)
@@ -53,8 +40,7 @@ def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
 
 def test_event_stream_sends_status_and_metrics_then_ends(client):
     job = client.post("/v1/jobs", json={"name": "sse", "spec": SPEC}).json()
-    with client.app.state.db.sessions() as db:
-        worker = create_token(db, "w", "worker", job_id=job["id"])
+    worker = worker_token(client.app, job["id"])
     headers = {"Authorization": f"Bearer {worker}"}
     points = [{"step": s, "values": {"train_loss": 1.0 / s}} for s in (1, 2, 3)]
     client.post(
@@ -106,27 +92,6 @@ def test_admin_token_file_is_created_once_with_private_mode(tmp_path):
 
 
 # ------------------------------------------------------------------ hardening the queue
-def _scheduler(tmp_path, cluster, **settings):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{tmp_path / 'n.db'}"
-    upgrade(url)
-    db = Database(url)
-    return Scheduler(Settings(home=tmp_path, **settings), db, cluster), db
-
-
-def _record_launches(scheduler) -> list[str]:
-    launched: list[str] = []
-
-    def launch(session, job):
-        launched.append(job.name)
-        job.submission_id = f"test-{job.id}"
-        session.commit()
-        return True
-
-    scheduler.launch = launch
-    return launched
-
-
 def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start(
     ray_cluster, tmp_path
 ):
@@ -134,10 +99,10 @@ def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start
     its dashboard address) may grow: a job it cannot hold now waits with a reason, and the
     jobs behind it that fit still start. GPUs are counted."""
     cluster = RayCluster(ray_cluster.dashboard_url, tmp_path)
-    scheduler, db = _scheduler(tmp_path, cluster)
+    scheduler, db = scheduler_for(tmp_path, cluster)
     assert scheduler.capacity.total.cpus == 4 and scheduler.capacity.total.gpus == 0
     assert not scheduler.capacity.fixed
-    launched = _record_launches(scheduler)
+    launched = record_launches(scheduler, key="name")
     with db.sessions() as s:
         create_job(s, "huge", {**SPEC, "num_workers": 8}, 10)
         create_job(s, "gpu", {**SPEC, "use_gpu": True}, 5)
@@ -155,8 +120,8 @@ def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start
 
 
 def test_one_unreadable_job_never_stops_the_queue(tmp_path):
-    scheduler, db = _scheduler(tmp_path, RayCluster(None, tmp_path, num_cpus=4))
-    launched = _record_launches(scheduler)
+    scheduler, db = scheduler_for(tmp_path, cpus=4)
+    launched = record_launches(scheduler, key="name")
     with db.sessions() as s:
         bad = create_job(s, "bad", {**SPEC, "num_workers": "two"}, 10)  # a hand-edited row
         create_job(s, "good", SPEC, 0)
@@ -173,7 +138,7 @@ def test_backfill_skips_torn_lines_and_reads_only_after_the_last_stored_step(tmp
     from service.jobs import store_points
     from service.models import Metric
 
-    scheduler, db = _scheduler(tmp_path, RayCluster(None, tmp_path, num_cpus=4))
+    scheduler, db = scheduler_for(tmp_path, cpus=4)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     lines = [
@@ -213,8 +178,8 @@ def test_a_run_directory_belongs_to_one_job_row(tmp_path):
 
     runs = tmp_path / "runs"
     cluster = RayCluster(None, tmp_path, num_cpus=4)
-    _, db_a = _scheduler(tmp_path / "a", cluster, runs_dir=runs)
-    second, db_b = _scheduler(tmp_path / "b", cluster, runs_dir=runs)
+    _, db_a = scheduler_for(tmp_path / "a", cluster, runs_dir=runs)
+    second, db_b = scheduler_for(tmp_path / "b", cluster, runs_dir=runs)
     with db_a.sessions() as a, db_b.sessions() as b:
         job_a, job_b = create_job(a, "a", SPEC, 0), create_job(b, "b", SPEC, 0)
         assert job_a.id == job_b.id == 1
@@ -233,7 +198,7 @@ def _ray_scheduler(tmp_path, ray_cluster):
     """A scheduler on the session's real cluster, driven pass by pass by the test."""
     from service.ray_jobs import RayJobs
 
-    scheduler, db = _scheduler(tmp_path, ray_cluster)
+    scheduler, db = scheduler_for(tmp_path, ray_cluster)
     scheduler.ray = RayJobs(ray_cluster.dashboard_url)
     return scheduler, db
 

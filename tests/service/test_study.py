@@ -24,11 +24,12 @@ def test_miniature_study_has_every_cell(service):
         {"dataset": {"name": "mnist1d", "num_samples": 1200}, "epochs": 1, "num_workers": 1}
     )
     mini["base"]["micro_batch_size"] = 128
-    # One learning rate per optimizer (the study searches three), two batch sizes.
+    # Two of the study's optimizers at one learning rate each (the study searches three),
+    # two batch sizes: four trials, each cell of the tables filled.
     seen, optimizers = set(), []
     for opt in sweep["space"]["optimizer"]:
         label = large_batch.optimizer_label({"optimizer": opt})
-        if label not in seen:
+        if label not in seen and len(seen) < 2:
             seen.add(label)
             optimizers.append(opt)
     mini["space"] = {"optimizer": optimizers, "batch_size": [128, 256]}

@@ -8,13 +8,13 @@ import math
 import pytest
 
 from service.auth import create_token
-from service.db import Database, upgrade
 from service.models import Job, Sweep
 from service.ray_cluster import RayCluster
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.sweeps import SweepCreate, apply, combinations, create_sweep, update_sweep_status
 
+from ..helpers import record_launches, scheduler_for
 from .test_api import SPEC
 
 GRID = {
@@ -156,19 +156,8 @@ def test_summary_sorts_by_a_final_metric_and_cancel_cancels_trials(client):
 
 
 def test_scheduler_respects_max_concurrent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'n.db'}"
-    upgrade(url)
-    db = Database(url)
-    scheduler = Scheduler(Settings(home=tmp_path), db, RayCluster(None, tmp_path, num_cpus=16))
-    launched = []
-
-    def launch(session, job):
-        launched.append(job.id)
-        job.submission_id = f"test-{job.id}"
-        session.commit()
-        return True
-
-    scheduler.launch = launch
+    scheduler, db = scheduler_for(tmp_path, cpus=16)
+    launched = record_launches(scheduler)
     with db.sessions() as s:
         create_sweep(s, SweepCreate.model_validate(GRID))  # 6 trials, max_concurrent 2
         scheduler.start_queued(s)

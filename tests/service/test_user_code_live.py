@@ -17,6 +17,7 @@ import torch
 
 from service.client import NestorError
 
+from ..helpers import read_jsonl
 from .live import wait_for
 
 MODULE = f"nestor_user_{uuid.uuid4().hex[:8]}"  # importable only from the package
@@ -94,10 +95,6 @@ def run_dir(live, job_id: int) -> Path:
         if json.loads(owner.read_text())["job_id"] == job_id:
             return owner.parent
     raise AssertionError(f"no run directory for job {job_id}")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

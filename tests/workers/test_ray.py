@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -13,6 +12,8 @@ import torch
 
 from workers import TrainSpec
 from workers.launcher import run_on_ray
+
+from ..helpers import read_jsonl
 
 SPEC = {
     "model": "mnist1d-cnn",
@@ -27,10 +28,6 @@ SPEC = {
     "checkpoint_every": 5,
     "max_grad_norm": 1.0,
 }
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from service.cli import main as nestor
 from workers import TrainSpec
 from workers.launcher import run_local
 
+from ..helpers import read_jsonl
+
 BASE = {
     "model": "mnist1d-mlp",
     "dataset": {"name": "mnist1d", "num_samples": 3000},
@@ -26,10 +28,6 @@ BASE = {
     "checkpoint_every": 8,
     "max_grad_norm": 1.0,
 }
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, nestor_home):

@@ -1,0 +1,65 @@
+"""Helpers the test modules share, one definition each: free loopback ports, JSON-lines
+files, a worker token for a job (what a job's workers hold to ingest), and a scheduler whose
+launches are recorded instead of sent to Ray."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def worker_token(app: Any, job_id: int) -> str:
+    """A worker token of job ``job_id`` (as the scheduler makes at launch), straight from
+    the app's database: the caller then ingests with it as the job's workers do."""
+    from service.auth import create_token
+
+    with app.state.db.sessions() as db:
+        return create_token(db, "w", "worker", job_id=job_id)
+
+
+def worker_headers(app: Any, job_id: int) -> dict[str, str]:
+    return {"Authorization": f"Bearer {worker_token(app, job_id)}"}
+
+
+def scheduler_for(home: Path, cluster: Any = None, cpus: int = 4, **settings: Any):
+    """A scheduler over a fresh SQLite database in ``home``; by default over a local
+    cluster of ``cpus`` CPUs that is never started. Returns (scheduler, database)."""
+    from service.db import Database, upgrade
+    from service.ray_cluster import RayCluster
+    from service.scheduler import Scheduler
+    from service.settings import Settings
+
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{home / 'n.db'}"
+    upgrade(url)
+    db = Database(url)
+    cluster = cluster or RayCluster(None, home, num_cpus=cpus)
+    return Scheduler(Settings(home=home, **settings), db, cluster), db
+
+
+def record_launches(scheduler: Any, key: str = "id") -> list[Any]:
+    """Replace the scheduler's hand-over to Ray: a launch claims the job and records its
+    ``key`` (id or name) in the returned list."""
+    launched: list[Any] = []
+
+    def launch(session, job) -> bool:
+        launched.append(getattr(job, key))
+        job.submission_id = f"test-{job.id}"
+        session.commit()
+        return True
+
+    scheduler.launch = launch
+    return launched
