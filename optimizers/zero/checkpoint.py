@@ -173,10 +173,26 @@ def load(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
     counters = {k: first[k] for k in opt._hooks.counter_names if first.get(k) is not None}
     del first
 
-    shards = [s for _, _, s in opt._shard_entries()]
-    state: dict[int, dict[str, Any]] = {
-        k: {key: torch.zeros_like(s) for key in keys} for k, s in enumerate(shards)
+    # The inner optimizer takes its state from a dict of placeholders: its load_state_dict
+    # copies what it is given (so it shares nothing with the caller), and uninitialised
+    # placeholders are never touched, so that copy is the only state in memory. Then the
+    # saved pieces go straight into the optimizer's own tensors (padding stays zero).
+    entries = opt._shard_entries()
+    placeholders = {
+        k: {
+            **{key: torch.empty_like(s) for key in keys},
+            **{key: v.clone() if isinstance(v, Tensor) else v for key, v in scalars.items()},
+        }
+        for k, (_, _, s) in enumerate(entries)
     }
+    opt._load_inner(placeholders, groups, counters)
+    del placeholders
+    shards = [s for _, _, s in entries]
+    state = [opt._merged_state(s) for s in shards]
+    for entry in state:
+        for key in keys:
+            entry[key].zero_()
+
     # One saved shard (a bucket's chunk) of one key at a time: the file is mapped anew for
     # each, so the pages a restore has touched, and still holds mapped, stay ~one chunk.
     for key in ["param", *keys]:
@@ -194,11 +210,6 @@ def load(opt: ZeroOptimizer, directory: str | os.PathLike[str]) -> None:
                     dest = shards[k] if key == "param" else state[k][key]
                     dest[at : at + n].copy_(source[src : src + n])
                 del payload, source
-    for k in state:
-        state[k].update(
-            {key: v.clone() if isinstance(v, Tensor) else v for key, v in scalars.items()}
-        )
-    opt._load_inner(state, groups, counters)
     opt._gather_parameters()  # the parameters other ranks own
 
 
