@@ -34,8 +34,10 @@ bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/optimizers.py
 	$(BIN)/python bench/zero.py
+	$(BIN)/python bench/restore.py
 	$(BIN)/python bench/throughput.py --rounds 2
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/service_start.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/artifacts.py
 	$(BIN)/python bench/data.py
