@@ -30,10 +30,6 @@ def worker_token(app: Any, job_id: int) -> str:
         return create_token(db, "w", "worker", job_id=job_id)
 
 
-def worker_headers(app: Any, job_id: int) -> dict[str, str]:
-    return {"Authorization": f"Bearer {worker_token(app, job_id)}"}
-
-
 def scheduler_for(home: Path, cluster: Any = None, cpus: int = 4, **settings: Any):
     """A scheduler over a fresh SQLite database in ``home``; by default over a local
     cluster of ``cpus`` CPUs that is never started. Returns (scheduler, database)."""
