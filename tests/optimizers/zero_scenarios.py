@@ -6,8 +6,11 @@ one process with the plain optimizer on the whole batch, and records how far apa
 end up. Results go to ``out_dir/world{W}.json`` for the pytest side to assert on.
 
 Scenarios are isolated: one that raises records its traceback under its own name (on every
-rank that raised, ``world{W}-errors-rank{r}.json``) and the next one runs, so a bug in one
-is one failing test, not an error in every test of the matrix.
+rank that raised, ``world{W}-errors-rank{r}.json``) and the next one runs, so a bug that
+raises on every rank is one scenario's failing tests, not an error in every test of the
+matrix. One that raises on some ranks only leaves the others inside a collective: they time
+out (120 s) and the later scenarios of that world size fail with it (measured: an error
+injected on rank 1 of one LAMB scenario failed the LAMB and Lookahead scenarios after it).
 """
 
 from __future__ import annotations
