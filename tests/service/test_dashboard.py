@@ -6,6 +6,7 @@ for a token that may use them). Screenshots land in artifacts/screenshots/."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,11 @@ def run_dir_of(live, job_id: int) -> str | None:
         return job.run_dir if job.status == "running" else None
 
 
+def line(panel, text: str):
+    """The panel's line that reads exactly `text` (a worker may still print lines of its own)."""
+    return panel.locator("span", has_text=re.compile("^" + re.escape(text) + "$"))
+
+
 def scrolled_to_end(page, selector: str) -> bool:
     return page.evaluate(
         "s => { const e = document.querySelector(s); "
@@ -126,6 +132,9 @@ def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled
     job = client.submit(spec, name="browser-log")
     try:
         run_dir = wait_for(lambda: run_dir_of(live, job["id"]), timeout=180)
+        # The job's own start-up lines (the driver's "Connected to Ray cluster", the workers')
+        # are written before its first step: the lines below come after them, not among them.
+        wait_for(lambda: client.job(job["id"])["last_step"] >= 1, timeout=180)
         log = JobLog(Path(run_dir) / "logs")
         sign_in(page, base_url(service) + f"/jobs/{job['id']}")
         panel = page.locator("#log")
@@ -136,16 +145,14 @@ def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled
         # Each line is written after the page is following: only the stream can bring it.
         # Terminal colour codes (Ray writes some) are not shown.
         log.append(["[rank 0] \x1b[1m\x1b[32mhello\x1b[39m\x1b[22m from the test"])
-        expect(panel.locator("span").last).to_have_text("[rank 0] hello from the test")
+        expect(line(panel, "[rank 0] hello from the test")).to_have_count(1)
         log.append([f"[rank 0] line {i}" for i in range(200)])
-        expect(panel.locator("span").last).to_have_text("[rank 0] line 199")
+        expect(line(panel, "[rank 0] line 199")).to_have_count(1)
         assert scrolled_to_end(page, "#log")  # it kept up with the new lines
 
         panel.evaluate("e => { e.scrollTop = 0; }")  # the reader goes back up
         log.append(["[rank 0] written while the reader is scrolled up"])
-        expect(panel.locator("span").last).to_have_text(
-            "[rank 0] written while the reader is scrolled up"
-        )
+        expect(line(panel, "[rank 0] written while the reader is scrolled up")).to_have_count(1)
         assert panel.evaluate("e => e.scrollTop") == 0
         assert panel.evaluate("e => e.scrollHeight > e.clientHeight")  # bounded, scrollable
 
