@@ -127,3 +127,10 @@ def require_owner(token: Principal, owner_id: int | None, what: str) -> None:
             status.HTTP_403_FORBIDDEN,
             f"{what} belongs to another user; only its owner or an admin may change it",
         )
+
+
+def wake_scheduler(request: Request) -> None:
+    """Tell this process's scheduler, if it has one, that a job was queued."""
+    scheduler = getattr(request.app.state, "scheduler", None)
+    if scheduler is not None:
+        scheduler.wake()

@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session
 from ..audit import record
 from ..auth import Principal
 from ..capacity import Capacity, refusal
-from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, WorkerDep, require_owner
+from ..deps import (
+    CapacityDep,
+    ReadDep,
+    SessionDep,
+    SubmitDep,
+    WorkerDep,
+    require_owner,
+    wake_scheduler,
+)
 from ..downsample import query_series
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric, User
@@ -139,6 +147,7 @@ def submit(
     job = create_job(db, body.name, spec, body.priority, owner_id=token.user_id, commit=False)
     record(db, token, "job.submit", f"job {job.id}", job.name)
     db.commit()  # the job, its event and the audit row: one transaction
+    wake_scheduler(request)
     return JobPublic.model_validate(job).model_copy(update={"owner": token.user_name})
 
 
@@ -211,6 +220,7 @@ def retry(
     )
     record(db, token, "job.retry", f"job {job_id}", f"as job {new.id}")
     db.commit()
+    wake_scheduler(request)
     return JobPublic.model_validate(new).model_copy(update={"owner": token.user_name})
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
 from ..audit import record
-from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, require_owner
+from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, require_owner, wake_scheduler
 from ..jobs import final_metrics
 from ..models import Job, Sweep
 from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
@@ -68,7 +68,7 @@ def _get(db, sweep_id: int) -> Sweep:
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepPublic)
 def create(
-    body: SweepCreate, db: SessionDep, token: SubmitDep, capacity: CapacityDep
+    body: SweepCreate, request: Request, db: SessionDep, token: SubmitDep, capacity: CapacityDep
 ) -> SweepPublic:
     """Expand the space, validate every trial's spec (422 names the combination that
     failed, and nothing is queued), and queue one job per trial."""
@@ -82,6 +82,7 @@ def create(
         ) from None
     record(db, token, "sweep.create", f"sweep {sweep.id}", sweep.name)
     db.commit()
+    wake_scheduler(request)
     return _public(db, sweep)
 
 

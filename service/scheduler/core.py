@@ -43,6 +43,7 @@ class Scheduler:
         self._owns_cluster = cluster is None
         self.cluster = cluster or RayCluster(settings.ray_address, settings.home_dir)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._stopper = None  # early stopping, created for the first sweep that asks
         self._thread: threading.Thread | None = None
         self.ray: RayJobs | None = None
@@ -61,6 +62,7 @@ class Scheduler:
         """Stop scheduling. An embedded cluster this service owns stops with it unless jobs
         are running on it: then it stays up, they go on, and the next start adopts it."""
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(timeout=30)
         if not (self._owns_cluster and self.cluster.embedded):
@@ -94,7 +96,12 @@ class Scheduler:
                 self.run_once()
             except Exception:
                 log.exception("scheduling pass failed")
-            self._stop.wait(self.settings.scheduler_interval)
+            self._wake.wait(self.settings.scheduler_interval)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Run the next scheduling pass now (a job was queued), not at the next interval."""
+        self._wake.set()
 
     # ------------------------------------------------------------------ capacity
     @property
