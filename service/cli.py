@@ -136,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 max_failures=spec.max_restarts if args.max_failures is None else args.max_failures,
                 runtime_env=runtime_env,
+                warm=True,
             )
     except ConnectionError as e:
         _fail(str(e))

@@ -59,6 +59,17 @@ class Settings(BaseSettings):
         "never delivered (off only to test the live path alone)",
     )
     runs_dir: Path | None = Field(None, description="run directories; default HOME/runs")
+    warm_workers: int = Field(
+        4,
+        ge=0,
+        le=1024,
+        description="warm worker processes kept per job environment between jobs (torch "
+        "imported, ready to train the next job of the same environment); 0: every job starts "
+        "its workers with Ray Train",
+    )
+    warm_idle_seconds: float = Field(
+        600, gt=0, description="seconds a warm worker waits for a job before it exits"
+    )
     max_log_bytes: int = Field(
         10 * 2**20,
         ge=4096,

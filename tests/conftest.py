@@ -27,6 +27,9 @@ def ray_cluster(nestor_home):
     from service.ray_cluster import RayCluster
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
+    # Each test module's service has its own home, so its jobs their own warm workers: let
+    # them go after two idle minutes, not ten, so that a session does not hoard memory.
+    os.environ.setdefault("NESTOR_WARM_IDLE_SECONDS", "120")
     # Without Ray's token auth, so that this process can join it as a driver; the service's
     # own embedded clusters (tests/e2e, test_ray_auth.py) run with it.
     cluster = RayCluster(None, Path(nestor_home) / "ray", num_cpus=2, auth=False)

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
         failures = spec.max_restarts if args.max_failures is None else args.max_failures
         # A Ray job's driver: RAY_ADDRESS names the cluster the job was submitted to.
-        result = run_on_ray(spec, run_dir, ray_address="auto", max_failures=failures, http=http)
+        result = run_on_ray(
+            spec, run_dir, ray_address="auto", max_failures=failures, http=http, warm=True
+        )
         print(json.dumps({k: result.get(k) for k in ("status", "params_sha256", "error")}))
     return 0 if result["status"] == "succeeded" else 1
 

@@ -1,8 +1,12 @@
-"""Running the training loop: on Ray (Ray Train's TorchTrainer) or in local processes.
+"""Running the training loop: on Ray (a warm worker group, else Ray Train's TorchTrainer) or
+in local processes.
 
 Everything a run leaves is in its run directory: ``metrics.jsonl`` (one object per report,
 with "step"), ``status.jsonl``, ``checkpoints/step-N/``, ``workers.jsonl`` (rank, pid,
 host of each worker start) and ``result.json`` (status, final metrics, ``params_sha256``).
+
+Importing this module does not import torch: a job's driver only connects to Ray and hands
+the job to workers, and starts faster without it (the workers import it).
 """
 
 from __future__ import annotations
@@ -17,16 +21,14 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
-from .data import SetupError
 from .logs import capture
-from .loop import NonFiniteLossError, Session, train, write_result
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .spec import TrainSpec
+
+if TYPE_CHECKING:
+    from .loop import Session
 
 
 def make_reporter(
@@ -66,6 +68,9 @@ def run_worker(
     ``result.json``. A non-finite loss or a job whose code or data cannot train ends the run
     as failed, without retries (a restart would fail the same way); other errors propagate
     so that Ray can restart the group."""
+    from .data import SetupError
+    from .loop import NonFiniteLossError, train
+
     with capture(session.run_dir, f"rank {session.rank}"):
         _record_worker(session.run_dir, session.rank, node)
         error_file = session.run_dir / f"error-rank{session.rank}.txt"
@@ -92,6 +97,14 @@ def run_worker(
         if session.rank == 0:
             write_result(session.run_dir, result)
         return result
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> None:
+    """Write ``run_dir/result.json`` atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    os.replace(tmp, run_dir / "result.json")
 
 
 def failure_summary(run_dir: Path, lines: int = 12) -> str | None:
@@ -161,6 +174,9 @@ def _ray_train_fn(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    import torch
+
+    from .loop import Session
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
@@ -190,6 +206,7 @@ def run_on_ray(
     http: dict[str, Any] | None = None,
     placement_strategy: str = "PACK",
     runtime_env: dict[str, Any] | None = None,
+    warm: bool = False,
 ) -> dict[str, Any]:
     """Train ``spec`` with Ray Train's TorchTrainer (gloo on CPU, NCCL on GPU) and return
     ``result.json``. When a worker process dies, FailureConfig restarts the group and the
@@ -198,24 +215,50 @@ def run_on_ray(
     Uses the Ray cluster this process is connected to, else the one ``connect_ray``
     finds for ``ray_address`` (None: a private local Ray), with ``runtime_env`` (a code
     package as ``working_dir``, ``pip`` requirements) for every worker of this driver.
+
+    ``warm``: train on a warm worker group of the cluster when one can be had (a CPU job
+    placed with ``PACK``; see ``workers.pool``), falling back to Ray Train when it fails.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         connect_ray(ray_address, log_to_driver=console, runtime_env=runtime_env)
+    config = {
+        "spec": spec.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "threads": cpus_per_worker,
+        "console": console,
+        "http": http,
+    }
+    if warm and not spec.use_gpu and placement_strategy == "PACK":
+        from . import pool
+
+        key = pool.pool_key(ray.get_runtime_context().runtime_env, cpus_per_worker)
+        group = pool.claim(spec.num_workers, key)
+        if group is not None:
+            try:
+                return _finished(run_dir, pool.run_warm(group, config))
+            except Exception as e:
+                # A worker died or raised: Ray Train takes over from the latest checkpoint,
+                # as a restart of its own group would, with one attempt fewer.
+                print(
+                    f"warm worker group failed ({type(e).__name__}); restarting the "
+                    "job's workers with Ray Train",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                max_failures -= 1
+                if max_failures < 0:
+                    return _failed(run_dir, e)
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         _ray_train_fn,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "run_dir": str(run_dir),
-            "threads": cpus_per_worker,
-            "console": console,
-            "http": http,
-        },
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers,
             use_gpu=spec.use_gpu,
@@ -231,9 +274,20 @@ def run_on_ray(
     try:
         trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError: out of retries
-        if not (run_dir / "result.json").exists():
-            error = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
-            write_result(run_dir, {"status": "failed", "error": error})
+        return _failed(run_dir, e)
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def _finished(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """result.json as rank 0 wrote it (``result`` when a failure did not reach it)."""
+    path = run_dir / "result.json"
+    return json.loads(path.read_text()) if path.exists() else result
+
+
+def _failed(run_dir: Path, e: BaseException) -> dict[str, Any]:
+    if not (run_dir / "result.json").exists():
+        error = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
+        write_result(run_dir, {"status": "failed", "error": error})
     return json.loads((run_dir / "result.json").read_text())
 
 
@@ -241,6 +295,11 @@ def run_on_ray(
 def _local_worker(
     rank: int, world: int, spec_json: str, run_dir: str, init: str, code_dir: str | None
 ) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from .loop import Session
+
     if code_dir:  # what Ray's working_dir does on a cluster: the project is importable
         sys.path.insert(0, code_dir)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)

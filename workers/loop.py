@@ -403,11 +403,3 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     if report:
         report.status("succeeded")
     return result
-
-
-def write_result(run_dir: Path, result: dict[str, Any]) -> None:
-    """Write ``run_dir/result.json`` atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    os.replace(tmp, run_dir / "result.json")

@@ -50,6 +50,8 @@ def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "env_vars": {
             "NESTOR_HOME": str(settings.home_dir),
             "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
+            "NESTOR_WARM_WORKERS": str(settings.warm_workers),
+            "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),
         }
     }
     if spec.get("code"):

@@ -465,6 +465,8 @@ def test_a_jobs_runtime_env_ships_its_package_and_its_requirements(tmp_path):
         "env_vars": {
             "NESTOR_HOME": str(tmp_path),
             "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),  # the job log's cap
+            "NESTOR_WARM_WORKERS": str(settings.warm_workers),  # per environment,
+            "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),  # and their idle life
         },
         "working_dir": str(zip_path(settings.packages_dir, pkg)),
         "pip": ["einops==0.8.0"],

@@ -1,4 +1,6 @@
-"""Training on a real local Ray: 2 workers equal 1, and a SIGKILLed worker is survived."""
+"""Training on a real local Ray: 2 workers equal 1, a SIGKILLed worker is survived (in a
+Ray Train group and in a warm group), and a warm worker reused by the next job carries
+nothing from the job before it."""
 
 from __future__ import annotations
 
@@ -53,11 +55,14 @@ def test_two_workers_equal_one_worker_on_the_same_global_batch(two_worker_run, t
     assert loss2[-1] < loss2[0]
 
 
-def test_sigkill_of_a_worker_is_survived_with_identical_parameters(two_worker_run, tmp_path):
+@pytest.mark.parametrize("warm", [False, True], ids=["ray-train-group", "warm-group"])
+def test_sigkill_of_a_worker_is_survived_with_identical_parameters(two_worker_run, tmp_path, warm):
+    """A warm group's worker killed mid-run: the driver kills the group and Ray Train
+    resumes the job from its latest checkpoint, as it does for its own group."""
     _, uninterrupted = two_worker_run
     spec = TrainSpec.model_validate(SPEC)
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(run_on_ray(spec, tmp_path)))
+    runner = threading.Thread(target=lambda: outcome.update(run_on_ray(spec, tmp_path, warm=warm)))
     runner.start()
     metrics, workers = tmp_path / "metrics.jsonl", tmp_path / "workers.jsonl"
     killed = None
@@ -78,6 +83,30 @@ def test_sigkill_of_a_worker_is_survived_with_identical_parameters(two_worker_ru
     assert outcome["params_sha256"] == uninterrupted["params_sha256"]
     steps = [r["step"] for r in read_jsonl(metrics)]
     assert steps == list(range(1, 31))  # every step reported once, after the restart too
+
+
+def test_a_reused_warm_worker_carries_nothing_from_the_job_before(two_worker_run, tmp_path):
+    """Job B after job A in the same warm processes trains exactly as B alone in new ones
+    (the module's Ray Train run): a new model, optimizer, data order, RNG and process
+    group each job. A differs from B in every way the spec allows here."""
+    _, alone = two_worker_run
+    a = {
+        **SPEC,
+        "optimizer": {"name": "lamb", "lr": 0.003},
+        "zero_stage": 1,
+        "seed": 7,
+        "precision": "bf16",
+        "max_steps": 6,
+        "checkpoint_every": 0,
+    }
+    first = run_on_ray(TrainSpec.model_validate(a), tmp_path / "a", warm=True)
+    assert first["status"] == "succeeded", first
+    second = run_on_ray(TrainSpec.model_validate(SPEC), tmp_path / "b", warm=True)
+    assert second["status"] == "succeeded", second
+    pids = [{w["rank"]: w["pid"] for w in read_jsonl(tmp_path / d / "workers.jsonl")} for d in "ab"]
+    assert pids[0] == pids[1], "B did not run in A's processes: nothing was reused"
+    assert second["params_sha256"] == alone["params_sha256"]
+    assert second["params_sha256"] != first["params_sha256"]
 
 
 def test_two_worker_job_spreads_over_a_two_node_cluster(ray_session, tmp_path):
