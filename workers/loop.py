@@ -307,6 +307,8 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     init = None if resumed is not None else init_source(spec, session)
     data, model, objective = setup(spec, session, init)
     opt = ZeroOptimizer(model.named_parameters(), spec.optimizer_spec(), stage=spec.zero_stage)
+    if spec.overlaps_all_gather():
+        opt.overlap_with(model)
     peak_lrs = [g["lr"] for g in opt.param_groups]
     if init is not None and init.get("optimizer"):
         load_optimizer_state(opt, Path(init["optimizer"]), init["source"])

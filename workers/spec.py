@@ -300,6 +300,13 @@ class TrainSpec(_Strict):
     micro_batch_size: int = Field(256, ge=1, le=MAX_BATCH_SIZE, description="per worker")
     num_workers: int = Field(1, ge=1, le=256, description="data-parallel workers (ranks)")
     zero_stage: int = Field(2, ge=0, le=2, description="0 = plain data parallel")
+    overlap_all_gather: bool | None = Field(
+        None,
+        description="at ZeRO stages 1 and 2, let the parameter all-gather after a step run "
+        "on while the next forward pass starts (each module waits for its own parameters); "
+        "default: on for built-in models, off for a user's model factory, which may read "
+        "another module's parameters before that module runs",
+    )
     max_steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps")
     epochs: float | None = Field(
         None,
@@ -382,6 +389,14 @@ class TrainSpec(_Strict):
                     f"(it takes: {', '.join(takes)})"
                 )
         return self
+
+    def overlaps_all_gather(self) -> bool:
+        """Whether the loop overlaps the parameter all-gather with the next forward pass."""
+        if self.zero_stage == 0 or self.num_workers == 1:
+            return False
+        if self.overlap_all_gather is not None:
+            return self.overlap_all_gather
+        return isinstance(self.model, str)
 
     def model_factory(self) -> FactorySpec:
         """The model as a factory call (a built-in name stands for one of Nestor's own)."""

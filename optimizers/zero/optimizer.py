@@ -9,6 +9,7 @@ the registry and reached through ``shard_hooks``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -147,6 +148,16 @@ class ZeroOptimizer(Optimizer):
         self._bucketer = (
             GradientBucketer(self._classes, self.params, self.comm) if stage == 2 else None
         )
+        # The parameter all-gather of the last step, per bucket, while it is in flight
+        # (``overlap_with``): the works, and for each parameter its bucket's key.
+        self._gathering: dict[tuple[int, int], list[Any]] = {}
+        self._bucket_of = {
+            seg.index: (ci, bi)
+            for ci, c in enumerate(self._classes)
+            for bi, b in enumerate(c.buckets)
+            for seg in b.segments
+        }
+        self._overlap_hooks: list[Any] = []
 
     # ----------------------------------------------------------------- construction
     def _check_same_everywhere(self, named: list[tuple[str, Tensor]]) -> None:
@@ -250,6 +261,7 @@ class ZeroOptimizer(Optimizer):
         """Average gradients, clip globally, step this rank's shards, all-gather the
         parameters. A collective: call it on all ranks."""
         loss = None
+        self.wait_parameters()  # this rank's chunks are about to change
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -290,18 +302,54 @@ class ZeroOptimizer(Optimizer):
     @torch.no_grad()
     def _gather_parameters(self) -> None:
         """Owned slices from the (fp32 master) shards into the parameters, then every
-        rank's slices to every rank."""
-        works = []
-        for c in self._classes:
-            for b, shard in zip(c.buckets, c.shards, strict=True):
+        rank's slices to every rank: waited for here, or, with ``overlap_with``, by the
+        first module that uses a bucket's parameters in the next forward pass."""
+        for ci, c in enumerate(self._classes):
+            for bi, (b, shard) in enumerate(zip(c.buckets, c.shards, strict=True)):
                 lo, hi = b.owned(self._plan_rank, self._plan_world)
                 own = c.flat_param[lo:hi]
                 if shard.data_ptr() != own.data_ptr():
                     own.copy_(shard)  # fp32 master -> bf16/fp16 parameters
                 if self.stage == 0:
                     continue
-                works += self.comm.all_gather(c.flat_param[b.start : b.start + b.numel])
-        wait(works)
+                region = c.flat_param[b.start : b.start + b.numel]
+                self._gathering[(ci, bi)] = self.comm.all_gather(region)
+        if not self._overlap_hooks:
+            self.wait_parameters()
+
+    def wait_parameters(self) -> None:
+        """Wait until every parameter holds the last step's values on this rank (a no-op
+        unless ``overlap_with`` left the all-gather running)."""
+        while self._gathering:
+            wait(self._gathering.popitem()[1])
+
+    def _wait_buckets(self, keys: list[tuple[int, int]], *_: Any) -> None:
+        for key in keys:
+            works = self._gathering.pop(key, None)
+            if works is not None:
+                wait(works)
+
+    def overlap_with(self, model: torch.nn.Module) -> None:
+        """Overlap the parameter all-gather (stages 1 and 2) with the next forward pass:
+        ``step()`` returns once the all-gather is started, and a forward pre-hook on each
+        module of ``model`` that holds parameters waits for their buckets only, so the
+        first layers compute while the last buckets are still on the wire. Parameters read
+        outside a forward pass (saving, evaluating without hooks, digests) need
+        ``wait_parameters()`` first; this optimizer's own methods call it."""
+        if self.stage == 0 or self._overlap_hooks:
+            return
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for module in model.modules():
+            keys = sorted(
+                {
+                    self._bucket_of[index[id(p)]]
+                    for p in module.parameters(recurse=False)
+                    if id(p) in index
+                }
+            )
+            if keys:
+                hook = functools.partial(self._wait_buckets, keys)
+                self._overlap_hooks.append(module.register_forward_pre_hook(hook))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. At stages 0 and 1 the flat gradient buffer is zeroed in place
@@ -375,17 +423,20 @@ class ZeroOptimizer(Optimizer):
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> None:
         """Write this rank's parameter and state slices to ``directory/rank{r}.pt`` and,
         on rank 0, ``index.json`` (names, shapes, layout). A collective: call on all ranks."""
+        self.wait_parameters()
         checkpoint.save(self, directory)
 
     def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
         """Restore parameters and optimizer state saved by ``save_checkpoint`` at the same or
         a different world size, so that training continues exactly; each rank reads only
         the pieces it owns. A collective."""
+        self.wait_parameters()
         checkpoint.load(self, directory)
 
     def consolidated_state_dict(self) -> dict[str, Any] | None:
         """On rank 0, the state dict of the plain optimizer that ``create_optimizer(
         model.named_parameters(), spec)`` builds; None on other ranks. A collective."""
+        self.wait_parameters()
         return checkpoint.consolidated_state_dict(self)
 
     def load_consolidated_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -393,6 +444,7 @@ class ZeroOptimizer(Optimizer):
         optimizer's own ``state_dict()`` over the same parameters), each rank taking the
         slices of its shards, at any world size and stage. The per-parameter state and step
         counts are loaded; the hyperparameters stay this optimizer's. Not a collective."""
+        self.wait_parameters()
         checkpoint.load_consolidated_state_dict(self, state_dict)
 
     def state_dict(self) -> dict[str, Any]:
@@ -406,6 +458,11 @@ class ZeroOptimizer(Optimizer):
         self.param_groups = self.inner.param_groups
 
     def close(self) -> None:
-        """Remove the stage-2 gradient hooks."""
+        """Finish the all-gather in flight; remove the stage-2 gradient hooks and the
+        forward pre-hooks of ``overlap_with``."""
+        self.wait_parameters()
+        for hook in self._overlap_hooks:
+            hook.remove()
+        self._overlap_hooks.clear()
         if self._bucketer is not None:
             self._bucketer.close()

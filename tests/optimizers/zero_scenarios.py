@@ -196,6 +196,52 @@ def _equal(rank, world, results, name, spec, stage, dtype) -> None:
         }
 
 
+OVERLAP_SPECS = {
+    "adan-stage1": ({"name": "adan", "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5}, 1),
+    "adan-stage2": ({"name": "adan", "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5}, 2),
+    "lamb-stage2": ({"name": "lamb", "lr": 0.02}, 2),
+}
+
+
+def overlap(rank: int, world: int, results: dict[str, Any], errors: dict[str, str]) -> None:
+    for name, (spec, stage) in OVERLAP_SPECS.items():
+        isolated(
+            errors,
+            f"overlap-{name}",
+            lambda a=(name, spec, stage): _overlap(rank, world, results, *a),
+        )
+
+
+def _overlap(rank, world, results, name, spec, stage) -> None:
+    """The same training with the all-gather overlapped with the next forward pass and
+    without: bit-identical parameters; and the all-gather really was still in flight
+    when step() returned."""
+    runs, in_flight = [], []
+    for overlapped in (False, True):
+        model = make_model(torch.float64)
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=stage, bucket_mb=BUCKET_MB)
+        if overlapped:
+            opt.overlap_with(model)
+        micro = GLOBAL_BATCH // (world * ACCUMULATION)
+        for step in range(STEPS):
+            x, y = batch(step, torch.float64)
+            opt.zero_grad()
+            for j in range(ACCUMULATION):
+                lo = (rank * ACCUMULATION + j) * micro
+                F.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro]).backward()
+            opt.step()
+            if overlapped:
+                in_flight.append(len(opt._gathering))
+        opt.close()  # waits for the last all-gather
+        runs.append([p.detach().clone() for p in model.parameters()])
+    if rank == 0:
+        results[f"overlap-{name}"] = {
+            "identical": all(torch.equal(a, b) for a, b in zip(*runs, strict=True)),
+            "buckets_in_flight_after_step": max(in_flight),
+            "buckets": len(set(opt._bucket_of.values())),
+        }
+
+
 CHECKPOINT_SPECS = {
     "adan-stage2": ({"name": "adan", "lr": 0.02, "weight_decay": 0.05, "max_grad_norm": 0.5}, 2),
     "lookahead_lamb-stage1": ({"name": "lookahead_lamb", "lr": 0.02}, 1),
@@ -360,6 +406,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -
     errors: dict[str, str] = {}
     try:
         equality(rank, world, results, errors)
+        overlap(rank, world, results, errors)
         checkpoints(rank, world, ckpt_dir, results, errors)
         consolidated_restore(rank, world, ckpt_dir, results, errors)
         if world >= 2:
