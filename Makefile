@@ -35,7 +35,8 @@ bench: install
 	$(BIN)/python bench/optimizers.py
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/restore.py
-	$(BIN)/python bench/throughput.py --rounds 2
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/service_start.py
 	$(BIN)/python bench/load.py
