@@ -304,8 +304,10 @@ class TrainSpec(_Strict):
         None,
         description="at ZeRO stages 1 and 2, let the parameter all-gather after a step run "
         "on while the next forward pass starts (each module waits for its own parameters); "
-        "default: on for built-in models, off for a user's model factory, which may read "
-        "another module's parameters before that module runs",
+        "default: on for built-in models on GPUs; off on CPUs, where gloo's threads and the "
+        "forward pass compete for the same cores (measured slower, bench/zero.py), and for a "
+        "user's model factory, which may read another module's parameters before that "
+        "module runs",
     )
     max_steps: int = Field(100, ge=1, le=10_000_000, description="optimizer steps")
     epochs: float | None = Field(
@@ -396,7 +398,7 @@ class TrainSpec(_Strict):
             return False
         if self.overlap_all_gather is not None:
             return self.overlap_all_gather
-        return isinstance(self.model, str)
+        return self.use_gpu and isinstance(self.model, str)
 
     def model_factory(self) -> FactorySpec:
         """The model as a factory call (a built-in name stands for one of Nestor's own)."""
