@@ -343,8 +343,11 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
 
         # This rank's distinct part of the global batch, as `accum` micro-batches.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        data_time = 0.0
         for _ in range(accum):
+            t = time.perf_counter()
             x, y = _to(next(batches), device)
+            data_time += time.perf_counter() - t
             with autocast(spec, device):
                 loss = objective(model(x), y)
             (loss / accum).backward()
@@ -352,6 +355,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         if world > 1:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / world
+        t_compute = time.perf_counter()
 
         if not math.isfinite(train_loss):
             bad_steps += 1
@@ -368,7 +372,8 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         bad_steps = 0
         opt.step()
         opt.zero_grad()
-        step_time = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        step_time = t_end - t0
 
         done = step + 1
         metrics = {
@@ -377,6 +382,12 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             "grad_norm": float(opt.last_grad_norm),
             "samples_per_s": spec.batch_size / step_time,
             "step_time": step_time,
+            # Where the step's time went, on the host: reading the micro-batches; forward,
+            # backward (with stage 2's gradient reduce-scatter) and the loss's all-reduce;
+            # the optimizer step with its collectives.
+            "data_time": data_time,
+            "compute_time": t_compute - t0 - data_time,
+            "optimizer_time": t_end - t_compute,
             "opt_state_bytes": float(opt.state_nbytes()),
             "epoch": done * spec.batch_size / n_train,
         }

@@ -9,6 +9,7 @@ const CHARTS = [
   { id: "lr", title: "learning rate", keys: ["lr"] },
   { id: "grad_norm", title: "gradient norm (before clipping)", keys: ["grad_norm"] },
   { id: "throughput", title: "samples / s", keys: ["samples_per_s"] },
+  { id: "phases", title: "step time by part (s, host)", keys: ["data_time", "compute_time", "optimizer_time"] },
   { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"] },
 ];
 const MAX_POINTS = 2000;

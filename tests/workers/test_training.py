@@ -125,6 +125,10 @@ def test_cli_trains_and_writes_metrics_and_result(tmp_path, nestor_home):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("train_loss", "lr", "grad_norm", "samples_per_s", "step_time", "opt_state_bytes"):
         assert key in records[0]
+    for r in records:  # the step's parts: reading data, forward and backward, the optimizer
+        parts = [r["data_time"], r["compute_time"], r["optimizer_time"]]
+        assert min(parts) >= 0 and r["compute_time"] > 0
+        assert sum(parts) <= r["step_time"] + 1e-9
     assert "val_accuracy" in records[2]
     result = json.loads((out / "result.json").read_text())
     assert len(result["params_sha256"]) == 64
