@@ -32,6 +32,7 @@ whose placement groups hold the devices.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -203,9 +204,14 @@ class Group:
                 a.ping.remote(self.holder)
 
     def release(self) -> None:
+        """Give the workers back, and wait until they are: calls to a threaded actor are not
+        ordered, so a job that follows at once could find them still held."""
+        import ray
+
         self._stop.set()
-        for a in self.actors:
-            a.release.remote(self.holder)
+        for answer in [a.release.remote(self.holder) for a in self.actors]:
+            with contextlib.suppress(ray.exceptions.RayError):  # gone: nothing to give back
+                ray.get(answer, timeout=60)
 
     def kill(self) -> None:
         import ray
