@@ -296,7 +296,14 @@ def download(job_id: JobId, name: str, db: SessionDep, runs: StorageDep) -> Arti
         found.path,
         filename=name,
         media_type="application/octet-stream",
-        headers={"X-Checksum-SHA256": digest, "Repr-Digest": f"sha-256=:{encoded}:"},
+        headers={
+            "X-Checksum-SHA256": digest,
+            "Repr-Digest": f"sha-256=:{encoded}:",
+            # A job's files are private and may be deleted: a browser must ask every time,
+            # not answer a signed link from its cache (with Last-Modified it would, for a
+            # while, after the artifacts are gone).
+            "Cache-Control": "no-store",
+        },
     )
 
 

@@ -91,6 +91,7 @@ def test_download_is_whole_checksummed_and_answers_ranges(client, finished):
     assert resp.headers["content-length"] == str(len(files["model.pt"]))
     assert resp.headers["x-checksum-sha256"] == digest.hex()
     assert resp.headers["repr-digest"] == f"sha-256=:{base64.b64encode(digest).decode()}:"
+    assert resp.headers["cache-control"] == "no-store"  # no stale copy after a DELETE
     part = client.get(f"/v1/jobs/{job_id}/artifacts/model.pt", headers={"Range": "bytes=10-99"})
     assert part.status_code == 206 and part.content == files["model.pt"][10:100]
     ckpt = client.get(f"/v1/jobs/{job_id}/artifacts/step-8-optimizer.pt")
