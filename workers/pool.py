@@ -264,10 +264,7 @@ def run_warm(group: Group, config: dict[str, Any]) -> dict[str, Any]:
     """Train on a claimed group; raises when any worker fails (the group is then killed)."""
     import ray
 
-    stopped = threading.Event()
-
     def on_term(signum: int, frame: Any) -> None:  # `ray job stop`: a cancelled job
-        stopped.set()
         raise SystemExit(128 + signum)
 
     previous = None
