@@ -150,6 +150,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             {
                 "status": result["status"],
                 **summary,
+                **(
+                    {"reached_target_at_step": result["reached_target_at_step"]}
+                    if "reached_target_at_step" in result
+                    else {}
+                ),
                 "params_sha256": result.get("params_sha256"),
                 "error": result.get("error"),
             },

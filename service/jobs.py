@@ -47,8 +47,27 @@ def create_job(
     return job
 
 
+def finished_reason(job: Job, reached: int | None) -> str:
+    """A succeeded job's event: how it ended, with its stop_at target if it had one."""
+    target = (job.spec or {}).get("stop_at")
+    if not target:
+        return "training finished"
+    what = f"{target.get('metric')} {'>=' if target.get('mode') == 'max' else '<='} " + str(
+        target.get("value")
+    )
+    if reached is None:
+        return f"training finished: max_steps ran out before {what}"
+    return f"training finished: {what} reached at step {reached}"
+
+
 def transition(
-    db: Session, job: Job, status: str, reason: str | None = None, *, unclaimed: bool = False
+    db: Session,
+    job: Job,
+    status: str,
+    reason: str | None = None,
+    *,
+    unclaimed: bool = False,
+    reached_target_at_step: int | None = None,
 ) -> bool:
     """Move ``job`` to ``status`` with an event; False (and no change) if the move is not
     allowed or the row changed under us. A compare-and-set on the status (``unclaimed``:
@@ -64,6 +83,8 @@ def transition(
         values["pending_reason"] = None
         if status == "failed":
             values["error"] = reason
+    if reached_target_at_step is not None:
+        values["reached_target_at_step"] = reached_target_at_step
     query = update(Job).where(Job.id == job.id, Job.status == job.status)
     if unclaimed:
         query = query.where(Job.submission_id.is_(None))
@@ -128,7 +149,10 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
     if batch.status == "running" and job.status == "queued":
         transition(db, job, "running", "workers started")
     elif batch.status == "succeeded":
-        transition(db, job, "succeeded", "training finished")
+        reached = batch.reached_target_at_step
+        transition(
+            db, job, "succeeded", finished_reason(job, reached), reached_target_at_step=reached
+        )
     elif batch.status == "failed":
         transition(db, job, "failed", batch.error or "worker reported failure")
     return len(rows)

@@ -72,6 +72,8 @@ class Job(Base):
     # When DELETE .../artifacts freed the run's storage (its log is kept).
     artifacts_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    # The step whose evaluation first reached the spec's stop_at target (null: not reached).
+    reached_target_at_step: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)
 

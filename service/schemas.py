@@ -44,6 +44,11 @@ class JobPublic(BaseModel):
         None, description="why a queued job has not started yet (resources, its sweep)"
     )
     last_step: int
+    reached_target_at_step: int | None = Field(
+        None,
+        description="with a stop_at target: the step whose evaluation first reached it "
+        "(null while running, or when max_steps ran out first)",
+    )
     owner: str | None = Field(None, description="the name of the user who submitted it")
     latest: dict[str, float | None] = Field(
         default_factory=dict, description="train_loss, val_loss, val_accuracy at their last step"
@@ -96,6 +101,9 @@ class MetricBatch(BaseModel):
     status: str | None = Field(None, pattern="^(running|succeeded|failed)$")
     error: str | None = Field(None, max_length=20_000)
     resume_from_step: int | None = Field(None, ge=0, le=2**31 - 1)
+    reached_target_at_step: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="with status succeeded: stop_at's step"
+    )
 
 
 class IngestResult(BaseModel):

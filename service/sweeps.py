@@ -38,10 +38,17 @@ class SweepCreate(BaseModel):
     name: str = Field("sweep", min_length=1, max_length=200)
     base: JsonObject = Field(description="a TrainSpec the space's values are applied to")
     space: JsonObject = Field(
+        default_factory=dict,
         description="dotted spec path -> list of values, or for random search "
         '{"uniform": [a, b]}, {"log_uniform": [a, b]}, {"choice": [...]}',
-        min_length=1,
         max_length=32,
+    )
+    points: list[JsonObject] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="explicit combinations (dotted path -> value), each crossed with the "
+        "space: for values that vary together, e.g. the best lr found for each batch size "
+        '[{"batch_size": 1024, "optimizer.lr": 0.01}, ...] with space {"seed": [0, 1, 2]}',
     )
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1, le=1000, description="trials drawn by random search")
@@ -52,6 +59,14 @@ class SweepCreate(BaseModel):
 
     @model_validator(mode="after")
     def _space_fits_search(self) -> SweepCreate:
+        if not self.space and not self.points:
+            raise ValueError("give a space, points, or both")
+        for i, point in enumerate(self.points):
+            if not point:
+                raise ValueError(f"points[{i}]: an empty combination")
+            both = sorted(set(point) & set(self.space))
+            if both:
+                raise ValueError(f"points[{i}]: {both} also in space; vary a path in one place")
         for path, values in self.space.items():
             if isinstance(values, dict):
                 if self.search == "grid":
@@ -65,8 +80,9 @@ class SweepCreate(BaseModel):
                 check_distribution(path, kind, args)
             elif not isinstance(values, list) or not values:
                 raise ValueError(f"space[{path!r}]: expected a non-empty list of values")
-        if self.search == "grid" and math.prod(len(v) for v in self.space.values()) > 1000:
-            raise ValueError("grid has more than 1000 combinations")
+        grid = math.prod(len(v) for v in self.space.values()) if self.search == "grid" else 1
+        if grid * max(1, len(self.points)) > 1000:
+            raise ValueError("more than 1000 trials")
         return self
 
 
@@ -101,7 +117,12 @@ DISTRIBUTIONS = {
 
 
 def combinations(sweep: SweepCreate) -> list[dict[str, Any]]:
-    """The varied values of every trial: the grid's product, or num_samples seeded draws."""
+    """The varied values of every trial: each point (or none) crossed with the grid's
+    product, or with num_samples seeded draws."""
+    return [{**point, **drawn} for point in sweep.points or [{}] for drawn in _space_values(sweep)]
+
+
+def _space_values(sweep: SweepCreate) -> list[dict[str, Any]]:
     paths = list(sweep.space)
     if sweep.search == "grid":
         return [
@@ -217,7 +238,8 @@ def create_sweep(
 def varied_values(sweep: Sweep, job: Job) -> dict[str, Any]:
     """The values this trial's spec has at the sweep's varied paths."""
     out = {}
-    for path in sweep.spec["space"]:
+    paths = dict.fromkeys(p for point in sweep.spec.get("points", []) for p in point)
+    for path in [*paths, *sweep.spec["space"]]:
         node: Any = job.spec
         for key in path.split("."):
             node = node.get(key) if isinstance(node, dict) else None

@@ -334,7 +334,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     micro, accum = spec.micro_batch_size, spec.accumulation_steps
     n_train = len(data.train)
     batches = micro_batches(data, spec, rank, world, start, device)
-    bad_steps, metrics = 0, {}
+    bad_steps, metrics, reached = 0, {}, None
     for step in range(start, spec.max_steps):
         t0 = time.perf_counter()
         lr_now = lr_factor(step, spec.max_steps, spec.lr_schedule)
@@ -391,14 +391,18 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             "opt_state_bytes": float(opt.state_nbytes()),
             "epoch": done * spec.batch_size / n_train,
         }
-        if done % spec.eval_every == 0 or done == spec.max_steps:
+        if spec.evaluates_at(done):
             metrics.update(evaluate(model, data, objective, spec, session, max(micro, 1024)))
             if metrics["val_loss"] < best.get("val_loss", math.inf):
                 best = {"val_loss": metrics["val_loss"], "step": done}
+            if spec.stop_at is not None and spec.stop_at.reached(metrics):
+                reached = done
         if report and (
             done % spec.log_every == 0 or done == spec.max_steps or "val_loss" in metrics
         ):
             report.metrics(done, metrics)
+        if reached is not None:
+            break  # every rank evaluated the same all-reduced metrics: all stop here
         if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.max_steps:
             save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
 
@@ -406,13 +410,15 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     save_portable(opt, model, session, session.run_dir)
     result = {
         "status": "succeeded",
-        "steps": spec.max_steps,
+        "steps": reached or spec.max_steps,
         "final_metrics": metrics,
         "best": best,
         "params_sha256": params_sha256(model),
         "world_size": world,
     }
+    if spec.stop_at is not None:
+        result["reached_target_at_step"] = reached
     opt.close()
     if report:
-        report.status("succeeded")
+        report.status("succeeded", reached_target_at_step=reached)
     return result

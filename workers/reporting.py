@@ -166,7 +166,10 @@ class HttpReporter:
 
     def status(self, status: str, **details: Any) -> None:
         if status in ("running", "succeeded", "failed"):
-            self._put({"status": status, "error": details.get("error")})
+            item = {"status": status, "error": details.get("error")}
+            if details.get("reached_target_at_step") is not None:
+                item["reached_target_at_step"] = details["reached_target_at_step"]
+            self._put(item)
 
     def resume(self, step: int) -> None:
         self._put({"resume_from_step": step})

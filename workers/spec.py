@@ -245,6 +245,63 @@ class InitFromSpec(_Strict):
         return f"job {self.job}" + (f" step {self.step}" if self.step else "")
 
 
+EVAL_METRICS = {  # what an evaluation reports, and which way is better
+    "val_loss": "min",
+    "val_accuracy": "max",
+    "val_bits_per_char": "min",
+}
+
+
+class StopAtSpec(_Strict):
+    """End the job, succeeded, the first time an evaluation reaches a target value: the
+    measure of "steps to a target" (Shallue et al., 2019). The job's result records the step
+    in ``reached_target_at_step`` (null when ``max_steps`` ran out first).
+
+    While a target is set, the loop also evaluates at every step ``s`` that is a multiple of
+    ``max(1, floor(resolution x s))``: two evaluations before step ``s`` are never more than
+    ``resolution x s`` steps apart, so the step reported overshoots the first step that
+    reached the target by less than that share (5% by default; every step up to 20)."""
+
+    metric: str = Field(
+        "val_accuracy", description="an evaluation metric: " + ", ".join(EVAL_METRICS)
+    )
+    mode: Literal["min", "max"] | None = Field(
+        None,
+        description="max: reached when metric >= value; min: when <=; default: the "
+        "metric's own direction",
+    )
+    value: float = Field(..., description="the target")
+    resolution: float = Field(
+        0.05, gt=0.0, le=1.0, description="largest gap between evaluations, as a share of the step"
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _evaluated(cls, metric: str) -> str:
+        if metric not in EVAL_METRICS:
+            raise ValueError(
+                f"stop_at.metric {metric!r} is not an evaluation metric (one of: "
+                f"{', '.join(EVAL_METRICS)})"
+            )
+        return metric
+
+    @model_validator(mode="after")
+    def _direction(self) -> StopAtSpec:
+        if self.mode is None:
+            self.mode = EVAL_METRICS[self.metric]  # type: ignore[assignment]
+        return self
+
+    def reached(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        return value >= self.value if self.mode == "max" else value <= self.value
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the target's cadence evaluates after ``step`` (1-based)."""
+        return step % max(1, math.floor(self.resolution * step)) == 0
+
+
 class TrainSpec(_Strict):
     """A training job.
 
@@ -327,6 +384,11 @@ class TrainSpec(_Strict):
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="initialisation, split, data order")
     eval_every: int = Field(10, ge=1, le=10_000_000, description="steps between validation passes")
+    stop_at: StopAtSpec | None = Field(
+        None,
+        description='end as succeeded when an evaluation reaches a target, e.g. {"metric": '
+        '"val_accuracy", "value": 0.9}; the result says at which step',
+    )
     log_every: int = Field(1, ge=1, le=10_000_000, description="steps between metric reports")
     checkpoint_every: int = Field(
         0, ge=0, le=10_000_000, description="steps between checkpoints; 0 = never"
@@ -399,6 +461,15 @@ class TrainSpec(_Strict):
         if self.overlap_all_gather is not None:
             return self.overlap_all_gather
         return self.use_gpu and isinstance(self.model, str)
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether the loop runs a validation pass after ``step`` (1-based): every
+        ``eval_every`` steps, at the end, and on ``stop_at``'s own cadence."""
+        return (
+            step % self.eval_every == 0
+            or step == self.max_steps
+            or (self.stop_at is not None and self.stop_at.evaluates_at(step))
+        )
 
     def model_factory(self) -> FactorySpec:
         """The model as a factory call (a built-in name stands for one of Nestor's own)."""

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ..backfill import backfill
-from ..jobs import transition
+from ..jobs import finished_reason, transition
 from ..models import Event, Job
 from .each import each
 
@@ -46,7 +46,8 @@ def _reconcile(scheduler: Scheduler, db: Session, job: Job) -> None:
     elif state == "SUCCEEDED":
         result = _result(job)
         if result.get("status") == "succeeded":
-            finish(scheduler, db, job, "succeeded", "training finished")
+            reached = result.get("reached_target_at_step")
+            finish(scheduler, db, job, "succeeded", finished_reason(job, reached), reached)
         else:
             finish(scheduler, db, job, "failed", result.get("error") or "no result")
     elif state == "FAILED":
@@ -110,11 +111,18 @@ def _log_tail(scheduler: Scheduler, job: Job, lines: int = 12) -> str | None:
     return "the job's log ends:\n" + "\n".join(tail) if tail else None
 
 
-def finish(scheduler: Scheduler, db: Session, job: Job, status: str, reason: str) -> None:
+def finish(
+    scheduler: Scheduler,
+    db: Session,
+    job: Job,
+    status: str,
+    reason: str,
+    reached_target_at_step: int | None = None,
+) -> None:
     """End a job: backfill any metric points the live path missed, then the status."""
     if scheduler.settings.backfill and job.run_dir:
         backfill(scheduler.db.sessions, job.id, Path(job.run_dir) / "metrics.jsonl")
         db.refresh(job)
     if job.status == "queued":
         transition(db, job, "running", "Ray job started")
-    transition(db, job, status, reason)
+    transition(db, job, status, reason, reached_target_at_step=reached_target_at_step)
