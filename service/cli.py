@@ -529,6 +529,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return _api_call(create)
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    answer = _api_errors(lambda: _client(args).recipe(args.id, args.batch_size))
+    t = answer["target"]
+    print(
+        f"sweep {answer['sweep_id']}: the lr with the fewest steps to "
+        f"{t['metric']} {'>=' if t.get('mode') == 'max' else '<='} {t['value']}, per batch size"
+    )
+    for r in answer["recipes"]:
+        print(f"\n{r['optimizer']}")
+        for p in r["points"]:
+            print(
+                f"  batch {p['batch_size']:>8,}  best lr {p['best_lr']:<10.4g} "
+                f"fit {p['fitted_lr']:.4g}"
+            )
+        if r["exponent"] is None:
+            print("  (a fit needs best lrs at two batch sizes or more)")
+            continue
+        print(
+            f"  lr = {r['lr_ref']:.4g} x (batch / {r['batch_ref']:,}) ^ {r['exponent']:.3f}"
+            f"  (residual {r['residual']:.3f} decades RMS)"
+        )
+        if r["suggested_lr"] is not None:
+            print(f"  suggested lr at batch {answer['batch_size']:,}: {r['suggested_lr']:.4g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestor", description="Nestor: large-batch training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -593,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("show", cmd_show, "show one job"),
         ("cancel", cmd_cancel, "cancel a job"),
         ("sweep", cmd_sweep, "create a sweep from a JSON file"),
+        ("recipe", cmd_recipe, "the lr per batch size fitted from a stop_at sweep"),
         ("logs", cmd_logs, "print a job's log (-f: follow it while it runs)"),
         ("download", cmd_download, "download a job's model, optimizer state and files"),
         ("users", cmd_users, "users (admins): create NAME, list, disable NAME, enable NAME"),
@@ -613,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "sweep":
             p.add_argument("file", help="sweep JSON (see examples/)")
             p.add_argument("--code", metavar="DIR", help=code_help + " (shared by every trial)")
+        elif name == "recipe":
+            p.add_argument("id", type=int, help="the sweep")
+            p.add_argument("--batch-size", type=int, help="suggest an lr for this batch size")
         elif name == "jobs":
             p.add_argument("--status")
             p.add_argument("--sweep", type=int)

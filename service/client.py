@@ -100,6 +100,11 @@ class Client:
         params = {"order": order, **({"sort": sort} if sort else {})}
         return self._call("GET", f"/v1/sweeps/{sweep_id}", params=params)
 
+    def recipe(self, sweep_id: int, batch_size: int | None = None) -> dict:
+        """The lr per batch size fitted from a sweep with a stop_at target."""
+        params = {"batch_size": batch_size} if batch_size else None
+        return self._call("GET", f"/v1/sweeps/{sweep_id}/recipe", params=params)
+
     def cancel_sweep(self, sweep_id: int) -> dict:
         return self._call("POST", f"/v1/sweeps/{sweep_id}/cancel")
 

@@ -22,8 +22,25 @@ from workers.spec import TrainSpec, optimizer_label
 
 from .models import Job
 
-# Paths a cell does not vary by: the lr is what is tuned in it, the seed what is repeated.
-TUNED = ("optimizer.lr", "seed")
+# Paths a cell does not vary by: the lr is what is tuned in it, the seed what is repeated;
+# how the same training is run (micro-batches, workers, ZeRO stage: the loop is exact
+# across them) and its step budget (a trial that reaches the target stops before it).
+NOT_CELLS = (
+    "optimizer.lr",
+    "seed",
+    "micro_batch_size",
+    "num_workers",
+    "zero_stage",
+    "overlap_all_gather",
+    "loader_workers",
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_restarts",
+)
 
 
 class LrRow(BaseModel):
@@ -53,7 +70,7 @@ class Cell(BaseModel):
 def _cell_paths(sweep_spec: dict[str, Any]) -> list[str]:
     space = list(sweep_spec.get("space", {}))
     points = [p for point in sweep_spec.get("points", []) for p in point]
-    out = dict.fromkeys(p for p in [*points, *space] if p not in TUNED)
+    out = dict.fromkeys(p for p in [*points, *space] if p not in NOT_CELLS)
     out.pop("optimizer", None)  # stands in the key as its label (below)
     return list(out)
 

@@ -7,6 +7,7 @@ and unknown fields are rejected, so a typo is an error rather than a silently ig
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -257,10 +258,11 @@ class StopAtSpec(_Strict):
     measure of "steps to a target" (Shallue et al., 2019). The job's result records the step
     in ``reached_target_at_step`` (null when ``max_steps`` ran out first).
 
-    While a target is set, the loop also evaluates at every step ``s`` that is a multiple of
-    ``max(1, floor(resolution x s))``: two evaluations before step ``s`` are never more than
-    ``resolution x s`` steps apart, so the step reported overshoots the first step that
-    reached the target by less than that share (5% by default; every step up to 20)."""
+    While a target is set, the loop also evaluates on a geometric cadence: after an
+    evaluation at step ``a``, the next is at ``max(a + 1, floor(a / (1 - resolution)))``, the
+    furthest step ``b`` with ``b - a <= resolution x b``. The step reported therefore
+    overshoots the first step that reached the target by at most ``resolution`` of it (5% by
+    default: every step up to 20, then about 20 evaluations per e-fold of steps)."""
 
     metric: str = Field(
         "val_accuracy", description="an evaluation metric: " + ", ".join(EVAL_METRICS)
@@ -299,7 +301,21 @@ class StopAtSpec(_Strict):
 
     def evaluates_at(self, step: int) -> bool:
         """Whether the target's cadence evaluates after ``step`` (1-based)."""
-        return step % max(1, math.floor(self.resolution * step)) == 0
+        return step in _geometric_steps(self.resolution, step)
+
+
+@functools.lru_cache(maxsize=16)
+def _cadence(resolution: float, upto: int) -> frozenset[int]:
+    steps, a = [1], 1
+    while a < upto:
+        a = max(a + 1, math.floor(a / (1 - resolution)))
+        steps.append(a)
+    return frozenset(steps)
+
+
+def _geometric_steps(resolution: float, step: int) -> frozenset[int]:
+    """The cadence's steps up to at least ``step``, computed once per power of two."""
+    return _cadence(resolution, 1 << max(step - 1, 1).bit_length())
 
 
 class TrainSpec(_Strict):

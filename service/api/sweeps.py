@@ -5,14 +5,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+
+from workers.spec import MAX_BATCH_SIZE
 
 from ..audit import record
 from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, require_owner, wake_scheduler
 from ..jobs import final_metrics
 from ..models import Job, Sweep
 from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
+from ..targets import Cell, Recipe, cells, recipes
 from .jobs import owner_filter, owner_names, require_code_scope
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
@@ -39,11 +42,24 @@ class Trial(BaseModel):
     status: str
     varied: dict[str, Any]
     last_step: int
+    reached_target_at_step: int | None = None
     final: dict[str, float | None]
 
 
 class SweepDetail(SweepPublic):
     trials_summary: list[Trial]
+    cells: list[Cell] | None = Field(
+        None,
+        description="with a stop_at target: per cell (the trials' shared configuration "
+        "but for lr and seed) the steps to the target at each lr and the best lr",
+    )
+
+
+class SweepRecipe(BaseModel):
+    sweep_id: int
+    target: dict[str, Any] = Field(description="the trials' stop_at")
+    batch_size: int | None = Field(None, description="the batch size asked about")
+    recipes: list[Recipe]
 
 
 def _public(db, sweep: Sweep) -> SweepPublic:
@@ -123,6 +139,7 @@ def show(
             status=j.status,
             varied=varied_values(sweep, j),
             last_step=j.last_step,
+            reached_target_at_step=j.reached_target_at_step,
             final=finals.get(j.id, {}),
         )
         for j in jobs
@@ -135,7 +152,44 @@ def show(
             reverse=order == "desc",
         )
         trials = present + missing  # trials without the metric last, whatever the order
-    return SweepDetail(**_public(db, sweep).model_dump(), trials_summary=trials)
+    with_target = [j for j in jobs if j.spec.get("stop_at")]
+    return SweepDetail(
+        **_public(db, sweep).model_dump(),
+        trials_summary=trials,
+        cells=cells(sweep.spec, with_target) if with_target else None,
+    )
+
+
+@router.get("/{sweep_id}/recipe", response_model=SweepRecipe)
+def recipe(
+    sweep_id: SweepId,
+    db: SessionDep,
+    _: ReadDep,
+    batch_size: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_BATCH_SIZE, description="suggest an lr for this batch size"),
+    ] = None,
+) -> SweepRecipe:
+    """The lr to use at each batch size, from a sweep that tuned the lr per batch size with
+    a stop_at target: per optimizer, a power law ``lr_ref x (batch / batch_ref) **
+    exponent`` fitted through the best lr of each batch size (least squares in log-log
+    space), its residual, and with ``batch_size`` the lr it suggests there. 409 when the
+    sweep's trials have no stop_at target."""
+    sweep = _get(db, sweep_id)
+    jobs = list(db.scalars(select(Job).where(Job.sweep_id == sweep.id)))
+    with_target = [j for j in jobs if j.spec.get("stop_at")]
+    if not with_target:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"sweep {sweep_id}'s trials have no stop_at target: a recipe fits the best lr "
+            "by steps to a target",
+        )
+    return SweepRecipe(
+        sweep_id=sweep.id,
+        target=with_target[0].spec["stop_at"],
+        batch_size=batch_size,
+        recipes=recipes(cells(sweep.spec, with_target), batch_size),
+    )
 
 
 @router.post("/{sweep_id}/cancel", response_model=SweepPublic)

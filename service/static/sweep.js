@@ -39,6 +39,54 @@ export function batchComparison(trials, metric) {
   });
 }
 
+// Steps to the target at each cell's best lr against batch size, one trace per optimizer
+// (log-log), with the perfect-scaling line (steps halve when the batch doubles) from the
+// smallest batch of the fastest optimizer there.
+export function stepsComparison(cells) {
+  const byOpt = new Map();
+  for (const c of cells) {
+    if (c.steps_to_target === null) continue;
+    if (!byOpt.has(c.optimizer)) byOpt.set(c.optimizer, []);
+    byOpt.get(c.optimizer).push(c);
+  }
+  const traces = [...byOpt.entries()].sort().map(([opt, cs]) => {
+    cs.sort((a, b) => a.batch_size - b.batch_size);
+    return {
+      x: cs.map((c) => c.batch_size), y: cs.map((c) => c.steps_to_target), name: opt,
+      type: "scatter", mode: "lines+markers", line: { color: colorFor(opt) }, marker: { size: 9 },
+      text: cs.map((c) => `best lr ${fmt(c.best_lr, 3)}`),
+      hovertemplate: `${opt}<br>batch %{x}: %{y} steps, %{text}<extra></extra>`,
+    };
+  });
+  const reached = cells.filter((c) => c.steps_to_target !== null);
+  if (reached.length) {
+    const b0 = Math.min(...reached.map((c) => c.batch_size));
+    const s0 = Math.min(...reached.filter((c) => c.batch_size === b0).map((c) => c.steps_to_target));
+    const sizes = [...new Set(cells.map((c) => c.batch_size))].sort((a, b) => a - b);
+    traces.push({
+      x: sizes, y: sizes.map((b) => (s0 * b0) / b), name: "perfect scaling", type: "scatter",
+      mode: "lines", line: { color: "#888", dash: "dot" }, hoverinfo: "skip",
+    });
+  }
+  return traces;
+}
+
+function cellsTable(cells) {
+  const opts = [...new Set(cells.map((c) => c.optimizer))];
+  const sizes = [...new Set(cells.map((c) => c.batch_size))].sort((a, b) => a - b);
+  const cell = (opt, b) => {
+    const c = cells.find((x) => x.optimizer === opt && x.batch_size === b);
+    if (!c) return el("td", {}, "–");
+    const pending = c.lrs.some((r) => r.unfinished);
+    const text = c.steps_to_target === null ? (pending ? "…" : "not reached")
+      : `${c.steps_to_target} (lr ${fmt(c.best_lr, 3)}${c.best_on_edge ? ", grid edge" : ""})`;
+    return el("td", { class: "num", "data-cell": `${opt}|${b}` }, text);
+  };
+  return el("div", { class: "table-wrap" }, el("table", { id: "cells-table" },
+    el("thead", {}, el("tr", {}, el("th", {}, "optimizer"), sizes.map((b) => el("th", {}, fmtBatch(b))))),
+    el("tbody", {}, opts.map((opt) => el("tr", {}, el("td", {}, opt), sizes.map((b) => cell(opt, b)))))));
+}
+
 function parcoords(trials, varied, metric) {
   const dims = varied.map((key) => {
     const raw = trials.map((t) => t.varied[key]);
@@ -72,6 +120,8 @@ start(async (main) => {
       el("span", { class: "muted", id: "updated" })),
     message,
     el("div", { class: "grid" }, chart("chart-batch"), chart("chart-curves")),
+    el("section", { id: "targets", hidden: true }, el("h2", {}, "Steps to the target"),
+      el("p", { class: "muted", id: "target-line" }), el("div", { id: "cells" }), chart("chart-steps")),
     el("h2", {}, "Trials"), tableBox,
     el("h2", {}, "Parameters against the metric"), chart("chart-params"),
   );
@@ -88,7 +138,9 @@ start(async (main) => {
       ...varied.map((k) => [k, (t) => t.varied[k]]),
       ...(varied.includes("optimizer") ? [] : [["optimizer", (t) => optimizerLabel(t.spec)]]),
       ...(varied.includes("batch_size") ? [] : [["batch", (t) => t.spec.batch_size]]),
-      ["steps", (t) => t.last_step], ...metrics.map((m) => [m, (t) => t.final[m] ?? null])];
+      ["steps", (t) => t.last_step],
+      ...(detail.cells ? [["reached at", (t) => t.reached_target_at_step ?? null]] : []),
+      ...metrics.map((m) => [m, (t) => t.final[m] ?? null])];
     const rows = [...trials];
     if (sortKey !== null) {
       const get = cols.find((c) => c[0] === sortKey)[1];
@@ -155,6 +207,18 @@ start(async (main) => {
       yaxis: { title: { text: metric } }, hovermode: "closest",
     }), PLOT_CONFIG);
     if (varied.length) await Plotly.react("chart-params", parcoords(trials, varied, metric), { margin: { l: 150, r: 80, t: 50, b: 30 } }, PLOT_CONFIG);
+    if (detail.cells) {
+      const target = trials.find((t) => t.spec.stop_at)?.spec.stop_at;
+      document.getElementById("targets").hidden = false;
+      document.getElementById("target-line").textContent = `Steps until ${target.metric} ${target.mode === "max" ? "≥" : "≤"} ${target.value}, at each cell's best lr (the median over seeds; a cell counts an lr only when every seed reached the target).`;
+      document.getElementById("cells").replaceChildren(cellsTable(detail.cells));
+      const steps = stepsComparison(detail.cells);
+      const sizes = [...new Set(detail.cells.map((c) => c.batch_size))].sort((a, b) => a - b);
+      await Plotly.react("chart-steps", steps, layout("steps to the target against batch size", {
+        xaxis: { title: { text: "global batch size" }, type: "log", tickvals: sizes, ticktext: sizes.map(fmtBatch) },
+        yaxis: { title: { text: "steps" }, type: "log" }, hovermode: "closest",
+      }), PLOT_CONFIG);
+    }
     await drawCurves(metric);
   }
 

@@ -131,3 +131,40 @@ def test_a_fractional_epoch_budget_does_not_gain_a_step_from_float_noise():
         epochs=1.1,
     )
     assert spec.max_steps == 10  # 1.1 x 900 / 99 = 10 exactly
+
+
+def test_stop_at_names_the_metric_and_takes_its_direction():
+    with pytest.raises(
+        pydantic.ValidationError, match=r"stop_at.metric .accuracy. is not an evaluation"
+    ):
+        TrainSpec.model_validate({"stop_at": {"metric": "accuracy", "value": 0.9}})
+    with pytest.raises(pydantic.ValidationError, match="value"):
+        TrainSpec.model_validate({"stop_at": {"metric": "val_loss"}})
+    assert (
+        TrainSpec.model_validate({"stop_at": {"metric": "val_loss", "value": 0.1}}).stop_at.mode
+        == "min"
+    )
+    spec = TrainSpec.model_validate({"stop_at": {"value": 0.9}})
+    assert (spec.stop_at.metric, spec.stop_at.mode) == ("val_accuracy", "max")
+    assert spec.stop_at.reached({"val_accuracy": 0.9}) and not spec.stop_at.reached(
+        {"val_loss": 0.1}
+    )
+    assert not spec.stop_at.reached({"val_accuracy": float("nan")})
+
+
+@pytest.mark.parametrize("resolution", [0.01, 0.05, 0.2])
+def test_stop_at_cadence_resolves_the_step_to_its_resolution(resolution):
+    """Between an evaluation at step s and the one before it there are at most
+    resolution x s steps: the step reported overshoots the true first step by less."""
+    spec = TrainSpec.model_validate(
+        {
+            "max_steps": 100_000,
+            "eval_every": 10**7,
+            "stop_at": {"value": 0.9, "resolution": resolution},
+        }
+    )
+    steps = [s for s in range(1, 100_001) if spec.evaluates_at(s)]
+    gaps = [(b - a) / b for a, b in itertools.pairwise(steps) if b - a > 1]
+    assert max(gaps) <= resolution
+    # Geometric: about log(steps) / resolution evaluations, not a fixed share of the steps.
+    assert len(steps) < 1.1 * (1 / resolution) * (1 + math.log(100_000 * resolution))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -132,3 +133,37 @@ def test_cli_trains_and_writes_metrics_and_result(tmp_path, nestor_home):
     assert "val_accuracy" in records[2]
     result = json.loads((out / "result.json").read_text())
     assert len(result["params_sha256"]) == 64
+
+
+def test_stop_at_ends_the_job_at_the_first_evaluation_that_reaches_the_target(
+    tmp_path, nestor_home
+):
+    """Two ranks (ZeRO-2): the job stops at the first evaluation at or above the target,
+    succeeded, and says at which step; a target it cannot reach lets it run to max_steps
+    with the field null."""
+    common = {**BASE, "max_steps": 60, "eval_every": 1000, "checkpoint_every": 0}
+    target = {"metric": "val_accuracy", "value": 0.45}
+    result = run_local(TrainSpec.model_validate({**common, "stop_at": target}), tmp_path / "hit")
+    records = read_jsonl(tmp_path / "hit" / "metrics.jsonl")
+    evaluated = [(r["step"], r["val_accuracy"]) for r in records if "val_accuracy" in r]
+    first = next(step for step, acc in evaluated if acc >= 0.45)
+    assert result["status"] == "succeeded" and result["reached_target_at_step"] == first
+    assert result["steps"] == first < 60 and records[-1]["step"] == first
+    # The cadence: every step up to 20, then never more than 5% of the step apart.
+    steps = [s for s, _ in evaluated]
+    early = min(20, len(steps))
+    assert steps[:early] == list(range(1, early + 1))
+    assert all(b - a <= max(1, 0.05 * b) for a, b in itertools.pairwise(steps))
+    assert read_jsonl(tmp_path / "hit" / "status.jsonl")[-1]["reached_target_at_step"] == first
+
+    never = {**target, "value": 1.0, "resolution": 0.5}
+    result = run_local(
+        TrainSpec.model_validate({**common, "max_steps": 12, "stop_at": never}),
+        tmp_path / "miss",
+    )
+    assert result["status"] == "succeeded" and result["reached_target_at_step"] is None
+    assert result["steps"] == 12
+    evaluated = [
+        r["step"] for r in read_jsonl(tmp_path / "miss" / "metrics.jsonl") if "val_loss" in r
+    ]
+    assert evaluated == [1, 2, 4, 8, 12]  # each at most twice the one before, and the end
