@@ -218,9 +218,16 @@ def test_finished_job_shows_its_log_and_artifacts_downloaded_by_signed_link(serv
 
 @pytest.fixture(scope="module")
 def finished_sweep(service):
-    """{adan, adamw, lamb} x {256, 512}: a real sweep, run to the end on the cluster."""
+    """{adan, adamw, lamb} x {256, 512}: a real sweep, run to the end on the cluster, each
+    trial stopping at a (low) target or at its sixth step."""
     _, client = service
-    base = {**TINY, "num_workers": 1, "max_steps": 6, "eval_every": 3}
+    base = {
+        **TINY,
+        "num_workers": 1,
+        "max_steps": 6,
+        "eval_every": 3,
+        "stop_at": {"metric": "val_accuracy", "value": 0.2},
+    }
     sweep = client.sweep(
         {
             "name": "browser-compare",
@@ -267,6 +274,18 @@ def test_finished_sweep_compares_optimizers_across_batch_sizes(service, page, fi
     assert page.evaluate("() => document.getElementById('chart-params').data[0].type") == (
         "parcoords"
     )
+
+    # Its target: steps to it per (optimizer, batch) at the best lr, as the API's cells say,
+    # and the same on log-log axes beside the perfect-scaling line.
+    expect(page.locator("#targets")).to_be_visible()
+    for cell in finished_sweep["cells"]:
+        where = f"#cells-table td[data-cell='{cell['optimizer']}|{cell['batch_size']}']"
+        text = page.locator(where).inner_text()
+        steps = cell["steps_to_target"]
+        assert text == "not reached" if steps is None else text.startswith(f"{steps:g} (lr "), text
+    names = page.evaluate("() => document.getElementById('chart-steps').data.map(t => t.name)")
+    reached = {c["optimizer"] for c in finished_sweep["cells"] if c["steps_to_target"]}
+    assert set(names) == reached | ({"perfect scaling"} if reached else set())
 
     rows = page.locator("#trials-table tbody tr")
     expect(rows).to_have_count(6)

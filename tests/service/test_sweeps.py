@@ -14,7 +14,7 @@ from service.scheduler import Scheduler
 from service.settings import Settings
 from service.sweeps import SweepCreate, apply, combinations, create_sweep, update_sweep_status
 
-from ..helpers import record_launches, scheduler_for
+from ..helpers import record_launches, scheduler_for, worker_token
 from .test_api import SPEC
 
 GRID = {
@@ -245,3 +245,106 @@ def test_asha_stops_the_diverging_trials_and_keeps_their_metrics(client, tmp_pat
     assert trial["status"] == "stopped_early"
     kept = client.get(f"/v1/jobs/{jobs[2]['id']}/metrics", params={"keys": "val_loss"}).json()
     assert kept["series"]["val_loss"]["step"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("change", "text"),
+    [
+        ({"space": {}, "points": []}, "give a space, points, or both"),
+        ({"points": [{"batch_size": 256}]}, "['batch_size'] also in space"),
+        ({"points": [{}]}, "points[0]: an empty combination"),
+    ],
+)
+def test_bad_points_are_422(client, change, text):
+    resp = client.post("/v1/sweeps", json={**GRID, **change})
+    assert resp.status_code == 422 and text in str(resp.json()["detail"])
+
+
+def test_points_are_crossed_with_the_space():
+    body = {
+        **GRID,
+        "points": [
+            {"batch_size": 256, "optimizer.lr": 0.01},
+            {"batch_size": 512, "optimizer.lr": 0.03},
+        ],
+        "space": {"seed": [0, 1, 2]},
+    }
+    combos = combinations(SweepCreate.model_validate(body))
+    assert combos == [
+        {"batch_size": b, "optimizer.lr": lr, "seed": s}
+        for b, lr in ((256, 0.01), (512, 0.03))
+        for s in (0, 1, 2)
+    ]
+
+
+# Steps to the target per (batch, lr, seed); None: never reached. Best lrs: 0.01 at 256 (0.03
+# has a seed that never reached), 0.03 at 512 (inside the grid), 0.1 at 1024 (its edge).
+REACHED = {
+    (256, 0.01): (400, 420),
+    (256, 0.03): (300, None),
+    (256, 0.1): (None, None),
+    (512, 0.01): (260, 280),
+    (512, 0.03): (150, 170),
+    (512, 0.1): (200, 190),
+    (1024, 0.01): (250, 250),
+    (1024, 0.03): (120, 110),
+    (1024, 0.1): (90, 100),
+}
+
+
+def test_cells_give_steps_to_target_and_the_recipe_fits_the_best_lrs(client):
+    """Trials report their reached step on success; the sweep summarises steps to the
+    target per cell (median over seeds, only when every seed reached it) and the best lr,
+    and the recipe is the least-squares line through the best lrs in log-log space
+    (computed independently here with numpy)."""
+    np = pytest.importorskip("numpy")
+    body = {
+        "name": "targets",
+        "base": {**SPEC, "stop_at": {"metric": "val_accuracy", "value": 0.9}},
+        "points": [{"batch_size": b, "optimizer.lr": lr} for b, lr in REACHED],
+        "space": {"seed": [0, 1]},
+        "max_concurrent": 18,
+    }
+    sweep = client.post("/v1/sweeps", json=body).json()
+    jobs = client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["data"]
+    for job in jobs:
+        spec = job["spec"]
+        reached = REACHED[(spec["batch_size"], spec["optimizer"]["lr"])][spec["seed"]]
+        token = {"Authorization": f"Bearer {worker_token(client.app, job['id'])}"}
+        url = f"/v1/jobs/{job['id']}/ingest"
+        assert client.post(url, json={"status": "running"}, headers=token).status_code == 200
+        final = {"status": "succeeded", "reached_target_at_step": reached}
+        assert client.post(url, json=final, headers=token).status_code == 200
+        shown = client.get(f"/v1/jobs/{job['id']}").json()
+        assert (shown["status"], shown["reached_target_at_step"]) == ("succeeded", reached)
+    first = min(j["id"] for j in jobs)  # batch 256, lr 0.01, seed 0
+    events = client.get(f"/v1/jobs/{first}/events/history").json()
+    assert "val_accuracy >= 0.9 reached at step 400" in events[-1]["reason"]
+
+    detail = client.get(f"/v1/sweeps/{sweep['id']}").json()
+    cells = {c["batch_size"]: c for c in detail["cells"]}
+    assert {c["optimizer"] for c in detail["cells"]} == {"adan"} and set(cells) == {256, 512, 1024}
+    rows = {b: {r["lr"]: r for r in c["lrs"]} for b, c in cells.items()}
+    assert rows[256][0.01]["steps"] == [400, 420] and rows[256][0.01]["steps_to_target"] == 410
+    assert rows[256][0.03]["steps_to_target"] is None  # seed 1 never reached the target
+    assert [(cells[b]["best_lr"], cells[b]["steps_to_target"]) for b in (256, 512, 1024)] == [
+        (0.01, 410),
+        (0.03, 160),
+        (0.1, 95),
+    ]
+    assert [cells[b]["best_on_edge"] for b in (256, 512, 1024)] == [True, False, True]
+    assert cells[1024]["spread"] == [90, 100]
+
+    recipe = client.get(f"/v1/sweeps/{sweep['id']}/recipe", params={"batch_size": 4096}).json()
+    (fit,) = recipe["recipes"]
+    x = np.log(np.array([256, 512, 1024]) / 256)
+    y = np.log([0.01, 0.03, 0.1])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = np.sqrt(np.mean(((y - (intercept + slope * x)) / np.log(10)) ** 2))
+    assert fit["exponent"] == pytest.approx(slope)
+    assert fit["lr_ref"] == pytest.approx(np.exp(intercept)) and fit["batch_ref"] == 256
+    assert fit["residual"] == pytest.approx(residual)
+    assert fit["suggested_lr"] == pytest.approx(np.exp(intercept + slope * np.log(16)))
+    assert [p["best_lr"] for p in fit["points"]] == [0.01, 0.03, 0.1]
+    bad = client.get(f"/v1/sweeps/{sweep['id']}/recipe", params={"batch_size": 0})
+    assert bad.status_code == 422 and "batch_size" in str(bad.json()["detail"])
