@@ -6,6 +6,12 @@ API), with Ray's token authentication on: the token is made once and kept in
 drivers, Train workers) inherits it from `ray start`'s environment, and the service sends it
 with each call. Without it, Ray's Jobs API answers 401 and its gRPC ports refuse the caller.
 
+The embedded cluster keeps its files in a temporary directory of its own (``temp_dir``), not
+Ray's shared ``/tmp/ray``: a Ray job's driver joins "the cluster this machine started last"
+as named there (Ray's job supervisor resolves the driver's ``RAY_ADDRESS`` from it), so with
+a second Ray on the machine (a `nestor train`, a test suite) the service's next jobs would
+start on that one instead.
+
 The embedded cluster outlives the service while jobs run on it: its addresses and process
 are recorded in ``HOME/ray-cluster.json``, and the next start adopts it when it answers, or
 stops what is left of it when it does not, so there is never a second one.
@@ -14,6 +20,7 @@ stops what is left of it when it does not, so there is never a second one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +80,14 @@ class RayCluster:
         return self.home / STATE_FILE
 
     @property
+    def temp_dir(self) -> Path:
+        """The embedded cluster's own Ray temporary directory, one per home. Short and under
+        the system's temporary directory: Ray's socket paths inside it are limited to 107
+        bytes, and a home may be deep."""
+        digest = hashlib.sha256(str(self.home.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"nestor-ray-{digest}"
+
+    @property
     def headers(self) -> dict[str, str]:
         """What a call to the cluster's dashboard (Jobs and state APIs) must carry."""
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -103,6 +119,7 @@ class RayCluster:
                 # on the machine (another service, another node) would find it taken,
                 # and its head would answer every job submission with "no available agent".
                 f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={self.temp_dir}",
                 *args,
             ],
             stdout=log,

@@ -4,6 +4,9 @@ API server restart with no metric point lost."""
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import time
 
 from .live import TINY, wait_for, wait_for_sweep
@@ -173,3 +176,39 @@ def test_asha_stops_the_diverging_trials_of_a_sweep(service):
     good = [by_lr[lr] for lr in (0.003, 0.01)]
     assert any(t["status"] == "succeeded" and t["last_step"] == 1500 for t in good), good
     assert done["status"] == "succeeded"
+
+
+def test_a_second_ray_on_the_machine_does_not_take_the_services_jobs(service, tmp_path):
+    """A Ray job's driver joins "the cluster this machine started last" as Ray's shared
+    /tmp/ray names it. Started after the service's cluster, a private Ray (what `nestor
+    train` starts) used to receive the service's next jobs: their drivers connected to it
+    and their warm workers died with it. The service's cluster keeps its own temp dir."""
+    live, client = service
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, sys, time; ray.init(address='local', num_cpus=1, "
+            "include_dashboard=False); print(ray.get_runtime_context().gcs_address, "
+            "flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    try:
+        other_gcs = other.stdout.readline().strip()
+        assert other_gcs and other_gcs != live.cluster.gcs_address
+        job = client.submit(TINY, name="beside another ray")
+        done = client.wait(job["id"], timeout=240)
+        assert done["status"] == "succeeded", done
+        joined = [
+            line.split("at address: ")[1].split("...")[0]
+            for line in client.logs(job["id"])["lines"]
+            if "Connecting to existing Ray cluster at address: " in line
+        ]
+        service_port = live.cluster.gcs_address.rsplit(":", 1)[1]
+        assert joined and {a.rsplit(":", 1)[1] for a in joined} == {service_port}, joined
+    finally:
+        other.kill()
+        other.wait()
