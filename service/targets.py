@@ -47,7 +47,10 @@ class LrRow(BaseModel):
     lr: float = Field(description="the peak lr the optimizer ran with (after lr_scaling)")
     seeds: list[int]
     job_ids: list[int]
-    steps: list[int | None] = Field(description="each seed's step at the target (null: not)")
+    steps: list[int | None] = Field(
+        description="each seed's step at the target (null: not reached); a seed's latest "
+        "trial counts (a retry replaces the trial it retries)"
+    )
     steps_to_target: float | None = Field(
         description="median over the seeds when every seed reached the target, else null"
     )
@@ -100,7 +103,9 @@ def cells(sweep_spec: dict[str, Any], jobs: list[Job]) -> list[Cell]:
 def _cell(key: dict[str, Any], by_lr: dict[float, list[Job]]) -> Cell:
     rows = []
     for lr in sorted(by_lr):
-        trials = sorted(by_lr[lr], key=lambda j: (j.spec.get("seed", 0), j.id))
+        # One trial per seed: the latest (a retry of a failed trial, or a re-run, replaces it).
+        latest = {j.spec.get("seed", 0): j for j in sorted(by_lr[lr], key=lambda j: j.id)}
+        trials = [latest[seed] for seed in sorted(latest)]
         finished = [j for j in trials if j.status in ("succeeded", "failed", "stopped_early")]
         steps = [j.reached_target_at_step if j.status == "succeeded" else None for j in trials]
         all_reached = bool(trials) and len(finished) == len(trials) and None not in steps
