@@ -101,6 +101,14 @@ def critical_batch(steps: dict[int, float]) -> tuple[int | None, list[float]]:
     return critical, ratios
 
 
+def efficiency(steps: dict[int, float]) -> dict[int, float]:
+    """Each batch size's steps against perfect scaling from the smallest: 1.0 when doubling
+    the batch has halved the steps all the way, 0.5 when it needs twice the steps that
+    perfect scaling would."""
+    b0 = min(steps)
+    return {b: steps[b0] * b0 / (steps[b] * b) for b in steps}
+
+
 def summary(search: list[Cell], combined: list[Cell]) -> list[dict[str, Any]]:
     """Per (optimizer, batch): the search's best lr and, at that lr, every seed's steps."""
     rows = []
@@ -133,9 +141,13 @@ def _plt():
     return plt
 
 
+def batch_label(b: int) -> str:
+    return f"{b // 1024}k" if b >= 1024 else str(b)
+
+
 def _batch_axis(ax, sizes: list[int]) -> None:
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [f"{b // 1024}k" for b in sizes])
+    ax.set_xticks(sizes, [batch_label(b) for b in sizes])
     ax.minorticks_off()
     ax.set_xlabel("global batch size")
     ax.grid(alpha=0.3, which="both")
@@ -186,10 +198,12 @@ def plot_best_lr(search: list[Cell], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.3), dpi=120)
     sizes = sorted({c.batch_size for c in search})
-    for r in recipes(search):
+    for i, r in enumerate(recipes(search)):
         color = COLORS.get(r.optimizer, "black")
         xs = [p.batch_size for p in r.points]
-        ax.plot(xs, [p.best_lr for p in r.points], "o", color=color, label=r.optimizer)
+        # Nudged sideways so that optimizers with the same best lr stay visible.
+        nudged = [x * 1.06 ** (i - 1.5) for x in xs]
+        ax.plot(nudged, [p.best_lr for p in r.points], "o", color=color, label=r.optimizer)
         if r.exponent is not None:
             ax.plot(
                 xs,
@@ -233,8 +247,8 @@ def plot_heatmaps(combined: list[Cell], path: Path) -> None:
         values = np.array(grid, dtype=float)
         shown = np.ma.masked_where(~(values > 0), values)
         ax.imshow(shown, origin="lower", aspect="auto", cmap="viridis_r", norm=norm)
-        ax.set_xticks(range(len(sizes)), [f"{b // 1024}k" for b in sizes])
-        ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_xticks(range(len(sizes)), [batch_label(b) for b in sizes])
+        ax.set_yticks(range(len(lrs)), [f"{lr:.3g}" for lr in lrs])
         ax.set_title(opt)
         ax.set_xlabel("batch")
     axes[0].set_ylabel("lr (× : target not reached; blank: not run)")
@@ -269,7 +283,7 @@ def report(client: Client, sweeps: list[int], seeds_sweep: int | None, out: Path
 
     sizes = sorted({r["batch_size"] for r in rows})
     lines = ["steps to the target at the best lr: median of seeds [min-max] (best lr)", ""]
-    lines.append("| optimizer | " + " | ".join(f"{b // 1024}k" for b in sizes) + " |")
+    lines.append("| optimizer | " + " | ".join(batch_label(b) for b in sizes) + " |")
     lines.append("|---" * (len(sizes) + 1) + "|")
     for opt in COLORS:
         cellsrow = []
@@ -295,8 +309,13 @@ def report(client: Client, sweeps: list[int], seeds_sweep: int | None, out: Path
             if r["optimizer"] == opt and r["median"] is not None
         }
         critical, ratios = critical_batch(steps)
+        eff = efficiency(steps)
+        kept = [b for b in sorted(eff) if all(eff[x] >= 0.5 for x in eff if x <= b)]
         lines.append(
             f"- {opt}: " + ", ".join(f"{x:.2f}x" for x in ratios) + f"; critical batch {critical}"
+            "; scaling efficiency "
+            + ", ".join(f"{batch_label(b)} {e:.0%}" for b, e in sorted(eff.items()))
+            + f"; largest batch at >= 50%: {kept[-1] if kept else None}"
         )
     lines += ["", "lr recipe (fit through the search's best lrs):", ""]
     for r in recipes(search, 65536):

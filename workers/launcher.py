@@ -180,13 +180,23 @@ def _ray_train_fn(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
-    session = Session(
-        rank=ctx.get_world_rank(),
-        world_size=ctx.get_world_size(),
-        device=ray.train.torch.get_device(),
-        run_dir=Path(config["run_dir"]),
+    run_config(
+        config,
+        Session(
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            ray.train.torch.get_device(),
+            Path(config["run_dir"]),
+        ),
     )
-    run_worker(
+
+
+def run_config(config: dict[str, Any], session: Session) -> dict[str, Any]:
+    """Train the job ``config`` describes (as Ray Train's train function and a warm worker
+    get it: spec, run_dir, console, http) as ``session``'s rank, on a Ray worker."""
+    import ray
+
+    return run_worker(
         TrainSpec.model_validate(config["spec"]),
         session,
         config.get("console", False),

@@ -144,12 +144,10 @@ class WarmWorker:
     ) -> dict[str, Any]:
         """Train one job as ``rank`` of ``world`` (``config`` as Ray Train's train function
         gets it), then leave this process as a new one would be."""
-        import ray
         import torch.distributed as dist
 
-        from .launcher import run_worker
+        from .launcher import run_config
         from .loop import Session
-        from .spec import TrainSpec
 
         if self._holder != holder:
             raise RuntimeError("this warm worker is not held by the caller")
@@ -161,13 +159,8 @@ class WarmWorker:
             "gloo", init_method=f"tcp://{master[0]}:{master[1]}", rank=rank, world_size=world
         )
         try:
-            session = Session(rank, world, torch.device("cpu"), Path(config["run_dir"]))
-            return run_worker(
-                TrainSpec.model_validate(config["spec"]),
-                session,
-                config.get("console", False),
-                config.get("http"),
-                ray.get_runtime_context().get_node_id(),
+            return run_config(
+                config, Session(rank, world, torch.device("cpu"), Path(config["run_dir"]))
             )
         finally:
             dist.destroy_process_group()
