@@ -16,7 +16,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from workers.spec import TrainSpec, optimizer_label
 
@@ -91,7 +91,10 @@ def cells(sweep_spec: dict[str, Any], jobs: list[Job]) -> list[Cell]:
     groups: dict[str, dict[float, list[Job]]] = defaultdict(lambda: defaultdict(list))
     keys: dict[str, dict[str, Any]] = {}
     for job in sorted(jobs, key=lambda j: j.id):
-        spec = TrainSpec.model_validate(job.spec)
+        try:
+            spec = TrainSpec.model_validate(job.spec)
+        except ValidationError:  # stored under an older, looser schema: not comparable
+            continue
         key = {"optimizer": optimizer_label(job.spec), "batch_size": spec.batch_size}
         key.update({p: _value(job.spec, p) for p in paths if p != "batch_size"})
         name = repr(sorted(key.items(), key=lambda kv: kv[0]))
