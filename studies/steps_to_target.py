@@ -52,7 +52,9 @@ def best_lrs(search: list[Cell]) -> dict[tuple[str, int], Cell]:
     return {(c.optimizer, c.batch_size): c for c in search}
 
 
-def widen(search: list[Cell], base_points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def widen(
+    search: list[Cell], base_points: list[dict[str, Any]], jobs: dict[int, Any]
+) -> list[dict[str, Any]]:
     """Points one grid step beyond each edge winner (and for a cell where no lr reached the
     target, one step below its smallest lr and above its largest)."""
     budget = {p["batch_size"]: p for p in base_points}
@@ -66,23 +68,22 @@ def widen(search: list[Cell], base_points: list[dict[str, Any]]) -> list[dict[st
         else:
             continue
         for lr in extra:
-            out.append({**budget[c.batch_size], "optimizer": _optimizer(c, round(lr, 6))})
+            out.append({**budget[c.batch_size], "optimizer": _optimizer(c, round(lr, 6), jobs)})
     return out
 
 
-def _optimizer(c: Cell, lr: float) -> dict[str, Any]:
-    name = c.optimizer.removeprefix("lookahead(").removesuffix(")")
-    opt: dict[str, Any] = {"name": name, "lr": lr, "weight_decay": 0.02}
-    if c.optimizer.startswith("lookahead("):
-        opt["lookahead"] = {"k": 5, "alpha": 0.5}
-    return opt
+def _optimizer(c: Cell, lr: float, jobs: dict[int, Any]) -> dict[str, Any]:
+    """The cell's own optimizer (as its trials ran it) at another lr."""
+    return {**jobs[c.lrs[0].job_ids[0]].spec["optimizer"], "lr": lr}
 
 
-def seeds_points(search: list[Cell], base_points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def seeds_points(
+    search: list[Cell], base_points: list[dict[str, Any]], jobs: dict[int, Any]
+) -> list[dict[str, Any]]:
     """One point per cell: its budget and its best lr (cells that never reached: left out)."""
     budget = {p["batch_size"]: p for p in base_points}
     return [
-        {**budget[c.batch_size], "optimizer": _optimizer(c, c.best_lr)}
+        {**budget[c.batch_size], "optimizer": _optimizer(c, c.best_lr, jobs)}
         for c in search
         if c.best_lr is not None
     ]
@@ -377,10 +378,10 @@ def main() -> None:
     search = cells(spec, jobs)
     base_points = spec["points"]
     if args.cmd == "widen":
-        points = widen(search, base_points)
+        points = widen(search, base_points, {j.id: j for j in jobs})
         body = _sweep_file(client, args.sweeps, "steps to target: widened lr grid", points, {})
     else:
-        points = seeds_points(search, base_points)
+        points = seeds_points(search, base_points, {j.id: j for j in jobs})
         body = _sweep_file(
             client, args.sweeps, "steps to target: best lr x seeds", points, {"seed": args.seeds}
         )
