@@ -132,3 +132,4 @@ class PackagePublic(BaseModel):
     size: int = Field(description="the archive's bytes")
     files: list[PackageFile]
     created_at: UtcDatetime
+    owner: str | None = Field(None, description="the user who first uploaded these bytes")

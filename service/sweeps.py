@@ -196,11 +196,12 @@ def create_sweep(
     sweep: SweepCreate,
     capacity: Capacity | None = None,
     owner_id: int | None = None,
+    trials: list[tuple[dict[str, Any], TrainSpec]] | None = None,
 ) -> Sweep:
-    """Store the sweep and queue its trials, or raise SweepError for the first trial that is
-    invalid, can never run on a fixed cluster or names a code package that is not stored
-    (nothing is stored then)."""
-    trials = expand(sweep)
+    """Store the sweep and queue its trials (``trials``: ``expand(sweep)`` if the caller has
+    it already), or raise SweepError for the first trial that is invalid, can never run on a
+    fixed cluster or names a code package that is not stored (nothing is stored then)."""
+    trials = expand(sweep) if trials is None else trials
     stored: set[str] = set()
     for varied, spec in trials:
         refused = refusal(spec.model_dump(mode="json"), capacity)

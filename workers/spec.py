@@ -493,6 +493,24 @@ class TrainSpec(_Strict):
             return FactorySpec(factory=BUILTIN_MODELS[self.model][0])
         return self.model
 
+    def own_code(self) -> list[str]:
+        """The fields through which this job runs the submitter's own code or reads their
+        files rather than Nestor's built-ins: any import path can name any module the
+        workers can import (``os:system`` included), and requirements install anything. A
+        job with one of them needs a token allowed to ship code."""
+        fields = []
+        if self.code is not None:
+            fields.append("code")
+        if self.requirements:
+            fields.append("requirements")
+        if not isinstance(self.model, str):
+            fields.append("model.factory")
+        if not isinstance(self.dataset, DatasetSpec):
+            fields.append("dataset.factory" if hasattr(self.dataset, "factory") else "dataset.path")
+        if self.loss is not None:
+            fields.append("loss")
+        return fields
+
     def describe(self) -> str:
         """'mnist1d-mlp on mnist1d', 'mynet:build on mydata:load': for logs and titles."""
         model = self.model if isinstance(self.model, str) else self.model.factory

@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
+from workers import TrainSpec
 
 from ..audit import record
 from ..auth import Principal
@@ -113,12 +116,32 @@ def refuse_bad_init(db: Session, runs: RunStorage, spec: dict, loc: list[str | i
         )
 
 
-def require_code_scope(token: Principal, spec: dict) -> None:
-    """A job that runs a code package needs the ``code`` scope."""
-    if spec.get("code") and not token.has("code"):
+def stored_spec(spec: dict) -> TrainSpec:
+    """A stored spec as today's schema reads it; 422 naming the field where it no longer
+    validates (a spec stored by an older release)."""
+    try:
+        return TrainSpec.model_validate(spec)
+    except ValidationError as e:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            [
+                {"loc": ["spec", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+                for err in e.errors()
+            ],
+        ) from None
+
+
+def require_code_scope(token: Principal, spec: TrainSpec, where: str = "") -> None:
+    """A job that runs the submitter's own code (a package, an import path, requirements)
+    or reads their files needs the ``code`` scope: with ``submit`` alone, only built-in
+    models and data."""
+    fields = spec.own_code()
+    if fields and not token.has("code"):
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            "this token lacks the 'code' scope, which a job that runs a code package needs",
+            f"this token lacks the 'code' scope, which a job that runs your own code or "
+            f"reads your files needs ({where}{', '.join(fields)}); with 'submit' alone a job "
+            f"uses built-in models and data sets",
         )
 
 
@@ -139,8 +162,8 @@ def submit(
     a job the cluster can never run (more workers than it has CPUs, GPUs it lacks) is
     refused when the cluster cannot grow, and so is one whose code package is not stored
     or whose ``init_from`` names a job or checkpoint that does not exist."""
+    require_code_scope(token, body.spec)
     spec = body.spec.model_dump(mode="json")
-    require_code_scope(token, spec)
     refuse_unfit(capacity, spec, ["body", "spec"])
     refuse_missing_code(db, spec, ["body", "spec"])
     refuse_bad_init(db, request.app.state.storage, spec, ["body", "spec"])
@@ -203,7 +226,7 @@ def retry(
     """A new queued job with the same spec (its owner or an admin; the new job is theirs)."""
     job = get_job(db, job_id)
     require_owner(token, job.owner_id, f"job {job_id}")
-    require_code_scope(token, job.spec)
+    require_code_scope(token, stored_spec(job.spec))
     refuse_unfit(capacity, job.spec, ["spec"])
     refuse_missing_code(db, job.spec, ["spec"])
     refuse_bad_init(db, request.app.state.storage, job.spec, ["spec"])

@@ -10,6 +10,7 @@ from typing import Annotated, Any, BinaryIO
 
 import anyio
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from sqlalchemy.orm import Session
 
 from ..audit import record
 from ..deps import CodeDep, ReadDep, SessionDep
@@ -24,6 +25,7 @@ from ..packages import (
 )
 from ..schemas import PackagePublic
 from ..settings import Settings
+from .jobs import owner_names
 
 router = APIRouter(prefix="/v1/packages", tags=["packages"])
 PackageId = Annotated[
@@ -77,7 +79,7 @@ async def upload(request: Request, response: Response, token: CodeDep) -> Packag
                 if created:
                     record(db, token, "package.upload", pkg_id[:100])
                     db.commit()
-                return PackagePublic.model_validate(row), created
+                return _public(db, row), created
 
         try:
             public, created = await anyio.to_thread.run_sync(store)
@@ -95,12 +97,17 @@ async def upload(request: Request, response: Response, token: CodeDep) -> Packag
 
 
 @router.get("/{package_id}", response_model=PackagePublic)
-def show(package_id: PackageId, db: SessionDep, _: ReadDep) -> Package:
-    """A stored package: its id, size and files."""
+def show(package_id: PackageId, db: SessionDep, _: ReadDep) -> PackagePublic:
+    """A stored package: its id, size, files and owner."""
     package = get_package(db, package_id)
     if package is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"package {package_id} not found")
-    return package
+    return _public(db, package)
+
+
+def _public(db: Session, package: Package) -> PackagePublic:
+    owner = owner_names(db, {package.owner_id}).get(package.owner_id)
+    return PackagePublic.model_validate(package).model_copy(update={"owner": owner})
 
 
 def _new_upload(root: FilePath) -> FilePath:

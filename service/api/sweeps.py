@@ -14,9 +14,17 @@ from ..audit import record
 from ..deps import CapacityDep, ReadDep, SessionDep, SubmitDep, require_owner, wake_scheduler
 from ..jobs import final_metrics
 from ..models import Job, Sweep
-from ..sweeps import SweepCreate, SweepError, cancel_sweep, create_sweep, varied_values
+from ..sweeps import (
+    SweepCreate,
+    SweepError,
+    cancel_sweep,
+    compact,
+    create_sweep,
+    expand,
+    varied_values,
+)
 from ..targets import Cell, Recipe, cells, recipes
-from .jobs import owner_filter, owner_names, require_code_scope
+from .jobs import owner_filter, owner_names, refuse_bad_init, require_code_scope
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 SweepId = Annotated[int, Path(ge=1, le=2**31 - 1, description="a sweep id")]
@@ -88,9 +96,15 @@ def create(
 ) -> SweepPublic:
     """Expand the space, validate every trial's spec (422 names the combination that
     failed, and nothing is queued), and queue one job per trial."""
-    require_code_scope(token, body.base)
     try:
-        sweep = create_sweep(db, body, capacity, owner_id=token.user_id)
+        trials = expand(body)
+        for varied, spec in trials:
+            varies_init = any(path.startswith("init_from") for path in varied)
+            loc: list[str | int] = ["body", "space" if varies_init else "base"]
+            where = "trial " + ", ".join(f"{k}={compact(v)}" for k, v in varied.items())
+            require_code_scope(token, spec, f"{where}: " if varied else "")
+            refuse_bad_init(db, request.app.state.storage, spec.model_dump(mode="json"), loc)
+        sweep = create_sweep(db, body, capacity, owner_id=token.user_id, trials=trials)
     except SweepError as e:
         db.rollback()
         raise HTTPException(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ..auth import revoke_worker_tokens
 from ..backfill import backfill
 from ..jobs import finished_reason, transition
 from ..models import Event, Job
@@ -92,6 +93,8 @@ def _lost(scheduler: Scheduler, db: Session, job: Job) -> None:
                 "from its latest checkpoint",
             )
         )
+    if changed:  # the lost attempt's workers may not write into the next one
+        revoke_worker_tokens(db, job.id)
     db.commit()
 
 
