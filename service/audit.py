@@ -1,19 +1,25 @@
 """The audit log: who submitted, cancelled, retried, created or revoked what, and when.
-Append-only: rows are only ever added, in the same transaction as what they record."""
+Append-only: rows are only ever added, in the same transaction as what they record, and the
+database refuses an UPDATE or DELETE of one (triggers, migration 0008)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from .auth import Principal
 from .models import Audit
+
+if TYPE_CHECKING:
+    from .auth import Principal
 
 
 def record(
     db: Session, who: Principal | None, action: str, target: str, detail: str | None = None
 ) -> None:
-    """Add an audit row to ``db``'s transaction (the caller commits). A plain INSERT, not
+    """Add an audit row to ``db``'s transaction (the caller commits); ``who`` None is the
+    service itself (e.g. revoking the admin token it was configured with). A plain INSERT, not
     an ORM object: nothing reads the row back, and the unit of work's bookkeeping would be
     most of the cost of the request that records it."""
     db.execute(

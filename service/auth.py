@@ -14,6 +14,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from .audit import record
 from .models import SCOPES, ApiToken, User, utcnow
 from .schemas import as_utc
 
@@ -165,16 +166,25 @@ def ensure_admin_token(db: Session, home: Path, configured: str | None) -> Path 
     db.commit()
     if configured:
         digest = hash_token(configured)
-        db.execute(
+        replaced = db.scalars(
             update(ApiToken)
-            .where(ApiToken.configured.is_(True), ApiToken.token_hash != digest)
+            .where(
+                ApiToken.configured.is_(True),
+                ApiToken.token_hash != digest,
+                ApiToken.revoked.is_(False),
+            )
             .values(revoked=True)
-        )
+            .returning(ApiToken.id)
+        ).all()
+        for token_id in replaced:
+            record(db, None, "token.revoke", f"token {token_id}", "NESTOR_ADMIN_TOKEN changed")
         db.commit()
         if db.scalar(select(ApiToken).where(ApiToken.token_hash == digest)) is None:
             create_token(
                 db, "admin (NESTOR_ADMIN_TOKEN)", "admin", token=configured, configured=True
             )
+            record(db, None, "token.create", "admin (NESTOR_ADMIN_TOKEN)", "at start")
+            db.commit()
         return None
     path = home / "admin_token"
     if path.exists() and lookup(db, path.read_text().strip()) is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, delete, insert, inspect, select, update
+from sqlalchemy.exc import DBAPIError
 
 from service.db import downgrade, upgrade
-from service.models import Base
+from service.models import Audit, Base
 
 
 def test_upgrade_creates_the_models_tables_and_downgrade_removes_them(db_url):
@@ -36,3 +38,21 @@ def test_the_migrated_schema_matches_the_models_in_types_indexes_and_keys(db_url
         diff = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert diff == [], "\n".join(map(str, diff))
+
+
+def test_the_audit_log_refuses_updates_and_deletes(db_url):
+    """Append-only in the database itself (migration 0008's triggers), on both dialects."""
+    upgrade(db_url)
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(Audit).values(action="job.submit", target="job 1"))
+    for statement in (update(Audit).values(target="job 2"), delete(Audit)):
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(statement)
+    with engine.connect() as conn:
+        assert conn.execute(select(Audit.target)).scalars().all() == ["job 1"]
+    engine.dispose()
+    downgrade(db_url, "0007")  # the triggers go with their migration
+    with engine.begin() as conn:
+        conn.execute(delete(Audit))
+    engine.dispose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import shutil
 import sqlite3
 import zipfile
@@ -336,16 +337,27 @@ def test_changing_the_configured_admin_token_revokes_the_old_one(tmp_path):
     with TestClient(
         create_app(Settings(home=home, admin_token="nst_second"), scheduler=False)
     ) as c:
+        second = {"Authorization": "Bearer nst_second"}
         assert c.get("/v1/jobs", headers={"Authorization": "Bearer nst_first"}).status_code == 401
-        assert c.get("/v1/users", headers={"Authorization": "Bearer nst_second"}).status_code == 200
+        assert c.get("/v1/users", headers=second).status_code == 200
+        rows = [
+            (r["user"], r["action"], r["detail"]) for r in c.get("/v1/audit", headers=second).json()
+        ]
+        assert rows[-2:] == [
+            (None, "token.revoke", "NESTOR_ADMIN_TOKEN changed"),
+            (None, "token.create", "at start"),
+        ], rows
 
 
 def test_a_previous_release_database_upgrades_with_jobs_and_tokens_intact(tmp_path):
-    """nestor-0005.db was made by the release before users existed: 5 jobs (one cancelled,
-    two in a sweep), the NESTOR_ADMIN_TOKEN it ran with and a user token."""
+    """nestor-0005.db was made by the release before users existed (how:
+    fixtures/make_nestor_0005.py): 5 jobs (one cancelled, one running with 10 metric points,
+    two in a sweep), the NESTOR_ADMIN_TOKEN it ran with, a user token and a worker token."""
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(FIXTURES / "nestor-0005.db", home / "nestor.db")
+    with sqlite3.connect(home / "nestor.db") as db:
+        before = db.execute("SELECT id, name, status, spec FROM jobs ORDER BY id").fetchall()
     settings = Settings(home=home, admin_token="nst_previous_release_admin")
     with TestClient(create_app(settings, scheduler=False)) as c:
         for secret in ("nst_previous_release_admin", "nst_previous_release_user"):
@@ -358,8 +370,24 @@ def test_a_previous_release_database_upgrades_with_jobs_and_tokens_intact(tmp_pa
                 "code",
                 "admin",
             ]
-        assert [j["status"] for j in jobs["data"]][-1] == "cancelled"
+        after = [(j["id"], j["name"], j["status"], j["spec"]) for j in reversed(jobs["data"])]
+        assert after == [(i, n, st, json.loads(spec)) for i, n, st, spec in before]
+        assert [st for _, _, st, _ in after] == [
+            "cancelled",
+            "running",
+            "queued",
+            "queued",
+            "queued",
+        ]
         assert c.get("/v1/sweeps", headers=h).json()["data"][0]["owner"] == "admin"
+        loss = c.get("/v1/jobs/2/metrics", params={"keys": "loss"}, headers=h).json()
+        assert loss["series"]["loss"]["step"] == list(range(1, 11))
+        assert loss["series"]["loss"]["value"] == [2.0 / s for s in range(1, 11)]
+        # The running job's worker token still writes into its own job, and only there.
+        worker = {"Authorization": "Bearer nst_previous_release_worker"}
+        point = {"points": [{"step": 11, "values": {"loss": 0.1}}]}
+        assert c.post("/v1/jobs/2/ingest", json=point, headers=worker).status_code == 200
+        assert c.post("/v1/jobs/3/ingest", json=point, headers=worker).status_code == 403
     with sqlite3.connect(home / "nestor.db") as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] >= "0006"
 

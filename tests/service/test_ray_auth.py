@@ -3,7 +3,10 @@ authentication, the service holds the token, and nobody without it submits a Ray
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 import time
 
 import httpx
@@ -59,3 +62,24 @@ def test_the_embedded_cluster_refuses_jobs_without_the_services_ray_token(guarde
         time.sleep(0.5)
     assert state == "SUCCEEDED"
     assert cluster.resources()["CPU"] == 1.0  # the state API, with the token
+
+
+def test_a_driver_without_the_token_cannot_join_the_embedded_cluster(guarded, tmp_path):
+    """The gRPC door too: ``ray.init(address=...)`` from a process that has no Ray token
+    (none in its environment, none in its home) is refused; with the token it joins."""
+    cluster, _ = guarded
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    join = (
+        f"import ray; ray.init(address={cluster.gcs_address!r}, log_to_driver=False); "
+        "print('joined', ray.cluster_resources().get('CPU'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", join], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0 and "joined" not in out.stdout, out.stdout + out.stderr[-2000:]
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
+    out = subprocess.run(
+        [sys.executable, "-c", join], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "joined 1.0" in out.stdout, out.stderr[-2000:]
