@@ -10,7 +10,10 @@ each; the same client threads drive them, alternating round by round:
 - read: p50/p99 of GET /v1/jobs/{id}/metrics (one 10k-point series, max_points=1000) vs
   GET metrics/get-history (the same 10k points; MLflow has no downsampling).
 
-    python bench/service.py [--rounds 2] [--batches 40]
+    python bench/service.py [--rounds 2] [--batches 40] [--tree DIR ...] [--no-mlflow]
+
+``--tree DIR`` runs another checkout's service too, interleaved round by round with this
+one's (a before/after comparison in one run).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+ROOT = Path(__file__).resolve().parent.parent
 THREADS, STEPS_PER_BATCH, KEYS = 4, 200, ("loss", "val_loss", "lr", "grad_norm", "acc")
 TOKEN = "nst_bench_admin_token"
 SPEC = {
@@ -58,16 +62,22 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_nestor(tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_nestor(tmp: Path, tree: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """The service of the checkout at ``tree`` (another build, for a before/after run)."""
     port = free_port()
+    home = tmp / f"nestor-{port}"
     code = (
         "import uvicorn; from service.app import create_app; from service.settings import "
-        f"Settings; s = Settings(home={str(tmp / 'nestor')!r}, admin_token={TOKEN!r}); "
+        f"Settings; s = Settings(home={str(home)!r}, admin_token={TOKEN!r}); "
         f"uvicorn.run(create_app(s, scheduler=False), host='127.0.0.1', port={port}, "
         "log_level='warning')"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env=dict(os.environ, PYTHONPATH=str(tree)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz")
@@ -104,7 +114,8 @@ def start_mlflow(tmp: Path) -> tuple[subprocess.Popen, str]:
 class Nestor:
     name = "Nestor (FastAPI, SQLite)"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str | None = None) -> None:
+        self.name = name or self.name
         self.http = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
         )
@@ -160,6 +171,14 @@ class MLflow:
         ).raise_for_status()
 
 
+def rev(tree: Path) -> str:
+    """The checkout's short commit, to label its row."""
+    out = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or tree.name
+
+
 def concurrently(fn, n: int) -> None:
     threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
     for t in threads:
@@ -201,15 +220,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40, help="per thread per round")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run the service of another checkout (git worktree add DIR REV), "
+        "interleaved with this one: a before/after comparison in one run",
+    )
+    parser.add_argument("--no-mlflow", action="store_true", help="Nestor builds only")
     args = parser.parse_args()
     results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
+        procs: list[subprocess.Popen] = []
         try:
-            p1, nestor_url = start_nestor(Path(tmp))
-            p2, mlflow_url = start_mlflow(Path(tmp))
-            procs = [p1, p2]
-            servers = [Nestor(nestor_url), MLflow(mlflow_url)]
+            servers: list = []
+            for tree in [ROOT, *args.tree]:
+                proc, url = start_nestor(Path(tmp), tree)
+                procs.append(proc)
+                label = None if tree == ROOT and not args.tree else f"Nestor ({rev(tree)})"
+                servers.append(Nestor(url, label))
+            if not args.no_mlflow:
+                proc, mlflow_url = start_mlflow(Path(tmp))
+                procs.append(proc)
+                servers.append(MLflow(mlflow_url))
             for s in servers:  # a 10k-point series to read back
                 run = s.new_run()
                 for b in range(0, 10_000, STEPS_PER_BATCH):
@@ -240,10 +274,20 @@ def main() -> None:
             f"{pct(r['read'], 99):.1f} |"
         )
     names = list(results)
-    ratio = statistics.median(results[names[0]]["ingest"]) / statistics.median(
-        results[names[1]]["ingest"]
-    )
-    print(f"Nestor ingests {ratio:.1f}x MLflow's rate")
+    if MLflow.name in results:
+        ratio = statistics.median(results[names[0]]["ingest"]) / statistics.median(
+            results[MLflow.name]["ingest"]
+        )
+        print(f"Nestor ingests {ratio:.1f}x MLflow's rate")
+    for other in names[1 : 1 + len(args.tree)]:
+        this, that = results[names[0]], results[other]
+        change = [
+            f"{key} {statistics.median(this[key]) / statistics.median(that[key]) - 1:+.1%}"
+            if key == "ingest"
+            else f"{key} p50 {pct(this[key], 50) / pct(that[key], 50) - 1:+.1%}"
+            for key in ("ingest", "create", "read")
+        ]
+        print(f"{names[0]} against {other}: " + ", ".join(change))
 
 
 if __name__ == "__main__":
