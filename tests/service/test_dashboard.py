@@ -126,9 +126,45 @@ def scrolled_to_end(page, selector: str) -> bool:
     )
 
 
-def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled(service, page):
+# A user's model that prints once a file exists: the test makes the file after the page is
+# following the job's log, so only the live stream can bring the printed line to the page.
+PRINTER = """
+import os
+
+from torch import nn
+
+
+class Printer(nn.Module):
+    def __init__(self, d, classes, when):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, classes))
+        self.when, self.printed = when, False
+
+    def forward(self, x):
+        if not self.printed and os.path.exists(self.when):
+            self.printed = True
+            print("the job printed this after the page was following")
+        return self.body(x)
+
+
+def build(data, when):
+    return Printer(data.train[0][0].shape[0], data.num_classes or 10, when)
+"""
+
+
+def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled(
+    service, page, tmp_path
+):
     live, client = service
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "dashboard_printer.py").write_text(PRINTER)
+    package = client.ensure_package(tmp_path / "project")
+    when = tmp_path / "print-now"
     spec = {**TINY, "num_workers": 1, "micro_batch_size": 256, "max_steps": 1_000_000}
+    spec |= {
+        "code": package,
+        "model": {"factory": "dashboard_printer:build", "kwargs": {"when": str(when)}},
+    }
     job = client.submit(spec, name="browser-log")
     try:
         run_dir = wait_for(lambda: run_dir_of(live, job["id"]), timeout=180)
@@ -141,6 +177,11 @@ def test_log_panel_follows_a_running_job_and_leaves_a_reader_where_they_scrolled
         expect(panel).to_have_attribute("data-state", "following")
         expect(page.locator("#artifacts")).not_to_contain_text("Loading")
         expect(page.locator("#delete-artifacts")).to_have_count(0)  # not while it runs
+
+        # The job's own print, made after the page is following.
+        when.touch()
+        printed = "[rank 0] the job printed this after the page was following"
+        expect(line(panel, printed)).to_have_count(1)
 
         # Each line is written after the page is following: only the stream can bring it.
         # Terminal colour codes (Ray writes some) are not shown.
