@@ -9,13 +9,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.spec import DEFAULT_HOME
+
 
 class Settings(BaseSettings):
     """Embedded defaults (one command, one machine) unless told otherwise."""
 
     model_config = SettingsConfigDict(env_prefix="NESTOR_", extra="ignore")
 
-    home: Path = Field(Path("~/.nestor"), description="SQLite file, runs, datasets, tokens")
+    home: Path = Field(Path(DEFAULT_HOME), description="SQLite file, runs, datasets, tokens")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///HOME/nestor.db (WAL)"
     )

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from .contract import ArrayDataset, Data, Task
-from .spec import DEFAULT_SAMPLES
+from .spec import DEFAULT_HOME, DEFAULT_SAMPLES, HOME_VARIABLE
 
 
 def nestor_home() -> Path:
-    """NESTOR_HOME (default ~/.nestor): datasets, checkpoints, the embedded database."""
-    return Path(os.environ.get("NESTOR_HOME", Path.home() / ".nestor")).expanduser()
+    """NESTOR_HOME (default ~/.nestor) as a job's processes see it: the service sets it in
+    each job's environment from its settings, ``nestor train`` inherits the user's."""
+    return Path(os.environ.get(HOME_VARIABLE, DEFAULT_HOME)).expanduser()
 
 
 def _split(x, y, val_fraction: float, seed: int, task: Task, classes: int) -> Data:

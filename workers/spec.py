@@ -26,6 +26,10 @@ from pydantic import (
 from optimizers.spec import OptimizerSpec
 
 MAX_BATCH_SIZE = 1 << 20
+# Where Nestor keeps its database, runs and data set caches. The service reads the variable
+# through its settings (service.settings.Settings.home) and hands the resolved path to each
+# job's environment; a job's processes read it with workers.datasets.nestor_home().
+HOME_VARIABLE, DEFAULT_HOME = "NESTOR_HOME", "~/.nestor"
 DEFAULT_SAMPLES = {"mnist1d": 10_000, "digits": 1797, "pystdlib-chars": 20_000}
 
 # The built-in models and data sets are ordinary factories of Nestor's own package, reached

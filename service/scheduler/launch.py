@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from workers.spec import HOME_VARIABLE
+
 from .. import run_dirs
 from ..auth import create_token, revoke_worker_tokens
 from ..jobs import transition
@@ -48,7 +50,7 @@ def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     it on every node, so no node needs a shared code directory), its pip requirements."""
     env: dict[str, Any] = {
         "env_vars": {
-            "NESTOR_HOME": str(settings.home_dir),
+            HOME_VARIABLE: str(settings.home_dir),
             "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
             "NESTOR_WARM_WORKERS": str(settings.warm_workers),
             "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),

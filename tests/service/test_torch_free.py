@@ -39,3 +39,28 @@ def test_the_service_answers_without_ever_importing_torch(tmp_path):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["answers"] == [201, 201, 201, 422, 201, 200], found
     assert found["heavy"] == [], found
+
+
+def test_one_reader_of_nestor_home_per_side():
+    """The service reads NESTOR_HOME through its settings only; a job's processes through
+    ``workers.datasets.nestor_home`` only; the default is written once (workers.spec)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    reads = re.compile(r"(environ\.get\(|environ\[|getenv\()\s*(\"NESTOR_HOME\"|HOME_VARIABLE)")
+    readers, defaults = [], []
+    for path in sorted([*(root / "service").rglob("*.py"), *(root / "workers").rglob("*.py")]):
+        text = path.read_text()
+        name = str(path.relative_to(root))
+        if reads.search(text):
+            readers.append(name)
+        if '"~/.nestor"' in text or '".nestor"' in text:
+            defaults.append(name)
+    assert readers == ["workers/datasets.py"], readers
+    assert defaults == ["workers/spec.py"], defaults
+    from service.settings import Settings
+    from workers.spec import DEFAULT_HOME
+
+    assert Settings.model_fields["home"].default == Path(DEFAULT_HOME)
+    assert Settings.model_config["env_prefix"] + "HOME" == "NESTOR_HOME"
