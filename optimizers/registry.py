@@ -58,6 +58,12 @@ WRAPPERS: dict[type[Optimizer], WrapperEntry] = {
 _BY_CLASS = {e.cls: e for e in CLASSES.values()}
 
 
+def _nearest(table: dict[type, Any], cls: type) -> Any:
+    """The entry of ``cls`` or of its nearest registered base class: a user's subclass of
+    LAMB (or Lookahead) keeps the hooks its base declares."""
+    return next((table[c] for c in cls.__mro__ if c in table), None)
+
+
 @dataclass(frozen=True)
 class ShardHooks:
     """What ``ZeroOptimizer`` needs of an optimizer that ``create_optimizer`` built over its
@@ -82,13 +88,13 @@ class ShardHooks:
         return {n: getattr(self.optimizer, n) for n in self.counter_names}
 
     def bind_norms(self, norms: NormFn) -> None:
-        entry = _BY_CLASS.get(type(self.base))
+        entry = _nearest(_BY_CLASS, type(self.base))
         if entry is not None and entry.bind_norms is not None:
             entry.bind_norms(self.base, norms)
 
 
 def shard_hooks(optimizer: Optimizer) -> ShardHooks:
-    wrapper = WRAPPERS.get(type(optimizer))
+    wrapper = _nearest(WRAPPERS, type(optimizer))
     base = wrapper.base(optimizer) if wrapper else optimizer
     return ShardHooks(optimizer, base, wrapper)
 

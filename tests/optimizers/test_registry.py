@@ -117,3 +117,27 @@ def test_rosenbrock_converges(name):
         schedule.step()
     assert rosenbrock(xy).item() < 1e-4 * start
     assert torch.allclose(xy.detach(), torch.ones(2, dtype=torch.float64), atol=0.02)
+
+
+def test_a_subclass_keeps_the_shard_hooks_of_its_registered_base():
+    """ZeroOptimizer finds LAMB's cross-shard norms and Lookahead's slow weights through the
+    registry: a user's subclass of either must find them too (nearest base in the MRO)."""
+    from optimizers import LAMB, Lookahead
+    from optimizers.registry import shard_hooks
+
+    class MyLAMB(LAMB):
+        pass
+
+    class MyLookahead(Lookahead):
+        pass
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    hooks = shard_hooks(MyLookahead(MyLAMB(params, lr=0.1), k=2))
+    assert hooks.counter_names == ("lookahead_step",)
+    assert isinstance(hooks.base, MyLAMB) and len(hooks.states) == 2
+
+    def norms(*tensors):  # a stand-in for ZeroOptimizer's all-reduced norms
+        return tensors
+
+    hooks.bind_norms(norms)
+    assert hooks.base.norm_fn is norms
