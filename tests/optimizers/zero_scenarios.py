@@ -276,6 +276,54 @@ def checkpoints(
         isolated(errors, f"ckpt-{name}", lambda a=(name, spec, stage): one(*a))
 
 
+def _memory(field: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def restore_memory(
+    rank: int, world: int, ckpt_dir: str, results: dict[str, Any], errors: dict[str, str]
+) -> None:
+    """The sharded restore's memory, as bench/restore.py measures it at 50M parameters but
+    at 8M: world 4 saves an Adan ZeRO-2 checkpoint, world 2 restores it. Per rank: its own
+    share (parameters, held whole at stage 2, plus its shard of the state) and the restore's
+    peak (the parameters plus the most the restore added to RSS: VmHWM reset at the start)."""
+    if world not in (4, 2):
+        return
+    path = os.path.join(ckpt_dir, "memory-world4")
+    spec = {"name": "adan", "lr": 1e-3, "weight_decay": 0.02}
+
+    def one() -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)])
+        opt = ZeroOptimizer(model.named_parameters(), spec, stage=2)
+        if world == 4:
+            model(torch.randn(4, 1024)).square().mean().backward()
+            opt.step()
+            opt.save_checkpoint(path)
+            opt.close()
+            return
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := the current RSS (Linux >= 4.0)
+        before = _memory("VmRSS")
+        opt.load_checkpoint(path)
+        added = _memory("VmHWM") - before
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        mine = torch.tensor(
+            [params + opt.state_nbytes() + opt.master_nbytes(), params + added],
+            dtype=torch.float64,
+        )
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        opt.close()
+        if rank == 0:
+            results["restore-memory"] = [{"own": float(o), "peak": float(p)} for o, p in every]
+
+    isolated(errors, "restore-memory", one)
+
+
 CONSOLIDATION_SPECS = {
     "adan": ({"name": "adan", "lr": 0.02, "max_grad_norm": 0.5, "weight_decay": 0.05}, 2),
     "lookahead_adamw": ({"name": "lookahead_adamw", "lr": 0.02}, 1),
@@ -409,6 +457,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -
         overlap(rank, world, results, errors)
         checkpoints(rank, world, ckpt_dir, results, errors)
         consolidated_restore(rank, world, ckpt_dir, results, errors)
+        restore_memory(rank, world, ckpt_dir, results, errors)
         if world >= 2:
             consolidation(rank, world, results, errors)
             isolated(errors, f"misuse-rank{rank}", lambda: misuse(rank, world, ckpt_dir, results))
