@@ -1,5 +1,6 @@
 """Helpers the test modules share, one definition each: free loopback ports, JSON-lines
-files, a worker token for a job (what a job's workers hold to ingest), and a scheduler whose
+files, a worker token for a job (what a job's workers hold to ingest) and ingesting with
+one, and a scheduler whose
 launches are recorded instead of sent to Ray."""
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def worker_token(app: Any, job_id: int) -> str:
 
     with app.state.db.sessions() as db:
         return create_token(db, "w", "worker", job_id=job_id)
+
+
+def ingest(client: Any, job_id: int, body: dict[str, Any], token: str | None = None) -> Any:
+    """POST ``body`` to the job's ingest endpoint as its workers do, with ``token`` or a new
+    worker token of the job; returns the response."""
+    token = token or worker_token(client.app, job_id)
+    return client.post(
+        f"/v1/jobs/{job_id}/ingest", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
 
 
 def scheduler_for(home: Path, cluster: Any = None, cpus: int = 4, **settings: Any):

@@ -7,14 +7,13 @@ import math
 
 import pytest
 
-from service.auth import create_token
 from service.models import Job, Sweep
 from service.ray_cluster import RayCluster
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.sweeps import SweepCreate, apply, combinations, create_sweep, update_sweep_status
 
-from ..helpers import record_launches, scheduler_for, worker_token
+from ..helpers import ingest, record_launches, scheduler_for, worker_token
 from .test_api import SPEC
 
 GRID = {
@@ -129,15 +128,9 @@ def test_non_finite_numbers_anywhere_in_a_sweep_are_422_and_nothing_is_stored(cl
 def test_summary_sorts_by_a_final_metric_and_cancel_cancels_trials(client):
     sweep = client.post("/v1/sweeps", json=GRID).json()
     jobs = client.get("/v1/jobs", params={"sweep": sweep["id"]}).json()["data"]
-    with client.app.state.db.sessions() as db:
-        for i, job in enumerate(jobs[:3]):
-            token = create_token(db, "w", "worker", job_id=job["id"])
-            points = [{"step": s, "values": {"val_loss": 10.0 - s - i}} for s in (1, 2)]
-            client.post(
-                f"/v1/jobs/{job['id']}/ingest",
-                json={"points": points},
-                headers={"Authorization": f"Bearer {token}"},
-            )
+    for i, job in enumerate(jobs[:3]):
+        points = [{"step": s, "values": {"val_loss": 10.0 - s - i}} for s in (1, 2)]
+        ingest(client, job["id"], {"points": points})
     detail = client.get(
         f"/v1/sweeps/{sweep['id']}", params={"sort": "val_loss", "order": "asc"}
     ).json()
@@ -225,16 +218,11 @@ def test_asha_stops_the_diverging_trials_and_keeps_their_metrics(client, tmp_pat
             row = s.get(Job, job["id"])
             row.status, row.submission_id = "running", f"test-{row.id}"
             s.commit()
-            token = create_token(s, "w", "worker", job_id=row.id)
             points = [
                 {"step": step, "values": {"val_loss": losses[i] + 1.0 / step}}
                 for step in range(1, 5)
             ]
-            client.post(
-                f"/v1/jobs/{row.id}/ingest",
-                json={"points": points},
-                headers={"Authorization": f"Bearer {token}"},
-            )
+            ingest(client, row.id, {"points": points})
             scheduler.early_stop(s)  # trials report in turn, as they would live
         assert sorted(stopped) == [jobs[2]["id"], jobs[3]["id"]]
         for job_id in stopped:  # what reconcile does once Ray reports the job STOPPED

@@ -24,6 +24,8 @@ from workers.launcher import run_local, run_worker
 from workers.loop import Session
 from workers.spec import FileDatasetSpec
 
+from ..helpers import read_jsonl
+
 USER_MODEL = '''
 import torch
 from torch import nn
@@ -155,7 +157,7 @@ def test_errors_in_user_code_fail_the_job_at_once_naming_the_cause(
         dist.destroy_process_group()
     assert result["status"] == "failed"
     assert expected in result["error"]
-    status = [json.loads(line) for line in (tmp_path / "run" / "status.jsonl").open()]
+    status = read_jsonl(tmp_path / "run" / "status.jsonl")
     assert status[-1]["status"] == "failed" and expected in status[-1]["error"]
 
 
