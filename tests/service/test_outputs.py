@@ -208,3 +208,46 @@ def test_init_from_is_refused_naming_the_field(client, finished):
     assert submit({"job": 0}).status_code == 422  # not a job id
     for ok in ({"job": job_id}, {"job": job_id, "step": 8, "optimizer_state": True}):
         assert submit(ok).status_code == 201
+
+
+def test_the_cli_downloads_a_jobs_files_and_prints_its_log(api_server, tmp_path, capsys):
+    """`nestor download ID [--out DIR] [--step N]` and `nestor logs ID [-f]` against a live
+    API: the files arrive whole (a partial download resumes), the log prints line by line."""
+    from service.cli import main as nestor
+    from service.db import Database
+
+    live, client = api_server
+    job_id = client.submit(SPEC, name="cli-outputs")["id"]
+    files = make_run(tmp_path / "run")
+    db = Database(live.settings.db_url)
+    with db.sessions() as s:
+        row = s.get(Job, job_id)
+        row.run_dir, row.status = str(tmp_path / "run"), "succeeded"
+        s.commit()
+    db.engine.dispose()
+    base = ["--url", live.url, "--token", live.settings.admin_token]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.pt.part").write_bytes(files["model.pt"][:100])  # an interrupted download
+    assert nestor(["download", str(job_id), "--out", str(out), *base]) == 0
+    for name in ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv"):
+        assert (out / name).read_bytes() == files[name], name
+    assert not list(out.glob("*.part"))
+    assert "sha256" in capsys.readouterr().err
+    assert (
+        nestor(["download", str(job_id), "--step", "8", "--out", str(tmp_path / "s8"), *base]) == 0
+    )
+    assert sorted(p.read_bytes() for p in (tmp_path / "s8").iterdir()) == [
+        b"model at 8",
+        b"optimizer at 8",
+    ]
+    capsys.readouterr()
+
+    assert nestor(["logs", str(job_id), *base]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"[rank {i % 2}] line {i}" for i in range(30)]
+    assert nestor(["logs", str(job_id), "-f", "--since", "28", *base]) == 0  # ended: returns
+    assert capsys.readouterr().out.splitlines() == ["[rank 0] line 28", "[rank 1] line 29"]
+    with pytest.raises(SystemExit):
+        nestor(["download", str(job_id), "--step", "12", *base])  # incomplete: not listed
+    assert "no such artifact" in capsys.readouterr().err
