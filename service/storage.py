@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,21 @@ class Artifact:
         return self.name.removeprefix(f"step-{self.step}-") if self.step else self.name
 
 
+def _served(run_dir: Path, path: Path) -> int | None:
+    """The size of ``path`` if the API may hand it out, else None: a regular file with one
+    link, inside the run directory with no symbolic link on the way. User code on the
+    workers writes into the run directory; a link named model.pt must not serve the
+    service's own files (its signing key, its database) to everyone who may read."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return None
+    inside = os.path.join(os.path.realpath(run_dir), os.path.relpath(path, run_dir))
+    return st.st_size if os.path.realpath(path) == inside else None
+
+
 def checkpoint_name(step: int, file: str) -> str:
     return f"step-{step}-{file}"
 
@@ -61,8 +77,8 @@ class RunStorage:
         found = []
         for name in FINAL:
             path = run_dir / name
-            if path.is_file():
-                found.append(Artifact(name, path, path.stat().st_size, None))
+            if (size := _served(run_dir, path)) is not None:
+                found.append(Artifact(name, path, size, None))
         steps = []
         for d in (run_dir / "checkpoints").glob("step-*"):
             if (d / "complete.json").exists() and d.name[5:].isdigit():
@@ -70,9 +86,8 @@ class RunStorage:
         for step, d in sorted(steps, reverse=True):
             for file in PORTABLE:
                 path = d / file
-                if path.is_file():
-                    name = checkpoint_name(step, file)
-                    found.append(Artifact(name, path, path.stat().st_size, step))
+                if (size := _served(run_dir, path)) is not None:
+                    found.append(Artifact(checkpoint_name(step, file), path, size, step))
         return found
 
     def artifact(self, run_dir: Path, name: str) -> Artifact | None:
@@ -80,16 +95,18 @@ class RunStorage:
         never turned into a path)."""
         if name in FINAL:
             path = run_dir / name
-            return Artifact(name, path, path.stat().st_size, None) if path.is_file() else None
+            size = _served(run_dir, path)
+            return None if size is None else Artifact(name, path, size, None)
         m = _CHECKPOINT_NAME.match(name)
         if m is None:
             return None
         step, file = int(m.group(1)), f"{m.group(2)}.pt"
         d = run_dir / "checkpoints" / f"step-{step:08d}"
         path = d / file
-        if not ((d / "complete.json").exists() and path.is_file()):
+        size = _served(run_dir, path)
+        if size is None or not (d / "complete.json").exists():
             return None
-        return Artifact(name, path, path.stat().st_size, step)
+        return Artifact(name, path, size, step)
 
     def checkpoint_steps(self, run_dir: Path) -> list[int]:
         return sorted({a.step for a in self.artifacts(run_dir) if a.step is not None})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,30 @@ def test_the_cli_downloads_a_jobs_files_and_prints_its_log(api_server, tmp_path,
     with pytest.raises(SystemExit):
         nestor(["download", str(job_id), "--step", "12", *base])  # incomplete: not listed
     assert "no such artifact" in capsys.readouterr().err
+
+
+def test_links_planted_in_the_run_directory_are_not_served(client, finished, tmp_path):
+    """User code writes the run directory: a symbolic or hard link named like an artifact
+    (to the service's signing key, say), or a linked checkpoints directory, is not listed
+    and not downloadable; the real files beside them still are."""
+    job_id, run_dir, _ = finished
+    secret = tmp_path / "secret"
+    secret.write_text("the service's own file")
+    (run_dir / "spec.json").unlink()
+    (run_dir / "spec.json").symlink_to(secret)
+    (run_dir / "metrics.csv").unlink()
+    os.link(secret, run_dir / "metrics.csv")
+    outside = tmp_path / "elsewhere" / "step-00000016"
+    outside.mkdir(parents=True)
+    (outside / "model.pt").write_text("the service's own file")
+    (outside / "complete.json").write_text("{}")
+    (run_dir / "checkpoints" / "step-00000016").symlink_to(outside, target_is_directory=True)
+
+    listed = client.get(f"/v1/jobs/{job_id}/artifacts").json()
+    names = {a["name"] for a in listed["data"]}
+    assert {"spec.json", "metrics.csv", "step-16-model.pt"}.isdisjoint(names), names
+    assert {"model.pt", "optimizer.pt", "step-8-model.pt"} <= names
+    for name in ("spec.json", "metrics.csv", "step-16-model.pt"):
+        resp = client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
+        assert resp.status_code == 404 and "own file" not in resp.text, name
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/model.pt").status_code == 200
