@@ -142,17 +142,22 @@ async def logs(
     token: ReadDep,
     runs: StorageDep,
     since: Annotated[int, Query(ge=0, le=2**62, description="the first line wanted")] = 0,
+    offset: Annotated[
+        int | None, Query(ge=0, le=2**62, description="the same as since (a line number)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     follow: Annotated[bool, Query(description="stream (SSE) until the job ends")] = False,
     last_event_id: Annotated[str | None, Header(max_length=24)] = None,
 ):
     """The job's stdout and stderr, every line prefixed with the rank (or driver) that
     wrote it, kept by Nestor in the run's storage: they outlive the job, Ray and service
-    restarts. Page with ``since`` = the previous answer's ``next``; ``follow=true`` is a
-    server-sent event stream of `log` messages (each with its `next` as the event id, so
-    a reconnect with Last-Event-ID resumes) and `end` once the job has ended."""
+    restarts. Page with ``since`` (or ``offset``) = the previous answer's ``next``;
+    ``follow=true`` is a server-sent event stream of `log` messages (each with its `next`
+    as the event id, so a reconnect with Last-Event-ID resumes) and `end` once the job has
+    ended."""
     hub = request.app.state.streams
     cap = request.app.state.settings.max_log_bytes
+    since = since if offset is None else offset
 
     def read(db: Session, *, at: int) -> LogPage:
         job = get_job(db, job_id)

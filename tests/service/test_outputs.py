@@ -168,6 +168,8 @@ def test_logs_page_with_a_cursor_and_follow_ends_with_the_job(client, finished):
     assert (first["first"], first["next"], first["running"]) == (0, 20, False)
     rest = client.get(f"/v1/jobs/{job_id}/logs", params={"since": first["next"]}).json()
     assert rest["lines"] == [f"[rank {i % 2}] line {i}" for i in range(20, 30)]
+    same = client.get(f"/v1/jobs/{job_id}/logs", params={"offset": first["next"]}).json()
+    assert same == rest  # offset is since's other name
     with client.stream(
         "GET", f"/v1/jobs/{job_id}/logs", params={"follow": "true", "since": 25}
     ) as r:
