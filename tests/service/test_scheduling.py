@@ -9,6 +9,7 @@ from pathlib import Path
 from service.jobs import create_job, transition
 from service.models import Job
 from service.ray_cluster import RayCluster
+from service.ray_jobs import RayJobs
 from service.settings import Settings
 
 from ..helpers import record_launches, scheduler_for, worker_token
@@ -261,3 +262,25 @@ def test_a_job_cancelled_before_the_claim_is_never_handed_to_ray(ray_cluster, tm
         s.refresh(row)
         assert row.status == "cancelled" and row.submission_id is None
         assert scheduler.ray.get(submission_id(row)) is None  # nothing reached Ray
+
+
+def test_a_job_ray_lost_is_requeued_and_its_lost_attempts_workers_are_shut_out(tmp_path):
+    """Ray has no record of a running job (its cluster was replaced): the job goes back to
+    the queue to resume from its checkpoint, and the lost attempt's worker token stops
+    working, so a straggler of that attempt cannot write into the next one. Ray's answer
+    ("no such job") is the one thing stubbed: the real one needs the cluster replaced."""
+    from service.auth import create_token, lookup
+
+    scheduler, db = scheduler_for(tmp_path, cpus=4)
+    scheduler.ray = RayJobs("http://127.0.0.1:1")  # never started: only get() is called
+    scheduler.ray.get = lambda submission_id: None
+    with db.sessions() as s:
+        job = create_job(s, "lost", {**SPEC, "num_workers": 1}, 0)
+        job.status, job.submission_id = "running", "nestor-lost-1"
+        s.commit()
+        token = create_token(s, "w", "worker", job_id=job.id)
+        assert lookup(s, token) is not None
+        scheduler.reconcile(s)
+        s.refresh(job)
+        assert (job.status, job.submission_id) == ("queued", None)
+        assert lookup(s, token) is None
