@@ -5,6 +5,9 @@ bandwidth drifts by several times within an hour; each figure is the median over
 
   torch AdamW fused   torch.optim.AdamW(fused=True): the bar to reach (28 bytes/param)
   Nestor Adan fused   compiled kernels (44 bytes/param)
+  Nestor fused, new grads  the same, given new gradient tensors every step (as after
+                      zero_grad() and backward): they are copied into its flat gradient
+                      buffer first, 8 more bytes/param moved (not counted in its GB/s)
   Nestor Adan foreach torch._foreach_* path
   Nestor Adan single  the readable reference path
   p-o Adan foreach    pytorch-optimizer's Adan (foreach=True), the common third-party Adan
@@ -15,7 +18,10 @@ that the byte counts leave out.
 The fused path's first-step (compile) time is measured in fresh subprocesses, with an empty
 and with a warm inductor cache.
 
-    python bench/optimizers.py [--numel 16777216] [--rounds 7] [--steps 5]
+    python bench/optimizers.py [--numel 16777216] [--rounds 7] [--steps 5] [--before TREE]
+
+--before TREE adds the fused Adan of another checkout (git worktree add TREE REV) to the
+same rounds, for before/after figures from one run.
 """
 
 from __future__ import annotations
@@ -51,18 +57,57 @@ def make_problem(numel: int, tensors: int, seed: int) -> list[torch.nn.Parameter
     return params
 
 
-def contenders(numel: int, tensors: int) -> dict[str, tuple[str, Callable[[], None]]]:
+def load_before(tree: str) -> type[torch.optim.Optimizer]:
+    """Adan from another checkout's ``optimizers`` package, imported under another name so
+    both builds step in one process, interleaved."""
+    import importlib.util
+
+    folder = os.path.join(tree, "optimizers")
+    spec = importlib.util.spec_from_file_location(
+        "optimizers_before",
+        os.path.join(folder, "__init__.py"),
+        submodule_search_locations=[folder],
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["optimizers_before"] = module
+    spec.loader.exec_module(module)
+    return module.Adan
+
+
+def contenders(
+    numel: int, tensors: int, before: type[torch.optim.Optimizer] | None = None
+) -> dict[str, tuple[str, Callable[[], None]]]:
     from pytorch_optimizer import Adan as PoAdan
 
     def stepper(opt: torch.optim.Optimizer) -> Callable[[], None]:
         opt.step()  # create state (and compile) outside the timed region
         return opt.step
 
+    def fresh_grads(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        """Each step sees gradient tensors it has not seen, as after zero_grad() and a new
+        backward (two sets, alternated: the tensors are made outside the timed region)."""
+        params = opt.param_groups[0]["params"]
+        sets = [[p.grad.clone() for p in params] for _ in range(2)]
+        opt.step()
+        turn = [0]
+
+        def step() -> None:
+            turn[0] ^= 1
+            for p, g in zip(params, sets[turn[0]], strict=True):
+                p.grad = g
+            opt.step()
+
+        return step
+
     def triad() -> Callable[[], None]:
         a, b = torch.randn(numel), torch.randn(numel)
         return lambda: a.add_(b, alpha=1e-9)
 
     kw = dict(lr=1e-3, weight_decay=0.02)
+    previous = {}
+    if before is not None:
+        opt = before(make_problem(numel, tensors, 6), fused=True, **kw)
+        previous["Adan fused (--before)"] = ("adan", stepper(opt))
     return {
         "triad (roofline)": ("triad", triad()),
         "torch AdamW fused": (
@@ -72,6 +117,11 @@ def contenders(numel: int, tensors: int) -> dict[str, tuple[str, Callable[[], No
         "Nestor Adan fused": (
             "adan",
             stepper(Adan(make_problem(numel, tensors, 1), fused=True, **kw)),
+        ),
+        **previous,
+        "Nestor fused, new grads": (
+            "adan",
+            fresh_grads(Adan(make_problem(numel, tensors, 5), fused=True, **kw)),
         ),
         "Nestor Adan foreach": (
             "adan",
@@ -88,8 +138,10 @@ def contenders(numel: int, tensors: int) -> dict[str, tuple[str, Callable[[], No
     }
 
 
-def measure(numel: int, tensors: int, rounds: int, steps: int) -> list[dict]:
-    runners = contenders(numel, tensors)
+def measure(
+    numel: int, tensors: int, rounds: int, steps: int, before: type | None = None
+) -> list[dict]:
+    runners = contenders(numel, tensors, before)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, (_, fn) in runners.items():
@@ -148,7 +200,11 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=16 * 2**20)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--before", metavar="TREE", help="also step the fused Adan of this checkout"
+    )
     args = parser.parse_args()
+    before = load_before(args.before) if args.before else None
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -156,16 +212,16 @@ def main() -> None:
         f"rounds of {args.steps} steps"
     )
     for tensors in (1, 200):
-        rows = measure(args.numel, tensors, args.rounds, args.steps)
+        rows = measure(args.numel, tensors, args.rounds, args.steps, before)
         print(f"\n{args.numel / 2**20:.0f}M parameters as {tensors} tensor(s)")
         print(
-            f"| {'contender':<20} | {'step ms':>8} | {'GB/s':>6} | {'vs AdamW fused':>14} "
+            f"| {'contender':<24} | {'step ms':>8} | {'GB/s':>6} | {'vs AdamW fused':>14} "
             f"| {'of triad':>8} |"
         )
-        print(f"|{'-' * 22}|{'-' * 10}|{'-' * 8}|{'-' * 16}|{'-' * 10}|")
+        print(f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|{'-' * 16}|{'-' * 10}|")
         for r in rows:
             print(
-                f"| {r['name']:<20} | {r['ms']:>8.2f} | {r['gbs']:>6.1f} | "
+                f"| {r['name']:<24} | {r['ms']:>8.2f} | {r['gbs']:>6.1f} | "
                 f"{r['vs_adamw']:>14} | {r['roof']:>7.0%} |"
             )
         fused = next(r for r in rows if r["name"] == "Nestor Adan fused")["ms"]

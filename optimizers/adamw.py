@@ -18,7 +18,7 @@ from ._common import (
     clip_coefficient,
     own_state,
 )
-from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
 
 
 class AdamW(Optimizer):
@@ -71,6 +71,7 @@ class AdamW(Optimizer):
         )
         super().__init__(params, defaults)
         self._flat_views = FlatViews()
+        self._flat = FlatStore()
         self.max_grad_norm = max_grad_norm
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -99,7 +100,7 @@ class AdamW(Optimizer):
         all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -111,7 +112,25 @@ class AdamW(Optimizer):
             )
             impl = choose_impl(params, group["foreach"], group["fused"])
             beta1, beta2 = group["betas"]
-            for step, bucket in advance_steps(self.state, params, keys).items():
+            flat = self._flat.bind(index, params, self.state, keys) if impl == "fused" else None
+            buckets = advance_steps(self.state, params, keys)
+            runs = []
+            if flat is not None:
+                runs, buckets = flat.split(buckets)
+            for step, buffers in runs:  # one compiled call per run of the flat buffers
+                flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
+                _fused_adamw(
+                    *flat_lists,
+                    beta1=beta1,
+                    beta2=beta2,
+                    bias_correction1=1 - beta1**step,
+                    bias_correction2=1 - beta2**step,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    clip=clip,
+                )
+            for step, bucket in buckets.items():
                 states = [self.state[p] for p in bucket]
                 _adamw(
                     impl,

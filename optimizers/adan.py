@@ -18,7 +18,7 @@ from ._common import (
     clip_coefficient,
     own_state,
 )
-from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
@@ -95,6 +95,7 @@ class Adan(Optimizer):
         )
         super().__init__(params, defaults)
         self._flat_views = FlatViews()
+        self._flat = FlatStore()
         # Clipping is global across groups, so it is an optimizer setting, not a group one.
         self.max_grad_norm = max_grad_norm
 
@@ -149,12 +150,19 @@ class Adan(Optimizer):
         all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             impl = choose_impl(params, group["foreach"], group["fused"])
+            flat = (
+                self._flat.bind(index, params, self.state, _STATE_KEYS) if impl == "fused" else None
+            )
             buckets = advance_steps(self.state, params, _STATE_KEYS)
+            if flat is not None:
+                runs, buckets = flat.split(buckets)
+                for step, buffers in runs:  # one compiled call per run of the flat buffers
+                    self._step_flat(buffers, step, group, clip)
             for step, bucket in buckets.items():
                 states = [self.state[p] for p in bucket]
                 grads = [p.grad for p in bucket]
@@ -187,6 +195,35 @@ class Adan(Optimizer):
                     views=self._flat_views,
                 )
         return loss
+
+    def _step_flat(
+        self, buffers: list[Tensor], step: int, group: dict, clip: Tensor | None
+    ) -> None:
+        param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad = buffers
+        if step == 1:
+            neg_pre_grad.copy_(grad).neg_()
+            if clip is not None:
+                neg_pre_grad.mul_(clip)
+        beta1, beta2, beta3 = group["betas"]
+        _fused_adan(
+            [param],
+            [grad],
+            [exp_avg],
+            [exp_avg_sq],
+            [exp_avg_diff],
+            [neg_pre_grad],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=beta3,
+            bias_correction1=1 - beta1**step,
+            bias_correction2=1 - beta2**step,
+            bias_correction3=1 - beta3**step,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            no_prox=group["no_prox"],
+            clip=clip,
+        )
 
 
 def _adan(impl: str, *tensor_lists: list[Tensor], views: FlatViews, **kwargs: Any) -> None:

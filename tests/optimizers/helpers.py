@@ -8,7 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 # Uneven shapes: 1-D and 2-D, tiny and large enough for the fused path (>= 4096 elements),
-# and five large ones so the compiled path runs one full chunk and one padded chunk.
+# and five large ones.
 SHAPES = [(3,), (10, 10), (64, 65), (4100,), (70, 70), (5000,), (4097,), (17, 5)]
 
 
