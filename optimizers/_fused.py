@@ -153,7 +153,7 @@ class FlatStore:
             or len(flat.params) != len(params)
             or any(a is not b for a, b in zip(flat.params, params, strict=True))
         ):
-            flat = self._make(index, params, keys)
+            flat = self._make(index, params, state, keys)
             if flat is None:
                 return None
         members = flat.members
@@ -170,6 +170,11 @@ class FlatStore:
                 continue
             views = [flat.views[j][i] for i in moved]
             if j == 0:
+                if any(_changed(members[i], view) for i, view in zip(moved, views, strict=True)):
+                    # Given new data of another dtype, device or shape (model.half(), a
+                    # resize): make the buffers again rather than copy it back into the old.
+                    flat.params = []
+                    return self.bind(index, params, state, keys)
                 torch._foreach_copy_(views, [members[i].detach() for i in moved])
                 for i, view in zip(moved, views, strict=True):
                     members[i].data = view
@@ -187,22 +192,34 @@ class FlatStore:
                     entry[key] = view
         return flat
 
-    def _make(self, index: int, params: list[Tensor], keys: tuple[str, ...]) -> Flat | None:
+    def _make(
+        self, index: int, params: list[Tensor], state: dict[Tensor, dict], keys: tuple[str, ...]
+    ) -> Flat | None:
         old = self._flats.pop(index, None)
         homed = {id(p) for p in old.members} if old is not None else set()
-        movable = [p for p in params if p.is_contiguous() and (id(p) in homed or _owns(p))]
-        if not movable:
-            return None
-        like = movable[0]
+        movable = [
+            p
+            for p in params
+            if p.is_contiguous() and not p.grad.is_sparse and (id(p) in homed or _owns(p))
+        ]
+        like = movable[0] if movable else None
         members = [p for p in movable if p.dtype == like.dtype and p.device == like.device]
         chosen = {id(p) for p in members}
         rest = [p for p in params if id(p) not in chosen]
         if old is not None:
-            # Parameters leaving the buffers take their own storage again, so the old buffers
-            # can be freed.
+            # Parameters leaving the buffers take their own storage again (data, gradient,
+            # state), so that the old buffers are freed.
             for p in old.members:
                 if id(p) not in chosen:
                     p.data = p.detach().clone()
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
+                    entry = state.get(p, {})
+                    for key in keys:
+                        if key in entry:
+                            entry[key] = entry[key].clone()
+        if not members:
+            return None
         offsets = [0]
         for p in members:
             offsets.append(offsets[-1] + p.numel())
@@ -232,6 +249,10 @@ def _staggered(numel: int, dtype: torch.dtype, device: torch.device, index: int)
     (bench/optimizers.py). The padding costs at most a few hundred KiB per group."""
     pad = index * STAGGER_BYTES // torch.empty((), dtype=dtype).element_size()
     return torch.empty(pad + numel, dtype=dtype, device=device)[pad:]
+
+
+def _changed(param: Tensor, view: Tensor) -> bool:
+    return param.dtype != view.dtype or param.device != view.device or param.shape != view.shape
 
 
 def _owns(t: Tensor) -> bool:

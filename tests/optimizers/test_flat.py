@@ -98,7 +98,8 @@ def test_a_parameter_without_gradient_leaves_and_rejoins():
     feed(1, a, b, skip={3})  # parameter 3 gets no gradient: it leaves the buffers
     fused.step()
     single.step()
-    assert a[3].untyped_storage().nbytes() == a[3].numel() * 4, "left with its own storage"
+    for t in (a[3], fused.state[a[3]]["exp_avg"], fused.state[a[3]]["neg_pre_grad"]):
+        assert t.untyped_storage().nbytes() == a[3].numel() * 4, "left with its own storage"
     # Back in, it has stepped once less than the others: its own step count, its own call.
     for step in range(2, 4):
         feed(step, a, b)
@@ -159,4 +160,23 @@ def test_state_dict_round_trip_and_saved_sizes():
         single.step()
         restored.step()
     assert max_diff(a, clone) == 0.0
+    assert max_diff(a, b) <= 1e-6
+
+
+def test_parameters_given_another_dtype_are_not_copied_back():
+    # model.double() after some steps: the buffers are made again in the new dtype.
+    a, b, fused, single = pair(Adan)
+    for step in range(2):
+        feed(step, a, b)
+        fused.step()
+        single.step()
+    for p in a + b:
+        p.data = p.data.double()
+    for step in range(2, 4):
+        feed(step, a, b)
+        fused.step()
+        single.step()
+    assert all(p.dtype == torch.float64 for p in a)
+    assert len({storage_of(p) for p in a}) == 1
+    assert fused.state[a[0]]["exp_avg"].dtype == torch.float64
     assert max_diff(a, b) <= 1e-6
