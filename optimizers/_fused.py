@@ -256,8 +256,13 @@ def _changed(param: Tensor, view: Tensor) -> bool:
 
 
 def _owns(t: Tensor) -> bool:
-    """Whether ``t`` is the whole of its own storage (not a view into someone's buffer)."""
-    return not t._is_view() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    """Whether ``t`` is a plain tensor that is the whole of its own storage (not a view into
+    someone's buffer, nor a subclass such as DTensor that has no storage of its own)."""
+    return (
+        type(t) in (Tensor, torch.nn.Parameter)
+        and not t._is_view()
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
 
 
 def split_for_fused(*lists: list[Tensor]) -> tuple[list[int], list[int]]:
