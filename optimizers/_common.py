@@ -109,6 +109,22 @@ def advance_steps(
     return buckets
 
 
+def adam_scalars(group: dict[str, Any], step: int, clip: Tensor | None) -> dict[str, Any]:
+    """An Adam-style update's scalars for ``group`` at ``step`` (two betas, their bias
+    corrections, lr, weight decay, eps and the clip coefficient)."""
+    beta1, beta2 = group["betas"]
+    return dict(
+        beta1=beta1,
+        beta2=beta2,
+        bias_correction1=1 - beta1**step,
+        bias_correction2=1 - beta2**step,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        clip=clip,
+    )
+
+
 def own_state(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
     """Copy a state dict's per-parameter entries so the loading optimizer shares no tensor
     with the saving one (torch's load_state_dict keeps ``step`` tensors as given)."""

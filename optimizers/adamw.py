@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._common import (
+    adam_scalars,
     advance_steps,
     check_betas,
     check_non_negative,
@@ -111,7 +112,6 @@ class AdamW(Optimizer):
                 else ("exp_avg", "exp_avg_sq")
             )
             impl = choose_impl(params, group["foreach"], group["fused"])
-            beta1, beta2 = group["betas"]
             flat = self._flat.bind(index, params, self.state, keys) if impl == "fused" else None
             buckets = advance_steps(self.state, params, keys)
             runs = []
@@ -119,17 +119,7 @@ class AdamW(Optimizer):
                 runs, buckets = flat.split(buckets)
             for step, buffers in runs:  # one compiled call per run of the flat buffers
                 flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
-                _fused_adamw(
-                    *flat_lists,
-                    beta1=beta1,
-                    beta2=beta2,
-                    bias_correction1=1 - beta1**step,
-                    bias_correction2=1 - beta2**step,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    clip=clip,
-                )
+                _fused_adamw(*flat_lists, **adam_scalars(group, step, clip))
             for step, bucket in buckets.items():
                 states = [self.state[p] for p in bucket]
                 _adamw(
@@ -139,15 +129,8 @@ class AdamW(Optimizer):
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states],
                     [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                    beta1=beta1,
-                    beta2=beta2,
-                    bias_correction1=1 - beta1**step,
-                    bias_correction2=1 - beta2**step,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    clip=clip,
                     views=self._flat_views,
+                    **adam_scalars(group, step, clip),
                 )
         return loss
 

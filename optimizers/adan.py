@@ -159,20 +159,20 @@ class Adan(Optimizer):
                 self._flat.bind(index, params, self.state, _STATE_KEYS) if impl == "fused" else None
             )
             buckets = advance_steps(self.state, params, _STATE_KEYS)
+            runs = []
             if flat is not None:
                 runs, buckets = flat.split(buckets)
-                for step, buffers in runs:  # one compiled call per run of the flat buffers
-                    self._step_flat(buffers, step, group, clip)
+            for step, buffers in runs:  # one compiled call per run of the flat buffers
+                param, grad, *states = buffers
+                if step == 1:
+                    _first_gradient([states[3]], [grad], clip)
+                _fused_adan([param], [grad], *([s] for s in states), **_hyper(group, step, clip))
             for step, bucket in buckets.items():
                 states = [self.state[p] for p in bucket]
                 grads = [p.grad for p in bucket]
                 neg_pre_grads = [s["neg_pre_grad"] for s in states]
-                if step == 1:  # g_0 := g_1, so the first gradient difference is zero
-                    for npg, grad in zip(neg_pre_grads, grads, strict=True):
-                        npg.copy_(grad).neg_()
-                        if clip is not None:
-                            npg.mul_(clip)
-                beta1, beta2, beta3 = group["betas"]
+                if step == 1:
+                    _first_gradient(neg_pre_grads, grads, clip)
                 _adan(
                     impl,
                     bucket,
@@ -181,49 +181,36 @@ class Adan(Optimizer):
                     [s["exp_avg_sq"] for s in states],
                     [s["exp_avg_diff"] for s in states],
                     neg_pre_grads,
-                    beta1=beta1,
-                    beta2=beta2,
-                    beta3=beta3,
-                    bias_correction1=1 - beta1**step,
-                    bias_correction2=1 - beta2**step,
-                    bias_correction3=1 - beta3**step,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    no_prox=group["no_prox"],
-                    clip=clip,
                     views=self._flat_views,
+                    **_hyper(group, step, clip),
                 )
         return loss
 
-    def _step_flat(
-        self, buffers: list[Tensor], step: int, group: dict, clip: Tensor | None
-    ) -> None:
-        param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad = buffers
-        if step == 1:
-            neg_pre_grad.copy_(grad).neg_()
-            if clip is not None:
-                neg_pre_grad.mul_(clip)
-        beta1, beta2, beta3 = group["betas"]
-        _fused_adan(
-            [param],
-            [grad],
-            [exp_avg],
-            [exp_avg_sq],
-            [exp_avg_diff],
-            [neg_pre_grad],
-            beta1=beta1,
-            beta2=beta2,
-            beta3=beta3,
-            bias_correction1=1 - beta1**step,
-            bias_correction2=1 - beta2**step,
-            bias_correction3=1 - beta3**step,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            no_prox=group["no_prox"],
-            clip=clip,
-        )
+
+def _hyper(group: dict[str, Any], step: int, clip: Tensor | None) -> dict[str, Any]:
+    """The update's scalars for ``group`` at ``step`` (bias corrections included)."""
+    beta1, beta2, beta3 = group["betas"]
+    return dict(
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        bias_correction1=1 - beta1**step,
+        bias_correction2=1 - beta2**step,
+        bias_correction3=1 - beta3**step,
+        lr=group["lr"],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+        no_prox=group["no_prox"],
+        clip=clip,
+    )
+
+
+def _first_gradient(neg_pre_grads: list[Tensor], grads: list[Tensor], clip: Tensor | None) -> None:
+    """g_0 := g_1, so the first gradient difference is zero."""
+    for npg, grad in zip(neg_pre_grads, grads, strict=True):
+        npg.copy_(grad).neg_()
+        if clip is not None:
+            npg.mul_(clip)
 
 
 def _adan(impl: str, *tensor_lists: list[Tensor], views: FlatViews, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._common import (
+    adam_scalars,
     advance_steps,
     check_betas,
     check_non_negative,
@@ -95,7 +96,6 @@ class LAMB(Optimizer):
             if not params:
                 continue
             impl = choose_impl(params, group["foreach"], fused=False)
-            beta1, beta2 = group["betas"]
             for step, bucket in advance_steps(
                 self.state, params, ("exp_avg", "exp_avg_sq")
             ).items():
@@ -106,15 +106,8 @@ class LAMB(Optimizer):
                     [p.grad for p in bucket],
                     [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states],
-                    beta1=beta1,
-                    beta2=beta2,
-                    bias_correction1=1 - beta1**step,
-                    bias_correction2=1 - beta2**step,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    clip=clip,
                     norm_fn=self.norm_fn,
+                    **adam_scalars(group, step, clip),
                 )
         return loss
 
