@@ -61,5 +61,10 @@ def stop_everything(settings: Settings) -> str:
                 s.refresh(job)
             ended += transition(s, job, "cancelled", REASON)
     db.engine.dispose()
-    where = "the embedded Ray cluster" if running else "no embedded Ray cluster was running"
+    where = (
+        "the embedded Ray cluster"
+        if running
+        else "no embedded Ray cluster was left running (the service stops its own when no job "
+        "runs on it)"
+    )
     return f"stopped: the service, {where}, {ended} job(s) recorded as cancelled"
