@@ -10,6 +10,7 @@ costs ~0.1-0.25 ms of dynamo guards and wrappers before its kernel runs).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -134,8 +135,11 @@ class FlatStore:
     copied in the same way.
 
     Only parameters that own their storage and are contiguous are moved: a view into
-    another owner's buffer (ZeroOptimizer's shards, a parameter already bucketed elsewhere)
-    stays where it is and is stepped per tensor.
+    another owner's buffer (ZeroOptimizer's shards, a parameter already bucketed elsewhere),
+    parameters sharing one storage and shared-memory (Hogwild) parameters stay where they
+    are and are stepped per tensor. Another tensor that aliases a moved parameter's old
+    storage (``w = p.data`` kept aside) no longer sees its updates, as with torch's
+    bucket views; pass ``fused=False`` where that matters.
     """
 
     def __init__(self) -> None:
@@ -202,6 +206,9 @@ class FlatStore:
             for p in params
             if p.is_contiguous() and not p.grad.is_sparse and (id(p) in homed or _owns(p))
         ]
+        # Parameters tied through their storage (``b.data = a.data``) stay tied, where they are.
+        storages = Counter(p.untyped_storage().data_ptr() for p in movable)
+        movable = [p for p in movable if storages[p.untyped_storage().data_ptr()] == 1]
         like = movable[0] if movable else None
         members = [p for p in movable if p.dtype == like.dtype and p.device == like.device]
         chosen = {id(p) for p in members}
@@ -261,6 +268,7 @@ def _owns(t: Tensor) -> bool:
     return (
         type(t) in (Tensor, torch.nn.Parameter)
         and not t._is_view()
+        and not t.is_shared()
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     )
 

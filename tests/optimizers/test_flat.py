@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 
-from optimizers import Adan, AdamW
+from optimizers import AdamW, Adan
 
 from .helpers import SHAPES, make_params, max_diff
 
@@ -179,4 +179,19 @@ def test_parameters_given_another_dtype_are_not_copied_back():
     assert all(p.dtype == torch.float64 for p in a)
     assert len({storage_of(p) for p in a}) == 1
     assert fused.state[a[0]]["exp_avg"].dtype == torch.float64
+    assert max_diff(a, b) <= 1e-6
+
+
+def test_parameters_sharing_storage_stay_tied():
+    def params():
+        ps = make_params()
+        ps.append(torch.nn.Parameter(ps[3].data))  # b.data = a.data: one storage, two params
+        return ps
+
+    a, b, fused, single = pair(Adan, params(), params())
+    for step in range(3):
+        feed(step, a, b)
+        fused.step()
+        single.step()
+    assert storage_of(a[3]) == storage_of(a[-1]) != storage_of(a[0])
     assert max_diff(a, b) <= 1e-6
