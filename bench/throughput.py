@@ -18,12 +18,17 @@ Global batch = micro-batch x 2 workers (no accumulation), so every step pays one
 step and one round of collectives per micro-batch.
 
     python bench/throughput.py [--rounds 2] [--micro 512 4096] [--steps 40] [--spec SPEC.json]
+                               [--before TREE]
+
+--before TREE also runs `nestor train` from another checkout (git worktree add TREE REV) at
+each stage, in the same rounds, for before/after figures from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -40,16 +45,17 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 SKIP = 5  # steps not counted: allocation, the fused kernel's first call
 
 
-def nestor_train(spec: dict, out: Path) -> dict[str, float]:
-    """`nestor train` on its own Ray: median samples/s and step time after the first steps."""
+def nestor_train(spec: dict, out: Path, tree: Path = ROOT) -> dict[str, float]:
+    """`nestor train` of checkout ``tree`` on its own Ray: median samples/s and step time
+    after the first steps (PYTHONPATH too, so that Ray's workers import that checkout)."""
     spec_path = out.with_suffix(".json")
     spec_path.write_text(json.dumps(spec))
     subprocess.run(
         [sys.executable, "-m", "service.cli", "train", str(spec_path), "--out", str(out)],
         check=True,
         capture_output=True,
-        cwd=ROOT,
-        env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+        cwd=tree,
+        env=dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(tree)),
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = records[SKIP:-1]  # the last step's record waits for the final evaluation
@@ -61,9 +67,9 @@ def nestor_train(spec: dict, out: Path) -> dict[str, float]:
         # The loop's own parts: reading data (its DataLoader), forward + backward (with the
         # loss's all-reduce; at stage 2 the gradient reduce-scatter), the optimizer step
         # (with its collectives).
-        "index": statistics.median(r["data_time"] for r in steady),
-        "forward_backward": statistics.median(r["compute_time"] for r in steady),
-        "optimizer": statistics.median(r["optimizer_time"] for r in steady),
+        "index": statistics.median(r.get("data_time", math.nan) for r in steady),
+        "forward_backward": statistics.median(r.get("compute_time", math.nan) for r in steady),
+        "optimizer": statistics.median(r.get("optimizer_time", math.nan) for r in steady),
     }
 
 
@@ -132,7 +138,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="all contenders, interleaved")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--spec", default=str(ROOT / "examples" / "mnist1d-adan-32k.json"))
+    parser.add_argument(
+        "--before", metavar="TREE", help="also run Nestor from this checkout, in the same rounds"
+    )
     args = parser.parse_args()
+    before = Path(args.before).resolve() if args.before else None
     base = json.loads(Path(args.spec).read_text())
     base.update(max_steps=args.steps, checkpoint_every=0, eval_every=args.steps, num_workers=2)
     base.update(log_every=1)
@@ -148,6 +158,10 @@ def main() -> None:
                 for s in (0, 1, 2):
                     out = nestor_train({**spec, "zero_stage": s}, work / f"m{micro}-s{s}")
                     runs.setdefault((micro, f"zero{s}"), []).append(out)
+                    if before is not None:
+                        old = work / f"m{micro}-s{s}-before"
+                        out = nestor_train({**spec, "zero_stage": s}, old, before)
+                        runs.setdefault((micro, f"before{s}"), []).append(out)
 
     def median(key: tuple[int, str]) -> dict[str, float]:
         return {k: statistics.median(x[k] for x in runs[key]) for k in runs[key][0]}
@@ -181,6 +195,20 @@ def main() -> None:
             f"| {stages[0]['samples_per_s']:,.0f} | {stages[1]['samples_per_s']:,.0f} | "
             f"{stages[2]['samples_per_s']:,.0f} | {fractions} |"
         )
+    if before is not None:
+        print()
+        print(f"Before ({before}), the same rounds, Nestor / ceiling (0 / 1 / 2):")
+        print()
+        print("| micro-batch | ZeRO-0 | ZeRO-1 | ZeRO-2 | Nestor / ceiling (0 / 1 / 2) |")
+        print("|---|---|---|---|---|")
+        for micro, ceiling, _, _ in rows:
+            c = ceiling["samples_per_s"]
+            old = [median((micro, f"before{s}"))["samples_per_s"] for s in (0, 1, 2)]
+            print(
+                f"| {micro} | {old[0]:,.0f} | {old[1]:,.0f} | {old[2]:,.0f} | "
+                + " / ".join(f"{x / c:.0%}" for x in old)
+                + " |"
+            )
     print()
     print(
         "Where a step's time goes, ms per step (rank 0's medians; Nestor's from its reported "
