@@ -85,8 +85,7 @@ class Flat:
     so that one compiled call steps them all."""
 
     params: list[Tensor]  # the group's parameters with gradients, as the step saw them
-    members: list[Tensor]  # those living in the buffers, in order
-    rest: list[Tensor]  # the group's other parameters (stepped per tensor)
+    members: list[Tensor]  # those living in the buffers, in order (the rest: per tensor)
     buffers: list[Tensor]
     offsets: list[int]
     ptrs: list[list[int]] = field(default_factory=list)  # where each member's views start
@@ -212,7 +211,6 @@ class FlatStore:
         like = movable[0] if movable else None
         members = [p for p in movable if p.dtype == like.dtype and p.device == like.device]
         chosen = {id(p) for p in members}
-        rest = [p for p in params if id(p) not in chosen]
         if old is not None:
             # Parameters leaving the buffers take their own storage again (data, gradient,
             # state), so that the old buffers are freed.
@@ -233,7 +231,7 @@ class FlatStore:
         total = offsets.pop()
         dtypes = [like.dtype, like.dtype] + [state_dtype(like)] * len(keys)
         buffers = [_staggered(total, dtype, like.device, j) for j, dtype in enumerate(dtypes)]
-        flat = Flat(list(params), members, rest, buffers, offsets)
+        flat = Flat(list(params), members, buffers, offsets)
         flat.views = [
             [b[o : o + p.numel()].view(p.shape) for p, o in zip(members, offsets, strict=True)]
             for b in buffers
