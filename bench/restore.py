@@ -40,6 +40,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 from optimizers import ZeroOptimizer  # noqa: E402
+from optimizers.zero.collectives import end_process_group  # noqa: E402
 
 WIDTH, LAYERS = 2048, 12
 SPEC = {"name": "adan", "lr": 1e-3, "weight_decay": 0.02, "no_decay_1d": False}
@@ -150,7 +151,7 @@ def save_worker(rank: int, world: int, init: str, ckpt: str) -> None:
     model(x).square().mean().backward()
     opt.step()
     opt.save_checkpoint(ckpt)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def restore_worker(rank: int, contender: str, init: str, ckpt: str, out: str) -> None:
@@ -184,7 +185,7 @@ def restore_worker(rank: int, contender: str, init: str, ckpt: str, out: str) ->
             },
             f,
         )
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ def _plain(rank: int, world: int, spec_json: str, steps: int, ddp: bool, out: st
     import torch.distributed as dist
 
     from optimizers import create_optimizer
+    from optimizers.zero.collectives import end_process_group
     from workers.data import Objective, build_model, load_data
     from workers.spec import TrainSpec
 
@@ -113,7 +114,7 @@ def _plain(rank: int, world: int, spec_json: str, steps: int, ddp: bool, out: st
             phases[key].append(dt)
         steps_s.append(t3 - t0)
     if ddp:
-        dist.destroy_process_group()
+        end_process_group()
     med = {k: statistics.median(v[SKIP:]) for k, v in phases.items()}
     step = statistics.median(steps_s[SKIP:])
     result = {**med, "step_s": step, "samples_per_s": spec.micro_batch_size / step}

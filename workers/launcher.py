@@ -308,6 +308,8 @@ def _local_worker(
     import torch
     import torch.distributed as dist
 
+    from optimizers.zero.collectives import end_process_group
+
     from .loop import Session
 
     if code_dir:  # what Ray's working_dir does on a cluster: the project is importable
@@ -323,7 +325,7 @@ def _local_worker(
             write_result(Path(run_dir), {"status": "failed", "error": error})
         raise
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def run_local(

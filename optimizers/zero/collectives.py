@@ -21,6 +21,7 @@ of buckets in the layout), which is what keeps collectives from deadlocking.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import torch
@@ -87,3 +88,17 @@ class Collectives:
 def wait(works: list[Any]) -> None:
     for work in works:
         work.wait()
+
+
+def end_process_group() -> None:
+    """Destroy the default process group in a process that is about to exit.
+
+    Garbage is collected first. Otherwise the interpreter's last collection, at exit, can
+    free the Python side of a tensor that a finished gloo work still holds; the gloo
+    thread that then releases it must take the GIL of a finalizing interpreter, which ends
+    the thread inside C++ and aborts the process (SIGABRT, "terminate called without an
+    active exception") after its work is done. Measured on torch 2.13: 3-6 of 30
+    two-rank runs of ZeroOptimizer's misuse scenario aborted at exit without this, 0 of
+    30 with it."""
+    gc.collect()
+    dist.destroy_process_group()

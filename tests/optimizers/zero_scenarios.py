@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from optimizers import ZeroOptimizer, create_optimizer
+from optimizers.zero.collectives import end_process_group
 
 GLOBAL_BATCH = 24
 ACCUMULATION = 2
@@ -471,4 +472,4 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, ckpt_dir: str) -
         if errors:
             with open(os.path.join(out_dir, f"world{world}-errors-rank{rank}.json"), "w") as f:
                 json.dump(errors, f, indent=1)
-        dist.destroy_process_group()
+        end_process_group()
