@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydantic
 
 
@@ -674,10 +675,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_request(e: httpx.TransportError) -> bool:
+    try:
+        e.request  # noqa: B018 (a property that raises when the error was made without one)
+    except RuntimeError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except httpx.TransportError as e:  # refused, unresolvable, timed out: one line, no traceback
+        where = e.request.url if _has_request(e) else getattr(args, "url", None)
+        _fail(f"cannot reach the Nestor service at {where}: {e or type(e).__name__}")
     except BrokenPipeError:  # `nestor jobs | head`: the reader left, which is not an error
         # Python's documented way out: point stdout at devnull so the exit's flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -256,6 +256,36 @@ def test_the_cli_downloads_a_jobs_files_and_prints_its_log(api_server, tmp_path,
     assert "no such artifact" in capsys.readouterr().err
 
 
+def test_the_cli_says_in_one_line_when_the_service_is_not_there(tmp_path, capsys):
+    """A stopped service (or a wrong --url) is an error message naming the URL and exit
+    status 2 from every command that calls the API, not an httpx traceback."""
+    import socket
+
+    from service.cli import main as nestor
+
+    with socket.socket() as s:  # a loopback port nobody listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    base = ["--url", url, "--token", "t"]
+    for command in (
+        ["jobs"],
+        ["show", "1"],
+        ["cancel", "1"],
+        ["submit", str(spec)],
+        ["logs", "1"],
+        ["download", "1", "--out", str(tmp_path / "d")],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            nestor([*command, *base])
+        assert exited.value.code == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"nestor: error: cannot reach the Nestor service at {url}/"), err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_links_planted_in_the_run_directory_are_not_served(client, finished, tmp_path):
     """User code writes the run directory: a symbolic or hard link named like an artifact
     (to the service's signing key, say), or a linked checkpoints directory, is not listed
