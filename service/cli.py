@@ -292,15 +292,7 @@ def _client(args: argparse.Namespace):
 
 
 def _api_call(fn) -> int:
-    from .client import NestorError
-
-    try:
-        out = fn()
-    except NestorError as e:
-        _fail(f"{e.status}: {json.dumps(e.detail)}")
-    except OSError as e:
-        _fail(f"cannot reach the Nestor service: {e}")
-    print(json.dumps(out, indent=1, default=str))
+    print(json.dumps(_api_errors(fn), indent=1, default=str))
     return 0
 
 
@@ -351,14 +343,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     from workers.spec import optimizer_label
 
-    from .client import NestorError
-
-    try:
-        jobs = _client(args).jobs(status=args.status, sweep=args.sweep)
-    except NestorError as e:
-        _fail(f"{e.status}: {json.dumps(e.detail)}")
-    except OSError as e:
-        _fail(f"cannot reach the Nestor service: {e}")
+    jobs = _api_errors(lambda: _client(args).jobs(status=args.status, sweep=args.sweep))
     print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<15} {'batch':>6}  name")
     for j in jobs["data"]:
         spec = j["spec"]
@@ -379,7 +364,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _api_errors(fn):
-    """Run ``fn()``; an API or connection error is a one-line message and exit status 1."""
+    """Run ``fn()``; an API error or a local file's (a download's destination, a package's
+    source) is a one-line message and exit status 2. A service that cannot be reached is
+    ``main()``'s."""
     from .client import NestorError
 
     try:
@@ -387,7 +374,7 @@ def _api_errors(fn):
     except NestorError as e:
         _fail(f"{e.status}: {json.dumps(e.detail)}")
     except OSError as e:
-        _fail(f"cannot reach the Nestor service: {e}")
+        _fail(str(e))
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
