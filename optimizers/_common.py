@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from collections.abc import Sequence
@@ -40,12 +41,16 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
-def clip_coefficient(grads: list[Tensor], max_norm: float, eps: float) -> Tensor | None:
+def clip_coefficient(groups: list[dict[str, Any]], max_norm: float, eps: float) -> Tensor | None:
     """min(1, max_norm / (||grads||_2 + eps)) as a tensor (no host sync), or None if off.
 
-    The norm is global: one L2 norm over every gradient, as in the Adan reference code.
+    The norm is global: one L2 norm over every gradient of every group, as in the Adan
+    reference code. With clipping off, no gradient is looked at.
     """
-    if max_norm <= 0 or not grads:
+    if max_norm <= 0:
+        return None
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    if not grads:
         return None
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     return torch.clamp(max_norm / (total + eps), max=1.0)
@@ -53,11 +58,16 @@ def clip_coefficient(grads: list[Tensor], max_norm: float, eps: float) -> Tensor
 
 def fused_available(device: torch.device) -> bool:
     """Whether torch.compile can build kernels for ``device`` (Triton on GPU, C++ on CPU)."""
-    if device.type == "cuda":
+    return _fused_available(device.type)
+
+
+@functools.cache
+def _fused_available(device_type: str) -> bool:  # asked every step: look once
+    if device_type == "cuda":
         from torch.utils._triton import has_triton
 
         return has_triton()
-    if device.type == "cpu":
+    if device_type == "cpu":
         return shutil.which("g++") is not None or shutil.which("c++") is not None
     return False
 
@@ -123,6 +133,16 @@ def adam_scalars(group: dict[str, Any], step: int, clip: Tensor | None) -> dict[
         eps=group["eps"],
         clip=clip,
     )
+
+
+def host_steps(state: dict[Any, dict[str, Any]]) -> None:
+    """Keep every ``step`` count a CPU tensor after ``load_state_dict``, which moves it to
+    the parameter's device for groups marked ``fused``: bias corrections are computed on
+    the host, and reading a count from a GPU would stall every step."""
+    for entry in state.values():
+        step = entry.get("step")
+        if isinstance(step, Tensor) and step.device.type != "cpu":
+            entry["step"] = step.to("cpu", torch.float32)
 
 
 def own_state(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:

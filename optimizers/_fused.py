@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import is_not
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -79,45 +80,75 @@ class FlatViews:
 
 
 @dataclass
+class Run:
+    """Neighbouring members of a ``Flat`` at the same step: their slices of the buffers and
+    their one step count, a 0-d CPU tensor that every member's ``state[p]["step"]`` is
+    (so ``state_dict()`` still gives each parameter its step, as torch does)."""
+
+    step: Tensor
+    buffers: list[Tensor]
+
+
+@dataclass
 class Flat:
     """A parameter group's parameters, their gradients and their optimizer state, each kept
     as views of one flat buffer (``buffers``: parameters, gradients, then one per state key),
     so that one compiled call steps them all."""
 
     params: list[Tensor]  # the group's parameters with gradients, as the step saw them
-    members: list[Tensor]  # those living in the buffers, in order (the rest: per tensor)
+    members: list[Tensor]  # those living in the buffers, in order
+    outside: list[Tensor]  # the rest of ``params``: stepped per tensor
     buffers: list[Tensor]
     offsets: list[int]
-    ptrs: list[list[int]] = field(default_factory=list)  # where each member's views start
+    state: dict[Tensor, dict] = field(default_factory=dict)  # the optimizer's, when bound
+    entries: list[dict] = field(default_factory=list)  # each member's state entry
+    ptrs: list[list[int]] = field(default_factory=list)  # where members' params, grads start
     views: list[list[Tensor]] = field(default_factory=list)  # each member's, per buffer
+    keys: tuple[str, ...] = ()  # the state keys in buffers 2.., then "step"
+    runs: list[Run] = field(default_factory=list)
+    expected: list[Tensor] = field(default_factory=list)  # entries' tensors, member by key
 
-    def split(
-        self, buckets: dict[int, list[Tensor]]
-    ) -> tuple[list[tuple[int, list[Tensor]]], dict[int, list[Tensor]]]:
-        """Cut ``buckets`` (parameters by step count, from ``advance_steps``) into runs of
-        neighbouring members at the same step, as slices of the buffers, and the buckets of
-        the parameters outside them. Members all at one step (the usual case) make one run
-        of the whole buffers; a parameter that skipped a step cuts the run around it."""
-        step_of = {id(p): step for step, ps in buckets.items() for p in ps}
-        bounds: list[list[int]] = []  # [step, first offset, end offset]
-        for p, offset in zip(self.members, self.offsets, strict=True):
-            step = step_of[id(p)]
+    def advance(self) -> list[tuple[int, list[Tensor]]]:
+        """Count a step: one add per run, not per parameter. Returns (step, buffers) per
+        run, the step read from a CPU tensor (no device sync)."""
+        out = []
+        for run in self.runs:
+            run.step.add_(1.0)
+            out.append((int(run.step.item()), run.buffers))
+        return out
+
+    def home_state(self) -> None:
+        """Put each member's state into the buffers (copying in what a load or the user put
+        elsewhere, zeroing what is new) and group neighbouring members at the same step
+        count into runs, each with one step tensor shared by its members' state. Members
+        all at one step (the usual case) make one run of the whole buffers; a parameter
+        that skipped steps cuts the run around it. Runs on first use and after a load only:
+        it reads each member's step."""
+        *state_keys, _ = self.keys
+        for j, key in enumerate(state_keys, start=2):
+            for entry, view in zip(self.entries, self.views[j], strict=True):
+                old = entry.get(key)
+                if old is not view:
+                    view.copy_(old) if old is not None else view.zero_()
+                    entry[key] = view
+        bounds: list[list] = []  # [step, first offset, end offset]
+        for entry, offset, p in zip(self.entries, self.offsets, self.members, strict=True):
+            step = float(entry["step"]) if "step" in entry else 0.0
             if bounds and bounds[-1][0] == step:
                 bounds[-1][2] = offset + p.numel()
             else:
                 bounds.append([step, offset, offset + p.numel()])
         whole = len(bounds) == 1
-        runs = [
-            (st, self.buffers if whole else [b[lo:hi] for b in self.buffers])
-            for st, lo, hi in bounds
+        self.runs = [
+            Run(torch.tensor(step), self.buffers if whole else [b[lo:hi] for b in self.buffers])
+            for step, lo, hi in bounds
         ]
-        inside = {id(p) for p in self.members}
-        rest = {}
-        for step, ps in buckets.items():
-            outside = [p for p in ps if id(p) not in inside]
-            if outside:
-                rest[step] = outside
-        return runs, rest
+        i = 0
+        for entry, offset in zip(self.entries, self.offsets, strict=True):
+            if offset >= bounds[i][2]:
+                i += 1
+            entry["step"] = self.runs[i].step
+        self.expected = [e[k] for e in self.entries for k in self.keys]
 
 
 class FlatStore:
@@ -133,10 +164,14 @@ class FlatStore:
     and backward accumulates straight into the buffer. State loaded from a checkpoint is
     copied in the same way.
 
+    The steady-state step does no per-parameter tensor work: the members of a run share one
+    step count (``Run``), advanced by one add, and the checks are pointer and identity
+    comparisons.
+
     Only parameters that own their storage and are contiguous are moved: a view into
     another owner's buffer (ZeroOptimizer's shards, a parameter already bucketed elsewhere),
-    parameters sharing one storage and shared-memory (Hogwild) parameters stay where they
-    are and are stepped per tensor. Another tensor that aliases a moved parameter's old
+    parameters sharing one storage and shared-memory (Hogwild) CPU parameters stay where
+    they are and are stepped per tensor. Another tensor that aliases a moved parameter's old
     storage (``w = p.data`` kept aside) no longer sees its updates, as with torch's
     bucket views; pass ``fused=False`` where that matters.
     """
@@ -153,6 +188,7 @@ class FlatStore:
         flat = self._flats.get(index)
         if (
             flat is None
+            or flat.keys[:-1] != keys
             or len(flat.params) != len(params)
             or any(a is not b for a, b in zip(flat.params, params, strict=True))
         ):
@@ -160,39 +196,37 @@ class FlatStore:
             if flat is None:
                 return None
         members = flat.members
-        current = [
-            [p.data_ptr() for p in members],
-            [p.grad.data_ptr() for p in members],
-            *([state[p][k].data_ptr() if k in state[p] else 0 for p in members] for k in keys),
-        ]
-        if current == flat.ptrs:
-            return flat
-        for j, (now, home) in enumerate(zip(current, flat.ptrs, strict=True)):
-            moved = [i for i in range(len(members)) if now[i] != home[i]]
-            if not moved:
-                continue
-            views = [flat.views[j][i] for i in moved]
-            if j == 0:
-                if any(_changed(members[i], view) for i, view in zip(moved, views, strict=True)):
+        if flat.state is not state:  # a new state dict (load_state_dict): look entries up
+            flat.state = state
+            flat.entries = [state[p] for p in members]
+            flat.expected = []
+        current = [[p.data_ptr() for p in members], [p.grad.data_ptr() for p in members]]
+        if current != flat.ptrs:
+            for j, (now, home) in enumerate(zip(current, flat.ptrs, strict=True)):
+                moved = [i for i in range(len(members)) if now[i] != home[i]]
+                if not moved:
+                    continue
+                views = [flat.views[j][i] for i in moved]
+                if j == 0 and any(
+                    _changed(members[i], view) for i, view in zip(moved, views, strict=True)
+                ):
                     # Given new data of another dtype, device or shape (model.half(), a
                     # resize): make the buffers again rather than copy it back into the old.
                     flat.params = []
                     return self.bind(index, params, state, keys)
-                torch._foreach_copy_(views, [members[i].detach() for i in moved])
-                for i, view in zip(moved, views, strict=True):
-                    members[i].data = view
-            elif j == 1:  # one multi-tensor copy: new gradients every step are the norm
-                torch._foreach_copy_(views, [members[i].grad for i in moved])
-                for i, view in zip(moved, views, strict=True):
-                    members[i].grad = view
-            else:
-                key = keys[j - 2]
-                for i, view in zip(moved, views, strict=True):
-                    entry = state[members[i]]
-                    entry.setdefault("step", torch.tensor(0.0))
-                    old = entry.get(key)
-                    view.copy_(old) if old is not None else view.zero_()
-                    entry[key] = view
+                if j == 0:
+                    torch._foreach_copy_(views, [members[i].detach() for i in moved])
+                    for i, view in zip(moved, views, strict=True):
+                        members[i].data = view
+                else:  # one multi-tensor copy: new gradients every step are the norm
+                    torch._foreach_copy_(views, [members[i].grad for i in moved])
+                    for i, view in zip(moved, views, strict=True):
+                        members[i].grad = view
+        # The state and the step counts are where they were put unless someone replaced
+        # them (a load): one identity check per member and key, no tensor work.
+        found = [e.get(k) for e in flat.entries for k in flat.keys]
+        if len(found) != len(flat.expected) or any(map(is_not, found, flat.expected)):
+            flat.home_state()
         return flat
 
     def _make(
@@ -213,14 +247,14 @@ class FlatStore:
         chosen = {id(p) for p in members}
         if old is not None:
             # Parameters leaving the buffers take their own storage again (data, gradient,
-            # state), so that the old buffers are freed.
+            # state, and a step count of their own), so that the old buffers are freed.
             for p in old.members:
                 if id(p) not in chosen:
                     p.data = p.detach().clone()
                     if p.grad is not None:
                         p.grad = p.grad.clone()
                     entry = state.get(p, {})
-                    for key in keys:
+                    for key in (*keys, "step"):
                         if key in entry:
                             entry[key] = entry[key].clone()
         if not members:
@@ -231,12 +265,13 @@ class FlatStore:
         total = offsets.pop()
         dtypes = [like.dtype, like.dtype] + [state_dtype(like)] * len(keys)
         buffers = [_staggered(total, dtype, like.device, j) for j, dtype in enumerate(dtypes)]
-        flat = Flat(list(params), members, buffers, offsets)
+        outside = [p for p in params if id(p) not in chosen]
+        flat = Flat(list(params), members, outside, buffers, offsets, keys=(*keys, "step"))
         flat.views = [
             [b[o : o + p.numel()].view(p.shape) for p, o in zip(members, offsets, strict=True)]
             for b in buffers
         ]
-        flat.ptrs = [[b.data_ptr() + o * b.element_size() for o in offsets] for b in buffers]
+        flat.ptrs = [[b.data_ptr() + o * b.element_size() for o in offsets] for b in buffers[:2]]
         self._flats[index] = flat
         return flat
 
@@ -266,7 +301,8 @@ def _owns(t: Tensor) -> bool:
     return (
         type(t) in (Tensor, torch.nn.Parameter)
         and not t._is_view()
-        and not t.is_shared()
+        # Shared memory (Hogwild) is a CPU notion: is_shared() is True for every CUDA tensor.
+        and not (t.device.type == "cpu" and t.is_shared())
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     )
 

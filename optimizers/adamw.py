@@ -17,6 +17,7 @@ from ._common import (
     check_non_negative,
     choose_impl,
     clip_coefficient,
+    host_steps,
     own_state,
 )
 from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
@@ -84,6 +85,7 @@ class AdamW(Optimizer):
             groups.append(saved)
         self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
         super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
+        host_steps(self.state)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -98,8 +100,7 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
 
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -113,10 +114,9 @@ class AdamW(Optimizer):
             )
             impl = choose_impl(params, group["foreach"], group["fused"])
             flat = self._flat.bind(index, params, self.state, keys) if impl == "fused" else None
-            buckets = advance_steps(self.state, params, keys)
-            runs = []
-            if flat is not None:
-                runs, buckets = flat.split(buckets)
+            runs = flat.advance() if flat is not None else []
+            rest = flat.outside if flat is not None else params
+            buckets = advance_steps(self.state, rest, keys) if rest else {}
             for step, buffers in runs:  # one compiled call per run of the flat buffers
                 flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
                 _fused_adamw(*flat_lists, **adam_scalars(group, step, clip))

@@ -16,6 +16,7 @@ from ._common import (
     check_non_negative,
     choose_impl,
     clip_coefficient,
+    host_steps,
     own_state,
 )
 from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
@@ -133,6 +134,7 @@ class Adan(Optimizer):
         if "max_grad_norm" in original:
             self.max_grad_norm = float(original["max_grad_norm"])
         super().load_state_dict(state_dict)
+        host_steps(self.state)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -147,8 +149,7 @@ class Adan(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
 
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
@@ -158,10 +159,9 @@ class Adan(Optimizer):
             flat = (
                 self._flat.bind(index, params, self.state, _STATE_KEYS) if impl == "fused" else None
             )
-            buckets = advance_steps(self.state, params, _STATE_KEYS)
-            runs = []
-            if flat is not None:
-                runs, buckets = flat.split(buckets)
+            runs = flat.advance() if flat is not None else []
+            rest = flat.outside if flat is not None else params
+            buckets = advance_steps(self.state, rest, _STATE_KEYS) if rest else {}
             for step, buffers in runs:  # one compiled call per run of the flat buffers
                 param, grad, *states = buffers
                 if step == 1:

@@ -16,6 +16,7 @@ from ._common import (
     check_non_negative,
     choose_impl,
     clip_coefficient,
+    host_steps,
     own_state,
 )
 
@@ -74,6 +75,7 @@ class LAMB(Optimizer):
             groups.append(saved)
         self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
         super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
+        host_steps(self.state)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -88,8 +90,7 @@ class LAMB(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        all_grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        clip = clip_coefficient(all_grads, self.max_grad_norm, self.defaults["eps"])
+        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
 
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from optimizers import AdamW, Adan
+from optimizers._fused import _owns
 
 from .helpers import SHAPES, make_params, max_diff
 
@@ -195,3 +196,79 @@ def test_parameters_sharing_storage_stay_tied():
         single.step()
     assert storage_of(a[3]) == storage_of(a[-1]) != storage_of(a[0])
     assert max_diff(a, b) <= 1e-6
+
+
+def test_ownership_is_asked_of_the_device_not_of_is_shared(monkeypatch):
+    # Tensor.is_shared() is True for every CUDA tensor: an ownership rule built on it kept
+    # every GPU model off the flat buffers. Shared memory (Hogwild) is a CPU notion.
+    meta = torch.nn.Parameter(torch.empty(64, device="meta"))
+    hogwild = torch.nn.Parameter(torch.randn(64))
+    hogwild.share_memory_()
+    monkeypatch.setattr(torch.Tensor, "is_shared", lambda self: True)  # as CUDA answers
+    assert _owns(meta), "a plain parameter off the CPU owns its storage"
+    assert not _owns(meta[:32]), "a view does not"
+    monkeypatch.undo()
+    assert not _owns(hogwild), "a CPU parameter in shared memory stays where it is"
+    assert _owns(torch.nn.Parameter(torch.randn(64)))
+
+
+def test_hogwild_parameters_stay_in_shared_memory():
+    a, b, fused, single = pair(Adan)
+    a[2].share_memory_()
+    for step in range(2):
+        feed(step, a, b)
+        fused.step()
+        single.step()
+    assert a[2].is_shared() and storage_of(a[2]) != storage_of(a[0])
+    assert len({storage_of(p) for i, p in enumerate(a) if i != 2}) == 1
+    assert max_diff(a, b) <= 1e-6
+
+
+def _ops_per_step(cls, tensors: int, fresh_grads: bool) -> list[str]:
+    """The tensor operations (aten calls seen by the profiler) of one steady-state step."""
+    params = make_params(shapes=[(4100,)] * tensors)
+    opt = cls(params, fused=True, **KW)
+    grads = [torch.randn(p.shape) for p in params]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    for _ in range(4):  # the first steps move tensors and compile: not steady state
+        if fresh_grads:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    return sorted(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+
+@pytest.mark.parametrize("cls", [Adan, AdamW])
+def test_steady_state_step_does_no_per_parameter_tensor_work(cls):
+    # One step count per run of the flat buffers, not one per parameter: 4 or 40 tensors,
+    # the same operations. Fresh gradients (zero_grad(), backward) cost one multi-tensor copy.
+    for fresh in (False, True):
+        few, many = _ops_per_step(cls, 4, fresh), _ops_per_step(cls, 40, fresh)
+        assert few == many, f"fresh_grads={fresh}: {len(few)} ops for 4 tensors, {len(many)}"
+        assert len(many) < 40
+
+
+def test_every_parameter_keeps_its_step_in_the_state_dict():
+    a, b, fused, single = pair(Adan)
+    for step in range(3):
+        feed(step, a, b, skip={5} if step == 1 else ())
+        fused.step()
+        single.step()
+    steps = {i: s["step"].item() for i, s in fused.state_dict()["state"].items()}
+    assert steps == {i: 2.0 if i == 5 else 3.0 for i in range(len(a))}
+    assert all(s["step"].device.type == "cpu" for s in fused.state.values())
+    # Loaded into a fresh optimizer, each parameter's count is its own again, then shared
+    # anew in the buffers: the next steps match the readable path.
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    restored = Adan(clone, fused=True, **KW)
+    restored.load_state_dict(fused.state_dict())
+    for step in range(3, 5):
+        feed(step, b, clone)
+        single.step()
+        restored.step()
+    assert restored.state[clone[0]]["step"].item() == 5.0
+    assert restored.state[clone[5]]["step"].item() == 4.0
+    assert max_diff(clone, b) <= 1e-6
