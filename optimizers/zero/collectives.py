@@ -10,11 +10,12 @@ Every communication region is one bucket of a flat buffer, laid out by ``zero_la
 - **all-reduce** (gradients, stage 0; scalars such as the squared gradient norm): every
   rank ends with the sum of the whole tensor.
 
-On NCCL (and other backends with native ``reduce_scatter_single`` / ``all_gather_single``)
-each is one call. On gloo those two are emulated and measured several times slower
-than its ``reduce`` and ``broadcast`` (bench/zero.py), so on gloo a reduce-scatter is one
-``reduce`` per chunk to its owner and an all-gather one ``broadcast`` per chunk from its
-owner: the same bytes on the wire, in ``world_size`` calls. Every call is asynchronous and
+On NCCL (and other backends with native ``reduce_scatter_tensor`` /
+``all_gather_into_tensor``, in every torch since 2.0) each is one call. On gloo those two
+are emulated and measured several times slower than its ``reduce`` and ``broadcast``
+(bench/zero.py), so on gloo a reduce-scatter is one ``reduce`` per chunk to its owner and
+an all-gather one ``broadcast`` per chunk from its owner: the same bytes on the wire, in
+``world_size`` calls. Every call is asynchronous and
 returns the works to wait on; calls are issued in the same order on every rank (the order
 of buckets in the layout), which is what keeps collectives from deadlocking.
 """
@@ -51,7 +52,7 @@ class Collectives:
             out = torch.empty(
                 region.numel() // self.world_size, dtype=region.dtype, device=region.device
             )
-            work = dist.reduce_scatter_single(out, region, group=self.group, async_op=True)
+            work = dist.reduce_scatter_tensor(out, region, group=self.group, async_op=True)
             return [work], out
         chunks = region.chunk(self.world_size)
         works = [
@@ -66,7 +67,7 @@ class Collectives:
         chunks = region.chunk(self.world_size)
         if self.native:
             mine = chunks[self.rank].clone()
-            return [dist.all_gather_single(region, mine, group=self.group, async_op=True)]
+            return [dist.all_gather_into_tensor(region, mine, group=self.group, async_op=True)]
         return [
             dist.broadcast(chunk, src=self.global_ranks[r], group=self.group, async_op=True)
             for r, chunk in enumerate(chunks)
