@@ -4,13 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint bench clean
+.PHONY: install run demo test test-gpu gpu-wheels lint bench clean
 
-# torch is pinned to 2.13.0 in pyproject.toml (a CPU build pip takes from this machine's disk).
-$(STAMP): pyproject.toml
+# pyproject.toml declares the torch releases Nestor supports (>=2.10,<2.14), so installing it
+# into an environment that has a CUDA torch keeps that torch; constraints.txt pins what the
+# venv and CI test on: 2.13.0 (a CPU build pip takes from this machine's disk).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,11 +29,30 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Where torch sees a CUDA device this runs the CUDA tier (tests/gpu) too; elsewhere the tier
+# is deselected, in one line of the summary.
 test: install lint
 	$(BIN)/python -m pytest
 
+# The CUDA tier alone. No `install`: a GPU machine may have no venv and no package index, only
+# its own Python with torch (tests/gpu/README.md: the wheels it needs, and the one command).
+# Where torch sees no CUDA device every test is deselected and pytest exits 5: a tier that ran
+# nothing fails, it never looks green.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+test-gpu:
+	@$(GPU_PYTHON) -m pytest -m cuda tests/gpu; status=$$?; \
+	if [ $$status -eq 5 ]; then \
+		echo "make test-gpu: no CUDA test ran (no CUDA device): this is not a pass" >&2; \
+	fi; \
+	exit $$status
+
+# The pure-Python wheels the CUDA tier and bench/optimizers.py need on a GPU machine that has
+# no package index, into .whl/ (tests/gpu/README.md).
+gpu-wheels:
+	tests/gpu/wheels.sh
+
 bench: install
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/optimizers.py
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/restore.py

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one local Ray cluster (a real head node) for the whole session."""
+"""Session-wide fixtures: one local Ray cluster (a real head node) for the whole session;
+the markers, and the CUDA tier's deselection where there is no CUDA device."""
 
 from __future__ import annotations
 
@@ -7,9 +8,53 @@ from pathlib import Path
 
 import pytest
 
+_CUDA_TIER = pytest.StashKey[str]()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "compile: compiles kernels with torch.compile (slow)")
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device (tests/gpu); deselected where torch sees none"
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k: count what would run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a CUDA device the ``cuda`` tests are deselected, never skipped or passed, and
+    the terminal summary says so in one line (the CPU dry run, ``NESTOR_TEST_DEVICE=cpu``,
+    keeps them: see tests/gpu/conftest.py)."""
+    tier = [item for item in items if item.get_closest_marker("cuda")]
+    if not tier:
+        return
+    import torch  # here, not at the top: this file stays quick to import
+
+    from tests.gpu import DEVICE_VARIABLE, dry_run
+
+    if dry_run():
+        config.stash[_CUDA_TIER] = (
+            f"CUDA tier: {len(tier)} tests run on the CPU ({DEVICE_VARIABLE}=cpu dry run: "
+            f"proves the test code runs, not CUDA)"
+        )
+    elif torch.cuda.is_available():
+        config.stash[_CUDA_TIER] = (
+            f"CUDA tier: {len(tier)} tests selected on {torch.cuda.device_count()} CUDA "
+            f"device(s), torch {torch.__version__}"
+        )
+    else:
+        build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        config.stash[_CUDA_TIER] = (
+            f"CUDA tier: {len(tier)} tests deselected (no CUDA device: torch "
+            f"{torch.__version__}, {build})"
+        )
+        deselected = {id(item) for item in tier}
+        config.hook.pytest_deselected(items=tier)
+        items[:] = [item for item in items if id(item) not in deselected]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    line = config.stash.get(_CUDA_TIER, None)
+    if line is not None:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
