@@ -95,13 +95,12 @@ def _progress(run_dir: Path, total: int, done: threading.Event) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"num_workers": args.workers} if args.workers else {}
     spec = load_spec_file(args.spec, overrides)
-    from .settings import Settings
+    if args.out:
+        run_dir = Path(args.out)
+    else:  # pydantic-settings only here: `--local --out` runs where only workers/ can
+        from .settings import Settings
 
-    run_dir = (
-        Path(args.out)
-        if args.out
-        else Settings().run_root / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+        run_dir = Settings().run_root / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "result.json").exists():
         _fail(f"{run_dir} already holds a finished run; choose another --out")
     runtime_env, code_dir = None, None
@@ -114,10 +113,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     elif spec.requirements:
         runtime_env = {"pip": spec.requirements}
+    where = ""
+    if args.local:  # the devices are checked before any process starts
+        from workers.launcher import (
+            LocalDevicesError,
+            cuda_device_count,
+            local_devices,
+            on_this_machine,
+        )
+
+        cuda_count = cuda_device_count()
+        spec = on_this_machine(spec, cuda_count)
+        try:
+            backend, devices = local_devices(spec, cuda_count)
+        except LocalDevicesError as e:
+            _fail(str(e))
+        where = f" on {', '.join(dict.fromkeys(devices))} ({backend})"
     print(
         f"nestor: training {spec.describe()} with {spec.optimizer.name}, "
-        f"batch {spec.batch_size} over {spec.num_workers} worker(s), ZeRO-{spec.zero_stage}; "
-        f"output in {run_dir}",
+        f"batch {spec.batch_size} over {spec.num_workers} worker(s){where}, "
+        f"ZeRO-{spec.zero_stage}; output in {run_dir}",
         file=sys.stderr,
     )
     done = threading.Event()

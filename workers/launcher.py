@@ -302,8 +302,60 @@ def _failed(run_dir: Path, e: BaseException) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------- local processes
+class LocalDevicesError(ValueError):
+    """The spec asks for devices this machine does not have (raised before any process
+    starts)."""
+
+
+def cuda_device_count() -> int:
+    """The CUDA devices torch sees in this process (0 without a CUDA build or driver)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def on_this_machine(spec: TrainSpec, cuda_count: int) -> TrainSpec:
+    """``nestor train --local``'s default: a spec that does not say ``use_gpu`` trains on the
+    GPUs where torch sees any, one per worker, and on the CPU elsewhere; one that says it is
+    taken at its word. (On Ray and in ``run_local`` the spec's ``use_gpu`` alone decides.)"""
+    if "use_gpu" in spec.model_fields_set or cuda_count == 0:
+        return spec
+    return spec.model_copy(update={"use_gpu": True})
+
+
+def local_devices(spec: TrainSpec, cuda_count: int) -> tuple[str, list[str]]:
+    """The process group backend and each rank's device for ``run_local``.
+
+    ``use_gpu`` decides, as it does on Ray: one GPU per worker (``cuda:{rank}``) over NCCL,
+    else the CPU over gloo. A spec without it trains on the CPU even where GPUs exist: the
+    spec is the job's one contract, and what it trains with (its defaults for overlapping
+    the all-gather, bf16 autocast's kernels) follows the device it names.
+    """
+    if not spec.use_gpu:
+        return "gloo", ["cpu"] * spec.num_workers
+    if cuda_count == 0:
+        raise LocalDevicesError(
+            "use_gpu is true but torch sees no CUDA device here; set use_gpu to false to "
+            "train on the CPU"
+        )
+    if spec.num_workers > cuda_count:
+        raise LocalDevicesError(
+            f"num_workers={spec.num_workers} but only {cuda_count} CUDA device"
+            f"{'s are' if cuda_count != 1 else ' is'} visible (use_gpu: one GPU per worker); "
+            "ask for fewer workers, or set use_gpu to false to train on the CPU"
+        )
+    return "nccl", [f"cuda:{rank}" for rank in range(spec.num_workers)]
+
+
 def _local_worker(
-    rank: int, world: int, spec_json: str, run_dir: str, init: str, code_dir: str | None
+    rank: int,
+    world: int,
+    spec_json: str,
+    run_dir: str,
+    init: str,
+    code_dir: str | None,
+    backend: str,
+    devices: list[str],
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -314,10 +366,13 @@ def _local_worker(
 
     if code_dir:  # what Ray's working_dir does on a cluster: the project is importable
         sys.path.insert(0, code_dir)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's collectives run on the current device
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        session = Session(rank, world, torch.device("cpu"), Path(run_dir))
+        session = Session(rank, world, device, Path(run_dir))
         run_worker(TrainSpec.model_validate_json(spec_json), session)
     except Exception:
         if rank == 0 and not (Path(run_dir) / "result.json").exists():
@@ -331,19 +386,19 @@ def _local_worker(
 def run_local(
     spec: TrainSpec, run_dir: str | os.PathLike[str], code_dir: str | None = None
 ) -> dict[str, Any]:
-    """Train in ``spec.num_workers`` local processes (gloo, CPU), without Ray: for tests,
-    debugging and machines without Ray; ``code_dir``: the project the spec's factories are
-    imported from. Returns ``result.json``."""
+    """Train in ``spec.num_workers`` local processes, without Ray: for tests, debugging and
+    machines without Ray; ``code_dir``: the project the spec's factories are imported from.
+    With ``use_gpu``, rank r trains on ``cuda:r`` over NCCL; else on the CPU over gloo
+    (``local_devices``; a ``LocalDevicesError`` before any process starts when the GPUs are
+    not there). Returns ``result.json``."""
     import torch.multiprocessing as mp
 
+    backend, devices = local_devices(spec, cuda_device_count())
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
+        args = (spec.num_workers, spec.model_dump_json(), str(run_dir), init, code_dir)
         with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
-            mp.spawn(
-                _local_worker,
-                args=(spec.num_workers, spec.model_dump_json(), str(run_dir), init, code_dir),
-                nprocs=spec.num_workers,
-            )
+            mp.spawn(_local_worker, args=(*args, backend, devices), nprocs=spec.num_workers)
     return json.loads((run_dir / "result.json").read_text())
