@@ -35,6 +35,7 @@ from .data import (
     load_data,
     micro_batches,
 )
+from .flops import FlopCounter, peak_tflops, throughput_metrics
 from .reporting import Reporter
 from .schedule import lr_factor
 from .spec import TrainSpec
@@ -265,6 +266,81 @@ def params_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------- device reads
+class HostFlag:
+    """Whether a device value is finite, copied to the host without waiting for the work
+    queued after it: ``start`` after the last forward pass, ``read`` after the backward
+    pass is queued, so the device is never left idle while the host waits."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def start(self, value: torch.Tensor) -> None:
+        self.host.copy_(torch.isfinite(value), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
+class Pace:
+    """Throughput between reports, timed on the host after the device caught up (a report
+    reads values, which waits for the queued steps): step time, samples and tokens per
+    second, and, from the FLOPs of one micro-batch counted on this attempt's first
+    (``workers.flops``), achieved TFLOP/s and MFU. Evaluation and checkpoints are left out."""
+
+    def __init__(self, spec: TrainSpec, data: Data, world: int, device: torch.device) -> None:
+        self.spec, self.world, self.device = spec, world, device
+        self.lm = data.task == "lm"
+        self.micro_flops: int | None = None
+        self.tokens_per_micro: int | None = None
+        self.peak = peak_tflops(device, spec.precision)
+        self.steps, self.mark = 0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def counting(self, y: Any):
+        """Count the FLOPs of the first micro-batch's forward and backward passes (and
+        its tokens: the targets' count, for a language model)."""
+        if self.micro_flops is not None:
+            yield
+            return
+        with FlopCounter() as counter:
+            yield
+        self.micro_flops = counter.total
+        self.tokens_per_micro = int(y.numel()) if self.lm else None
+
+    def stepped(self) -> None:
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def excluded(self):
+        start = time.perf_counter()
+        yield
+        self.mark += time.perf_counter() - start
+
+    def report(self) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds, steps = now - self.mark, self.steps
+        self.steps, self.mark = 0, now
+        per_step = self.spec.accumulation_steps * self.world  # micro-batches in a step
+        tokens = self.tokens_per_micro
+        return throughput_metrics(
+            step_flops=(self.micro_flops or 0) * per_step,
+            world_size=self.world,
+            steps=steps,
+            seconds=seconds,
+            samples_per_step=self.spec.batch_size,
+            tokens_per_step=tokens * per_step if tokens is not None else None,
+            peak=self.peak,
+        )
+
+
 # ------------------------------------------------------------------------------- the loop
 def setup(
     spec: TrainSpec, session: Session, init: dict[str, Any] | None = None
@@ -334,6 +410,8 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     micro, accum = spec.micro_batch_size, spec.accumulation_steps
     n_train = len(data.train)
     batches = micro_batches(data, spec, rank, world, start, device)
+    finite = HostFlag(device)
+    pace = Pace(spec, data, world, device)
     bad_steps, metrics, reached = 0, {}, None
     for step in range(start, spec.max_steps):
         t0 = time.perf_counter()
@@ -341,25 +419,31 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         for group, peak in zip(opt.param_groups, peak_lrs, strict=True):
             group["lr"] = peak * lr_now
 
-        # This rank's distinct part of the global batch, as `accum` micro-batches.
+        # This rank's distinct part of the global batch, as `accum` micro-batches. The loss
+        # stays on the device; only whether it is finite comes to the host, copied once the
+        # last forward pass is done, while the last backward pass is already queued.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         data_time = 0.0
-        for _ in range(accum):
+        for i in range(accum):
             t = time.perf_counter()
             x, y = _to(next(batches), device)
             data_time += time.perf_counter() - t
-            with autocast(spec, device):
-                loss = objective(model(x), y)
-            (loss / accum).backward()
-            loss_sum += loss.detach().double() / accum
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = loss_sum.item() / world
+            with pace.counting(y):
+                with autocast(spec, device):
+                    loss = objective(model(x), y)
+                loss_sum += loss.detach().double() / accum
+                if i == accum - 1:
+                    if world > 1:
+                        dist.all_reduce(loss_sum)
+                    finite.start(loss_sum)
+                (loss / accum).backward()
         t_compute = time.perf_counter()
 
-        if not math.isfinite(train_loss):
+        if not finite.read():
             bad_steps += 1
             opt.zero_grad()
+            pace.stepped()  # its forward and backward passes ran
+            train_loss = loss_sum.item() / world  # a bad step: the only one read at once
             if report:
                 report.metrics(step + 1, {"train_loss": train_loss, "skipped": 1.0})
             if bad_steps >= spec.max_bad_steps:
@@ -373,38 +457,44 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         opt.step()
         opt.zero_grad()
         t_end = time.perf_counter()
-        step_time = t_end - t0
+        pace.stepped()
 
         done = step + 1
-        metrics = {
-            "train_loss": train_loss,
-            "lr": opt.param_groups[0]["lr"],
-            "grad_norm": float(opt.last_grad_norm),
-            "samples_per_s": spec.batch_size / step_time,
-            "step_time": step_time,
-            # Where the step's time went, on the host: reading the micro-batches; forward,
-            # backward (with stage 2's gradient reduce-scatter) and the loss's all-reduce;
-            # the optimizer step with its collectives.
-            "data_time": data_time,
-            "compute_time": t_compute - t0 - data_time,
-            "optimizer_time": t_end - t_compute,
-            "opt_state_bytes": float(opt.state_nbytes()),
-            "epoch": done * spec.batch_size / n_train,
-        }
-        if spec.evaluates_at(done):
-            metrics.update(evaluate(model, data, objective, spec, session, max(micro, 1024)))
-            if metrics["val_loss"] < best.get("val_loss", math.inf):
-                best = {"val_loss": metrics["val_loss"], "step": done}
-            if spec.stop_at is not None and spec.stop_at.reached(metrics):
-                reached = done
-        if report and (
-            done % spec.log_every == 0 or done == spec.max_steps or "val_loss" in metrics
-        ):
-            report.metrics(done, metrics)
-        if reached is not None:
-            break  # every rank evaluated the same all-reduced metrics: all stop here
+        evaluates = spec.evaluates_at(done)
+        if done % spec.log_every == 0 or done == spec.max_steps or evaluates:
+            metrics = {
+                # Read here, once per logging interval (nanoGPT's habit): between reports
+                # nothing comes from the device and the host runs ahead of it.
+                "train_loss": loss_sum.item() / world,
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": float(opt.last_grad_norm),
+                # Where this step's host time went: reading the micro-batches; queueing
+                # forward, backward (with stage 2's gradient reduce-scatter) and the loss's
+                # all-reduce; the optimizer step with its collectives. On a GPU these are
+                # host times; step_time and the rates below are the device's.
+                "data_time": data_time,
+                "compute_time": t_compute - t0 - data_time,
+                "optimizer_time": t_end - t_compute,
+                "opt_state_bytes": float(opt.state_nbytes()),
+                "epoch": done * spec.batch_size / n_train,
+                **pace.report(),  # step_time, samples_per_s (tokens, TFLOP/s, MFU) since last
+            }
+            if evaluates:
+                with pace.excluded():
+                    metrics.update(
+                        evaluate(model, data, objective, spec, session, max(micro, 1024))
+                    )
+                if metrics["val_loss"] < best.get("val_loss", math.inf):
+                    best = {"val_loss": metrics["val_loss"], "step": done}
+                if spec.stop_at is not None and spec.stop_at.reached(metrics):
+                    reached = done
+            if report:
+                report.metrics(done, metrics)
+            if reached is not None:
+                break  # every rank evaluated the same all-reduced metrics: all stop here
         if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.max_steps:
-            save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
+            with pace.excluded():
+                save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
 
     # The trained model and optimizer: plain state dicts (load with weights_only=True).
     save_portable(opt, model, session, session.run_dir)

@@ -9,10 +9,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.utils._python_dispatch
 
+from optimizers.zero.collectives import end_process_group
 from service.cli import main as nestor
 from workers import TrainSpec
 from workers.launcher import run_local
+from workers.loop import Session, train
+from workers.reporting import JsonlReporter
 
 from ..helpers import read_jsonl
 
@@ -167,3 +173,84 @@ def test_stop_at_ends_the_job_at_the_first_evaluation_that_reaches_the_target(
         r["step"] for r in read_jsonl(tmp_path / "miss" / "metrics.jsonl") if "val_loss" in r
     ]
     assert evaluated == [1, 2, 4, 8, 12]  # each at most twice the one before, and the end
+
+
+class _Reads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (``.item()``, ``float()``, ``bool()``):
+    on a GPU each one waits for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _train_here(spec: TrainSpec, run_dir) -> tuple[int, list[dict]]:
+    """Train ``spec`` in this process (a gloo group of one), counting value reads."""
+    run_dir.mkdir(parents=True)
+    dist.init_process_group("gloo", init_method=f"file://{run_dir / 'init'}", rank=0, world_size=1)
+    try:
+        with _Reads() as reads:
+            train(spec, Session(0, 1, torch.device("cpu"), run_dir), JsonlReporter(run_dir / "m"))
+    finally:
+        end_process_group()
+    return reads.count, read_jsonl(run_dir / "m")
+
+
+def test_the_loop_reads_values_only_when_it_reports(tmp_path, nestor_home):
+    # Between reports the loss, the gradient norm and the timings stay on the device: the
+    # one read a step is whether the loss is finite (taken after the backward pass is
+    # queued, so the device never waits on the host for it).
+    common = {
+        **BASE,
+        "model": "digits-mlp",
+        "dataset": {"name": "digits"},
+        "num_workers": 1,
+        "eval_every": 1000,  # only at the end, as the last report
+        "checkpoint_every": 0,
+    }
+    runs = {
+        steps: _train_here(
+            TrainSpec.model_validate({**common, "max_steps": steps, "log_every": steps}),
+            tmp_path / str(steps),
+        )
+        for steps in (6, 18)
+    }
+    (short, short_metrics), (long, long_metrics) = runs[6], runs[18]
+    assert [m["step"] for m in short_metrics] == [6] and [m["step"] for m in long_metrics] == [18]
+    assert long - short == 12, f"{(long - short) / 12:.1f} reads per unreported step"
+    every = _train_here(
+        TrainSpec.model_validate({**common, "max_steps": 6, "log_every": 1}), tmp_path / "1"
+    )
+    assert every[0] > short, "each report reads its values"
+    assert every[1][-1]["train_loss"] == short_metrics[-1]["train_loss"]
+    for key in ("step_time", "samples_per_s", "tflops", "grad_norm"):
+        assert short_metrics[-1][key] > 0
+
+
+def test_non_finite_loss_between_reports_fails_at_the_same_step(tmp_path, nestor_home):
+    # Reports every 50 steps do not delay the rule: the job fails after max_bad_steps
+    # consecutive bad steps, naming the step, and each bad step is reported as it happens.
+    spec = TrainSpec.model_validate(
+        {
+            **BASE,
+            "num_workers": 1,
+            "max_grad_norm": None,
+            "optimizer": {"name": "adamw", "lr": 10},
+            "lr_scaling": {"rule": "linear", "base_batch_size": 1},
+            "max_bad_steps": 3,
+            "checkpoint_every": 0,
+            "log_every": 50,
+        }
+    )
+    result = run_local(spec, tmp_path / "nan")
+    assert result["status"] == "failed"
+    assert "for 3 consecutive steps" in result["error"]
+    metrics = read_jsonl(tmp_path / "nan" / "metrics.jsonl")
+    bad = [m for m in metrics if m.get("skipped") == 1.0]
+    assert len(bad) == 3 and f"at step {bad[-1]['step']};" in result["error"]
+    assert [m["step"] for m in bad] == list(range(bad[0]["step"], bad[0]["step"] + 3))
