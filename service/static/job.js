@@ -9,10 +9,25 @@ const CHARTS = [
   { id: "lr", title: "learning rate", keys: ["lr"] },
   { id: "grad_norm", title: "gradient norm (before clipping)", keys: ["grad_norm"] },
   { id: "throughput", title: "samples / s", keys: ["samples_per_s"] },
+  // Optional: hidden until a point arrives (tokens: language models; TFLOP/s: once the FLOPs
+  // are counted; MFU: on a device whose peak is known, see workers/flops.py).
+  { id: "tokens", title: "tokens / s", keys: ["tokens_per_s"], optional: true },
+  { id: "flops", title: "achieved TFLOP/s (all workers)", keys: ["tflops"], optional: true },
+  { id: "mfu", title: "MFU (per worker, of the device's dense peak)", keys: ["mfu"], optional: true,
+    yaxis: { tickformat: ".0%", rangemode: "tozero" } },
   { id: "phases", title: "step time by part (s, host)", keys: ["data_time", "compute_time", "optimizer_time"] },
-  { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"] },
+  { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"], yaxis: { rangemode: "tozero" } },
 ];
 const MAX_POINTS = 2000;
+
+// The latest throughput figures, above the charts; one with no point yet is left out.
+const compact = new Intl.NumberFormat("en", { notation: "compact", maximumSignificantDigits: 3 });
+const FIGURES = [
+  { key: "mfu", label: "MFU", show: (v) => `${(100 * v).toFixed(v < 0.1 ? 1 : 0)}%` },
+  { key: "tflops", label: "TFLOP/s", show: (v) => compact.format(v) },
+  { key: "tokens_per_s", label: "tokens / s", show: (v) => compact.format(v) },
+  { key: "samples_per_s", label: "samples / s", show: (v) => compact.format(v) },
+];
 const LIVE = new Set(["queued", "running"]);
 
 const jobId = Number(location.pathname.split("/").pop());
@@ -65,9 +80,10 @@ start(async (main) => {
   const message = el("div", { id: "message" });
   const summary = el("div", { id: "summary" }, specSummary(job));
   const events = el("ol", { class: "events", id: "events" });
+  const figures = el("dl", { class: "figures", id: "pace", hidden: true });
   const charts = el("div", { class: "grid", id: "charts" },
-    CHARTS.map((c) => el("div", { class: "card" }, el("div", { class: "chart", id: `chart-${c.id}` },
-      el("p", { class: "loading" }, "Loading…")))));
+    CHARTS.map((c) => el("div", { class: "card", id: `card-${c.id}`, hidden: c.optional },
+      el("div", { class: "chart", id: `chart-${c.id}` }, el("p", { class: "loading" }, "Loading…")))));
   const log = logPanel(jobId);
   const artifacts = artifactsPanel(jobId, { deletable: can(who, "delete", job.owner) });
   main.replaceChildren(
@@ -75,6 +91,7 @@ start(async (main) => {
     el("div", { class: "actions" }, cancelBtn, retryBtn,
       job.sweep_id ? el("a", { href: `/sweeps/${job.sweep_id}` }, `part of sweep #${job.sweep_id}`) : null),
     message,
+    figures,
     charts,
     el("div", { class: "row" },
       el("div", { class: "card" }, el("h2", {}, "Run"), summary),
@@ -94,6 +111,19 @@ start(async (main) => {
     const why = job.error || job.stop_reason
       || (job.status === "queued" && job.pending_reason ? `Waiting: ${job.pending_reason}` : null);
     message.replaceChildren(why ? notice(job.status === "failed" ? "error" : "empty", why) : "");
+  }
+  const latest = {}; // key -> {step, value}: the figures' values
+  function noteLatest(key, step, value) {
+    if (typeof value === "number" && Number.isFinite(value) && step >= (latest[key]?.step ?? -1)) {
+      latest[key] = { step, value };
+    }
+  }
+  function showFigures() {
+    const shown = FIGURES.filter((f) => latest[f.key]).map((f) =>
+      el("div", { "data-key": f.key, title: `at step ${latest[f.key].step}` },
+        el("dt", { class: "muted" }, f.label), el("dd", {}, f.show(latest[f.key].value))));
+    figures.replaceChildren(...shown);
+    figures.hidden = shown.length === 0;
   }
   function addEvent(e) {
     events.append(el("li", {}, badge(e.status), ` ${fmtTime(e.time)} `, el("span", { class: "muted" }, e.reason || "")));
@@ -116,6 +146,25 @@ start(async (main) => {
   history.forEach(addEvent);
   let lastEventTime = history.length ? parseTime(history[history.length - 1].time) : -Infinity;
 
+  // A long series comes back downsampled (each bucket's extremes), so its last point need not
+  // be its latest: the figures also ask for whatever follows the last point of each.
+  const figureKeys = FIGURES.map((f) => f.key).filter((k) => metrics.series[k]?.step.length);
+  for (const k of figureKeys) {
+    const s = metrics.series[k];
+    noteLatest(k, s.step[s.step.length - 1], s.value[s.value.length - 1]);
+  }
+  showFigures();
+  if (figureKeys.length) {
+    const after = Math.min(...figureKeys.map((k) => latest[k]?.step ?? 0));
+    api(`/v1/jobs/${jobId}/metrics?keys=${figureKeys.join(",")}&since_step=${after}&max_points=${MAX_POINTS}`)
+      .then((tail) => {
+        for (const [k, s] of Object.entries(tail.series)) {
+          s.step.forEach((step, i) => noteLatest(k, step, s.value[i]));
+        }
+        showFigures();
+      }).catch(() => {}); // the figures keep what the charts had
+  }
+
   // One trace per key, in CHARTS order; traceOf[key] = [div, index].
   // Each series was read at its own moment: remember each one's last step, stream from the
   // earliest of them and drop what a series already has.
@@ -130,8 +179,8 @@ start(async (main) => {
       lastStepOf[key] = s.step.length ? s.step[s.step.length - 1] : 0;
       return { x: s.step, y: s.value, name: key, mode: key.startsWith("val_") ? "lines+markers" : "lines", type: "scatter" };
     });
-    const extra = c.id === "state" ? { yaxis: { rangemode: "tozero" } } : {};
-    return Plotly.newPlot(div, traces, layout(c.title, extra), PLOT_CONFIG);
+    if (c.optional) div.parentElement.hidden = !traces.some((t) => t.x.length);
+    return Plotly.newPlot(div, traces, layout(c.title, c.yaxis ? { yaxis: c.yaxis } : {}), PLOT_CONFIG);
   }));
   document.body.dataset.drawn = "true";
   performance.mark("nestor:charts-drawn");
@@ -147,9 +196,18 @@ start(async (main) => {
       if (!byDiv.has(div)) byDiv.set(div, { x: [], y: [], idx: [] });
       const b = byDiv.get(div);
       b.x.push(pts.map((p) => p.step)); b.y.push(pts.map((p) => p.value)); b.idx.push(index);
+      for (const p of pts) noteLatest(key, p.step, p.value);
     }
     pending = {};
-    for (const [div, b] of byDiv) Plotly.extendTraces(div, { x: b.x, y: b.y }, b.idx);
+    for (const [div, b] of byDiv) {
+      Plotly.extendTraces(div, { x: b.x, y: b.y }, b.idx);
+      const card = div.parentElement;
+      if (card.hidden) { // an optional chart's first points: drawn while hidden, sized now
+        card.hidden = false;
+        Plotly.Plots.resize(div);
+      }
+    }
+    showFigures();
   }
   const handlers = {
     metrics(points) {

@@ -2,13 +2,16 @@
 on the session's real Ray cluster: sign-in, the run list, a live run whose chart grows while it
 trains, cancel from the page, a job's log followed live, its artifacts downloaded by signed
 link and deleted, a finished sweep's comparison chart, owners (shown, "mine only", buttons only
-for a token that may use them). Screenshots land in artifacts/screenshots/."""
+for a token that may use them); and, against the API alone, a job's throughput figures and
+charts (MFU, TFLOP/s, tokens / s) shown only when reported. Screenshots land in
+artifacts/screenshots/."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -454,3 +457,88 @@ def test_mine_only_lists_the_signed_in_users_jobs_and_sweeps(service, page, peop
     sign_in(page, base_url(service) + f"/sweeps/{sweep['id']}")
     expect(page.locator("#owner")).to_have_text("submitted by admin")
     expect(page.locator("#cancel")).to_be_visible()
+
+
+def ingest_as_admin(live, job_id: int, points: list[dict], status: str | None = None) -> None:
+    """Metric points (and a status) sent as a tool would: an admin token may ingest."""
+    r = httpx.post(
+        f"{live.url}/v1/jobs/{job_id}/ingest",
+        json={"points": points, "status": status},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_job_page_shows_mfu_tflops_and_tokens_and_hides_what_a_job_does_not_report(
+    api_server, page
+):
+    # The API alone (no scheduler): the test reports the jobs' metrics and status itself.
+    live, client = api_server
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+
+    # A finished GPU language-model job with 3000 reports: the charts get a downsampled
+    # series (each bucket's extremes); the figures still show the last report, which is
+    # neither extreme of its bucket (2998 holds the high, 2999 the low), and no live stream
+    # brings it (the job has ended).
+    lm = client.submit({**TINY, "num_workers": 1}, name="gpu-lm")
+
+    def report(step: int) -> dict[str, float]:
+        high, low = step % 3 == 1, step % 3 == 2  # steps 2998, 2999
+        if step == 3000:
+            return {"tflops": 312.0, "mfu": 0.412, "tokens_per_s": 1.2e6, "samples_per_s": 9375}
+        tflops = 330.0 if high else 290.0 if low else 300.0
+        return {
+            "tflops": tflops,
+            "mfu": tflops / 757,
+            "tokens_per_s": 1.1e6,
+            "samples_per_s": 9000.0,
+        }
+
+    points = [{"step": s, "values": report(s)} for s in range(1, 3001)]
+    ingest_as_admin(live, lm["id"], points, status="running")
+    ingest_as_admin(live, lm["id"], [], status="succeeded")
+    sign_in(page, base_url(api_server) + f"/jobs/{lm['id']}")
+    expect(page.locator("#status [data-status]")).to_have_attribute("data-status", "succeeded")
+    page.wait_for_function("document.body.dataset.drawn === 'true'")
+    figures = page.locator("#pace")
+    expect(figures.locator("[data-key=mfu] dt")).to_have_text("MFU")
+    expect(figures.locator("[data-key=mfu] dd")).to_have_text("41%")
+    expect(figures.locator("[data-key=tflops] dt")).to_have_text("TFLOP/s")
+    expect(figures.locator("[data-key=tflops] dd")).to_have_text("312")
+    expect(figures.locator("[data-key=tokens_per_s] dd")).to_have_text("1.2M")
+    expect(figures.locator("[data-key=samples_per_s] dd")).to_have_text("9.38K")
+    for chart in ("flops", "mfu", "tokens", "throughput"):
+        expect(page.locator(f"#card-{chart}")).to_be_visible()
+        assert 0 < points_in(page, f"chart-{chart}") <= 2000, chart  # downsampled
+
+    # A CPU job of a classifier: no peak, so no MFU, and no tokens. Those charts and figures
+    # are absent, not empty.
+    cpu = client.submit({**TINY, "num_workers": 1}, name="cpu-mlp")
+    ingest_as_admin(
+        live,
+        cpu["id"],
+        [{"step": s, "values": {"samples_per_s": 800.0, "tflops": 0.002}} for s in (1, 2)],
+    )
+    page.goto(base_url(api_server) + f"/jobs/{cpu['id']}")
+    page.wait_for_function("document.body.dataset.drawn === 'true'")
+    expect(figures.locator("[data-key=tflops] dd")).to_have_text("0.002")
+    expect(figures.locator("[data-key=mfu]")).to_have_count(0)
+    expect(figures.locator("[data-key=tokens_per_s]")).to_have_count(0)
+    expect(page.locator("#card-flops")).to_be_visible()
+    for chart in ("mfu", "tokens"):
+        expect(page.locator(f"#card-{chart}")).to_be_hidden()
+
+    # A report with MFU, sent while the page follows the (still queued) job: it appears live.
+    ingest_as_admin(live, cpu["id"], [{"step": 3, "values": {"tflops": 0.5, "mfu": 0.05}}])
+    expect(figures.locator("[data-key=mfu] dd")).to_have_text("5.0%")
+    expect(page.locator("#card-mfu")).to_be_visible()
+    assert points_in(page, "chart-mfu") == 1
+    # Drawn while hidden (Plotly's default 700 px wide), sized to its card once shown.
+    page.wait_for_function(
+        "() => { const d = document.getElementById('chart-mfu'); "
+        "const drawn = d.querySelector('.main-svg').getAttribute('width'); "
+        "return Math.abs(drawn - d.clientWidth) <= 1; }"
+    )
+    assert errors == []
