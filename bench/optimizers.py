@@ -42,6 +42,9 @@ Layouts (--layout): 1 (one tensor of --numel parameters), 200 (200 equal tensors
 test), or all. Defaults: on the CPU 1 and 200 with 16M (2**24) parameters, on a GPU all
 three with 2**28 (268,435,456) parameters for 1 and 200. Each layout's contenders are built,
 measured and freed before the next layout's.
+Host time: each fused optimizer over --host-tensors (150) tensors of 64 elements, where the
+kernels cost next to nothing: the median wall time of a step() call, against torch's fused
+AdamW (on a GPU each call starts with the device idle).
 The fused path's first-step (compile) time is measured in fresh subprocesses, with an empty
 and with a warm inductor cache (--no-first-step skips it).
 
@@ -493,6 +496,12 @@ def parse_args() -> argparse.Namespace:
         help="a sail-sg/Adan checkout with adan.py and its fused_adan extension built "
         "(default: import adan and fused_adan from sys.path, if there)",
     )
+    parser.add_argument(
+        "--host-tensors",
+        type=int,
+        default=150,
+        help="tensors in the host-time table (tiny ones: what a step costs the CPU; 0: skip)",
+    )
     parser.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -522,6 +531,47 @@ def parse_args() -> argparse.Namespace:
     if args.gpt2_scale <= 0:
         parser.error(f"--gpt2-scale must be positive, got {args.gpt2_scale}")
     return args
+
+
+HOST_SIZE = 64  # elements per tensor in the host-time table: kernel time is negligible
+
+
+def host_overhead(
+    device: torch.device, tensors: int, rounds: int, steps: int, peers: Peers
+) -> list[dict]:
+    """Host time per fused step over ``tensors`` tiny tensors (what launching a step costs
+    the CPU, apart from its kernels), each contender's median over interleaved rounds, with
+    the ratio to torch's fused AdamW. On a GPU each call starts with the device idle."""
+    shapes = [(HOST_SIZE,)] * tensors
+    kw = dict(lr=1e-3, weight_decay=0.02)
+    makers = {
+        TORCH_ADAMW: lambda ps: torch.optim.AdamW(ps, fused=True, **kw),
+        "Nestor AdamW fused": lambda ps: AdamW(ps, fused=True, **kw),
+        NESTOR_ADAN: lambda ps: Adan(ps, fused=True, **kw),
+    }
+    if peers.before_adan is not None:
+        makers["Adan fused (--before)"] = lambda ps: peers.before_adan(ps, fused=True, **kw)
+    steppers = {}
+    for i, (name, make) in enumerate(makers.items()):
+        opt = make(make_problem(shapes, i, device))
+        for _ in range(3):  # state, flat buffers, compile: not the steady state
+            opt.step()
+        steppers[name] = opt.step
+    cuda = device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            for _ in range(steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[TORCH_ADAMW])
+    return [
+        dict(name=name, host_us=statistics.median(t) * 1e6, vs_adamw=statistics.median(t) / base)
+        for name, t in times.items()
+    ]
 
 
 def main() -> None:
@@ -580,6 +630,15 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
+    host = None
+    if args.host_tensors:
+        host = host_overhead(device, args.host_tensors, args.rounds, 5 * args.steps, peers)
+        print(f"\nhost time per fused step, {args.host_tensors} tensors of {HOST_SIZE} elements")
+        print("| contender                | host us | vs AdamW fused |")
+        print("|--------------------------|---------|----------------|")
+        for row in host:
+            print(f"| {row['name']:24} | {row['host_us']:7.0f} | {row['vs_adamw']:13.2f}x |")
+
     first_step = None
     if not args.no_first_step:
         cold, warm = first_step_seconds(args.numel, 200, device)
@@ -590,7 +649,9 @@ def main() -> None:
         )
     if args.out:
         with open(args.out, "w") as f:
-            result = dict(meta, layouts=layouts, skipped=peers.skipped, first_step=first_step)
+            result = dict(
+                meta, layouts=layouts, host=host, skipped=peers.skipped, first_step=first_step
+            )
             json.dump(result, f, indent=2)
         print(f"\nwrote {args.out}")
 
