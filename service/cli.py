@@ -316,7 +316,7 @@ def _local_package(spec, directory: str, run_dir: Path):
     what .gitignore ignores left out), as Ray's working_dir, or unpacked for --local."""
     import zipfile
 
-    from .packages import pack_dir, package_id
+    from .package_pack import pack_dir, package_id
 
     if not Path(directory).is_dir():
         _fail(f"--code {directory}: not a directory")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from .packages import pack_dir, package_id
+from .package_pack import pack_dir, package_id
 
 
 class NestorError(RuntimeError):
@@ -109,7 +109,7 @@ class Client:
         return self._call("POST", f"/v1/sweeps/{sweep_id}/cancel")
 
     def upload_package(self, data: bytes) -> dict:
-        """Upload a zip (`service.packages.pack_dir`); returns {id, size, files, created_at}.
+        """Upload a zip (`service.package_pack.pack_dir`); returns {id, size, files, created_at}.
         The same bytes are stored once."""
         return self._call(
             "POST", "/v1/packages", content=data, headers={"Content-Type": "application/zip"}

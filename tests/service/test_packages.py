@@ -23,18 +23,9 @@ from sqlalchemy import func, select
 from service.app import create_app
 from service.jobs import create_job
 from service.models import Job, Package, Sweep
-from service.packages import (
-    DEFAULT_LIMITS,
-    EPOCH,
-    Limits,
-    PackageRefused,
-    check_archive,
-    pack_dir,
-    package_id,
-    project_files,
-    ray_working_dir,
-    zip_path,
-)
+from service.package_checks import DEFAULT_LIMITS, Limits, PackageRefused, check_archive
+from service.package_pack import EPOCH, pack_dir, package_id, project_files
+from service.packages import ray_working_dir, zip_path
 from service.settings import Settings
 
 from .conftest import ADMIN
