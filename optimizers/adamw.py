@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._common import (
-    adam_scalars,
-    advance_steps,
-    check_betas,
-    check_non_negative,
-    choose_impl,
-    clip_coefficient,
-    host_steps,
-    own_state,
-)
-from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._base import NestorOptimizer
+from ._common import adam_scalars, choose_impl
+from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
 
 
-class AdamW(Optimizer):
+class AdamW(NestorOptimizer):
     r"""AdamW with decoupled weight decay; ``amsgrad=True`` gives AMSGrad.
 
     .. math::
@@ -37,7 +28,8 @@ class AdamW(Optimizer):
         \end{aligned}
 
     Numerically the same as ``torch.optim.AdamW`` (the max is over the raw second moment, as
-    torch does), plus optional global gradient clipping and a compiled fused path.
+    torch does; its state dicts load here), plus optional global gradient clipping and a
+    compiled fused path.
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
     ``step``: 8 (12) bytes per fp32 parameter.
@@ -55,13 +47,6 @@ class AdamW(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_non_negative("lr", lr)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        check_non_negative("max_grad_norm", max_grad_norm)
-        betas = check_betas(betas, 2)
-        if foreach and fused:
-            raise ValueError("Invalid options: foreach=True and fused=True cannot both be set")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -71,68 +56,30 @@ class AdamW(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
-        self._flat_views = FlatViews()
-        self._flat = FlatStore()
-        self.max_grad_norm = max_grad_norm
+        super().__init__(params, defaults, betas=2, max_grad_norm=max_grad_norm)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class or of ``torch.optim.AdamW``."""
-        groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
-            saved = {k: v for k, v in saved.items() if k in current}
-            saved["foreach"], saved["fused"] = current["foreach"], current["fused"]
-            groups.append(saved)
-        self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
-        super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
-        host_steps(self.state)
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["max_grad_norm"] = self.max_grad_norm
-        return out
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
-
-        for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            amsgrad = group["amsgrad"]
-            keys = (
-                ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-                if amsgrad
-                else ("exp_avg", "exp_avg_sq")
+    def _step_group(
+        self, index: int, group: dict[str, Any], params: list[Tensor], clip: Tensor | None
+    ) -> None:
+        amsgrad = group["amsgrad"]
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        impl = choose_impl(params, group["foreach"], group["fused"])
+        runs, buckets = self._advance(index, params, keys, fused=impl == "fused")
+        for step, buffers in runs:  # one compiled call per run of the flat buffers
+            flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
+            _fused_adamw(*flat_lists, **adam_scalars(group, step, clip))
+        for step, bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            _adamw(
+                impl,
+                bucket,
+                [p.grad for p in bucket],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+                views=self._flat_views,
+                **adam_scalars(group, step, clip),
             )
-            impl = choose_impl(params, group["foreach"], group["fused"])
-            flat = self._flat.bind(index, params, self.state, keys) if impl == "fused" else None
-            runs = flat.advance() if flat is not None else []
-            rest = flat.outside if flat is not None else params
-            buckets = advance_steps(self.state, rest, keys) if rest else {}
-            for step, buffers in runs:  # one compiled call per run of the flat buffers
-                flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
-                _fused_adamw(*flat_lists, **adam_scalars(group, step, clip))
-            for step, bucket in buckets.items():
-                states = [self.state[p] for p in bucket]
-                _adamw(
-                    impl,
-                    bucket,
-                    [p.grad for p in bucket],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-                    views=self._flat_views,
-                    **adam_scalars(group, step, clip),
-                )
-        return loss
 
 
 def _adamw(

@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._common import (
-    advance_steps,
-    check_betas,
-    check_non_negative,
-    choose_impl,
-    clip_coefficient,
-    host_steps,
-    own_state,
-)
-from ._fused import FlatStore, FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._base import NestorOptimizer
+from ._common import choose_impl
+from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
 
-class Adan(Optimizer):
+class Adan(NestorOptimizer):
     r"""Adan, Algorithm 1 of the paper with the bias correction of the authors' code.
 
     .. math::
@@ -78,13 +70,6 @@ class Adan(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        check_non_negative("lr", lr)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        check_non_negative("max_grad_norm", max_grad_norm)
-        betas = check_betas(betas, 3)
-        if foreach and fused:
-            raise ValueError("Invalid options: foreach=True and fused=True cannot both be set")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -94,11 +79,7 @@ class Adan(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
-        self._flat_views = FlatViews()
-        self._flat = FlatStore()
-        # Clipping is global across groups, so it is an optimizer setting, not a group one.
-        self.max_grad_norm = max_grad_norm
+        super().__init__(params, defaults, betas=3, max_grad_norm=max_grad_norm)
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -115,76 +96,47 @@ class Adan(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this class or by the reference implementation
         (sail-sg/Adan keeps ``step`` in each param group rather than per parameter)."""
-        original = state_dict
-        state_dict = {
-            "state": own_state(state_dict["state"]),
-            "param_groups": [dict(g) for g in state_dict["param_groups"]],
-        }
-        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
+        state = {k: dict(entry) for k, entry in state_dict["state"].items()}
+        groups = []
+        for saved in state_dict["param_groups"]:
+            saved = dict(saved)
             step = saved.pop("step", None)
             if step is not None:
                 for idx in saved["params"]:
-                    entry = state_dict["state"].get(idx)
+                    entry = state.get(idx)
                     if entry is not None and "step" not in entry:
                         entry["step"] = torch.tensor(float(step))
-            # The implementation choice belongs to this process, not to the checkpoint.
-            saved["foreach"], saved["fused"] = current["foreach"], current["fused"]
-            saved.pop("max_grad_norm", None)
             saved.setdefault("no_prox", False)
-        if "max_grad_norm" in original:
-            self.max_grad_norm = float(original["max_grad_norm"])
-        super().load_state_dict(state_dict)
-        host_steps(self.state)
+            groups.append(saved)
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
 
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["max_grad_norm"] = self.max_grad_norm
-        return out
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
-
-        for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            impl = choose_impl(params, group["foreach"], group["fused"])
-            flat = (
-                self._flat.bind(index, params, self.state, _STATE_KEYS) if impl == "fused" else None
+    def _step_group(
+        self, index: int, group: dict[str, Any], params: list[Tensor], clip: Tensor | None
+    ) -> None:
+        impl = choose_impl(params, group["foreach"], group["fused"])
+        runs, buckets = self._advance(index, params, _STATE_KEYS, fused=impl == "fused")
+        for step, buffers in runs:  # one compiled call per run of the flat buffers
+            param, grad, *states = buffers
+            if step == 1:
+                _first_gradient([states[3]], [grad], clip)
+            _fused_adan([param], [grad], *([s] for s in states), **_hyper(group, step, clip))
+        for step, bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            grads = [p.grad for p in bucket]
+            neg_pre_grads = [s["neg_pre_grad"] for s in states]
+            if step == 1:
+                _first_gradient(neg_pre_grads, grads, clip)
+            _adan(
+                impl,
+                bucket,
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["exp_avg_diff"] for s in states],
+                neg_pre_grads,
+                views=self._flat_views,
+                **_hyper(group, step, clip),
             )
-            runs = flat.advance() if flat is not None else []
-            rest = flat.outside if flat is not None else params
-            buckets = advance_steps(self.state, rest, _STATE_KEYS) if rest else {}
-            for step, buffers in runs:  # one compiled call per run of the flat buffers
-                param, grad, *states = buffers
-                if step == 1:
-                    _first_gradient([states[3]], [grad], clip)
-                _fused_adan([param], [grad], *([s] for s in states), **_hyper(group, step, clip))
-            for step, bucket in buckets.items():
-                states = [self.state[p] for p in bucket]
-                grads = [p.grad for p in bucket]
-                neg_pre_grads = [s["neg_pre_grad"] for s in states]
-                if step == 1:
-                    _first_gradient(neg_pre_grads, grads, clip)
-                _adan(
-                    impl,
-                    bucket,
-                    grads,
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    [s["exp_avg_diff"] for s in states],
-                    neg_pre_grads,
-                    views=self._flat_views,
-                    **_hyper(group, step, clip),
-                )
-        return loss
 
 
 def _hyper(group: dict[str, Any], step: int, clip: Tensor | None) -> dict[str, Any]:

@@ -7,18 +7,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._common import (
-    adam_scalars,
-    advance_steps,
-    check_betas,
-    check_non_negative,
-    choose_impl,
-    clip_coefficient,
-    host_steps,
-    own_state,
-)
+from ._base import NestorOptimizer
+from ._common import adam_scalars, choose_impl
 
 # (weights, updates) -> (||w_i||, ||u_i||) per tensor. ZeroOptimizer swaps in a version that
 # sums partial squares across ranks when one parameter is split between shards.
@@ -30,7 +21,7 @@ def local_norms(weights: list[Tensor], updates: list[Tensor]) -> tuple[list[Tens
     return list(torch._foreach_norm(weights)), list(torch._foreach_norm(updates))
 
 
-class LAMB(Optimizer):
+class LAMB(NestorOptimizer):
     r"""LAMB, the large-batch baseline: Adam's direction rescaled per parameter tensor.
 
     .. math::
@@ -57,60 +48,26 @@ class LAMB(Optimizer):
         max_grad_norm: float = 0.0,
         foreach: bool | None = None,
     ) -> None:
-        check_non_negative("lr", lr)
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
-        check_non_negative("max_grad_norm", max_grad_norm)
-        betas = check_betas(betas, 2)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
-        super().__init__(params, defaults)
-        self.max_grad_norm = max_grad_norm
+        super().__init__(params, defaults, betas=2, max_grad_norm=max_grad_norm)
         self.norm_fn: NormFn = local_norms
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=False):
-            saved = {k: v for k, v in saved.items() if k in current}
-            saved["foreach"] = current["foreach"]
-            groups.append(saved)
-        self.max_grad_norm = float(state_dict.get("max_grad_norm", self.max_grad_norm))
-        super().load_state_dict({"state": own_state(state_dict["state"]), "param_groups": groups})
-        host_steps(self.state)
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["max_grad_norm"] = self.max_grad_norm
-        return out
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimisation step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        clip = clip_coefficient(self.param_groups, self.max_grad_norm, self.defaults["eps"])
-
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            impl = choose_impl(params, group["foreach"], fused=False)
-            for step, bucket in advance_steps(
-                self.state, params, ("exp_avg", "exp_avg_sq")
-            ).items():
-                states = [self.state[p] for p in bucket]
-                kernel = _multi_tensor_lamb if impl == "foreach" else _single_tensor_lamb
-                kernel(
-                    bucket,
-                    [p.grad for p in bucket],
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    norm_fn=self.norm_fn,
-                    **adam_scalars(group, step, clip),
-                )
-        return loss
+    def _step_group(
+        self, index: int, group: dict[str, Any], params: list[Tensor], clip: Tensor | None
+    ) -> None:
+        impl = choose_impl(params, group["foreach"], fused=False)
+        kernel = _multi_tensor_lamb if impl == "foreach" else _single_tensor_lamb
+        _, buckets = self._advance(index, params, ("exp_avg", "exp_avg_sq"), fused=False)
+        for step, bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            kernel(
+                bucket,
+                [p.grad for p in bucket],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                norm_fn=self.norm_fn,
+                **adam_scalars(group, step, clip),
+            )
 
 
 def _trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:
