@@ -31,8 +31,6 @@ How the numbers are defined:
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +41,8 @@ from torch.utils.flop_counter import (
     sdpa_backward_flop_count,
     sdpa_flop_count,
 )
+
+from .settings import WorkerSettings
 
 PEAK_ENV = "NESTOR_PEAK_TFLOPS"
 PRECISIONS = ("bf16", "fp32")
@@ -168,15 +168,9 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     peak if torch allows TF32 matmuls now, see the module docstring). The CPU, a GPU not in
     the table or a MIG slice: None, and the job reports no MFU (its TFLOP/s still)."""
     _check_precision(precision)
-    override = os.environ.get(PEAK_ENV)
-    if override is not None and override.strip():
-        try:
-            value = float(override)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"Invalid {PEAK_ENV}: {override!r} (a peak in TFLOP/s, e.g. 989.5)")
-        return value
+    override = WorkerSettings.from_env().peak_tflops
+    if override is not None:
+        return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

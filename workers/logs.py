@@ -25,17 +25,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CAP_BYTES = 10 * 2**20
+from .run_dir import RunDir
+from .settings import WorkerSettings
+
 SEGMENTS = 8  # the cap is kept in this many pieces: dropping one frees ~1/8 of the cap
 MAX_LINE = 16_384  # longer lines are cut (a progress bar without newlines, binary output)
 
 
 def cap_bytes() -> int:
-    """The per-job cap: NESTOR_MAX_LOG_BYTES (the service passes its setting to workers)."""
-    try:
-        return max(4096, int(os.environ.get("NESTOR_MAX_LOG_BYTES", DEFAULT_CAP_BYTES)))
-    except ValueError:
-        return DEFAULT_CAP_BYTES
+    """The per-job cap: NESTOR_MAX_LOG_BYTES (``WorkerSettings.max_log_bytes``)."""
+    return WorkerSettings.from_env().max_log_bytes
 
 
 @dataclass
@@ -180,7 +179,7 @@ def capture(run_dir: str | os.PathLike[str], who: str, last: bool = False) -> It
     """While inside, everything this process (and any child it starts) writes to fd 1 and 2
     also goes to ``run_dir/logs``, each line prefixed with ``[who] ``. ``last``: this is the
     job's last writer (its driver), and the log is closed on the way out."""
-    log = JobLog(Path(run_dir) / "logs")
+    log = JobLog(RunDir(Path(run_dir)).logs)
     streams = [(sys.stdout, 1), (sys.stderr, 2)]
     for stream, _ in streams:
         with contextlib.suppress(AttributeError, ValueError, OSError):

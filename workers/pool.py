@@ -46,17 +46,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .settings import WorkerSettings
+
 NAMESPACE = "nestor-warm"
 HEARTBEAT_S = 2.0
 LEASE_S = 30.0
-
-
-def max_workers() -> int:
-    return int(os.environ.get("NESTOR_WARM_WORKERS", "4"))
-
-
-def idle_seconds() -> float:
-    return float(os.environ.get("NESTOR_WARM_IDLE_SECONDS", "600"))
 
 
 def pool_key(runtime_env: dict[str, Any] | None, cpus_per_worker: int) -> str:
@@ -230,11 +224,14 @@ def claim(n: int, key: str) -> Group | None:
     }
     holder = uuid.uuid4().hex
     held: list[Any] = []
-    places = iter(range(max_workers()))
+    settings = WorkerSettings.from_env()
+    places = iter(range(settings.warm_workers))
     while len(held) < n:
         # Ask as many places as are still missing at once: new actors start in parallel.
         batch = [
-            actor_class.options(name=f"warm-{key}-{i}", **options).remote(idle_seconds())
+            actor_class.options(name=f"warm-{key}-{i}", **options).remote(
+                settings.warm_idle_seconds
+            )
             for i in [next(places, None) for _ in range(n - len(held))]
             if i is not None
         ]
