@@ -13,10 +13,12 @@ from .auth import revoke_worker_tokens
 from .models import TERMINAL, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
 
-# The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op.
+# The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op. A running
+# job goes back to the queue only when Ray lost it (its cluster was replaced): the next
+# attempt resumes from its latest checkpoint.
 TRANSITIONS = {
     "queued": {"running", "cancelled", "failed"},
-    "running": {"succeeded", "failed", "cancelled", "stopped_early"},
+    "running": {"queued", "succeeded", "failed", "cancelled", "stopped_early"},
 }
 
 
@@ -71,7 +73,9 @@ def transition(
 ) -> bool:
     """Move ``job`` to ``status`` with an event; False (and no change) if the move is not
     allowed or the row changed under us. A compare-and-set on the status (``unclaimed``:
-    and on no Ray submission yet), so the API and the scheduler never both win a race."""
+    and on no Ray submission yet), so the API and the scheduler never both win a race.
+    An attempt ends with the job or with its return to the queue: its worker tokens are
+    revoked, and a requeued job has no Ray submission until it is claimed again."""
     if status not in TRANSITIONS.get(job.status, set()):
         return False
     now: datetime = utcnow()
@@ -83,6 +87,8 @@ def transition(
         values["pending_reason"] = None
         if status == "failed":
             values["error"] = reason
+    if status == "queued":
+        values["submission_id"] = None
     if reached_target_at_step is not None:
         values["reached_target_at_step"] = reached_target_at_step
     query = update(Job).where(Job.id == job.id, Job.status == job.status)
@@ -93,7 +99,7 @@ def transition(
         db.refresh(job)
         return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
-    if status in TERMINAL:  # its workers' tokens end with it
+    if status in TERMINAL or status == "queued":  # the attempt's workers' tokens end with it
         revoke_worker_tokens(db, job.id)
     db.commit()
     db.refresh(job)

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .core import Scheduler
 
 MAX_REQUEUES = 3  # times a job whose Ray record vanished is requeued before it fails
+REQUEUED = (  # counted by its prefix, "requeued:"
+    "requeued: Ray lost the job (its cluster was replaced); it resumes from its latest checkpoint"
+)
 
 
 def reconcile(scheduler: Scheduler, db: Session) -> None:
@@ -70,32 +73,23 @@ def _lost(scheduler: Scheduler, db: Session, job: Job) -> None:
     if job.cancel_requested:
         finish(scheduler, db, job, "cancelled", "cancelled by user")
         return
+    if job.status == "queued":  # claimed, never started: give the claim back
+        unclaimed = db.execute(
+            update(Job).where(Job.id == job.id, Job.status == "queued").values(submission_id=None)
+        ).rowcount
+        if unclaimed:  # the lost attempt's workers may not write into the next one
+            revoke_worker_tokens(db, job.id)
+        db.commit()
+        return
     requeues = db.scalar(
         select(func.count())
         .select_from(Event)
         .where(Event.job_id == job.id, Event.reason.like("requeued:%"))
     )
-    if job.status == "running" and requeues >= MAX_REQUEUES:
+    if requeues >= MAX_REQUEUES:
         finish(scheduler, db, job, "failed", f"Ray lost the job {requeues + 1} times")
         return
-    was = job.status
-    changed = db.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == was)
-        .values(submission_id=None, status="queued")
-    ).rowcount
-    if changed and was == "running":
-        db.add(
-            Event(
-                job_id=job.id,
-                status="queued",
-                reason="requeued: Ray lost the job (its cluster was replaced); it resumes "
-                "from its latest checkpoint",
-            )
-        )
-    if changed:  # the lost attempt's workers may not write into the next one
-        revoke_worker_tokens(db, job.id)
-    db.commit()
+    transition(db, job, "queued", REQUEUED)
 
 
 def _result(job: Job) -> dict[str, Any]:
