@@ -1,12 +1,12 @@
 """Helpers the test modules share, one definition each: free loopback ports, JSON-lines
 files, a worker token for a job (what a job's workers hold to ingest) and ingesting with
-one, and a scheduler whose
-launches are recorded instead of sent to Ray."""
+one, a scheduler over a fresh database, and launches recorded instead of sent to Ray."""
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,9 @@ def scheduler_for(home: Path, cluster: Any = None, cpus: int = 4, **settings: An
     return Scheduler(Settings(home=home, **settings), db, cluster), db
 
 
-def record_launches(scheduler: Any, key: str = "id") -> list[Any]:
-    """Replace the scheduler's hand-over to Ray: a launch claims the job and records its
-    ``key`` (id or name) in the returned list."""
+def record_launches(key: str = "id") -> tuple[list[Any], Callable[[Any, Any], bool]]:
+    """A hand-over to Ray for the queue phase (its ``launch``) that only claims the job and
+    records its ``key`` (id or name). Returns (the list of those recorded, the hand-over)."""
     launched: list[Any] = []
 
     def launch(session, job) -> bool:
@@ -67,5 +67,4 @@ def record_launches(scheduler: Any, key: str = "id") -> list[Any]:
         session.commit()
         return True
 
-    scheduler.launch = launch
-    return launched
+    return launched, launch

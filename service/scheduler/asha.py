@@ -3,6 +3,8 @@ sweep's ASHA (Optuna's pruner, ``early_stopping``), and the trials it prunes are
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -12,12 +14,27 @@ from ..models import TERMINAL, Job, Sweep
 from .each import each
 
 if TYPE_CHECKING:
-    from .core import Scheduler
+    from ..early_stopping import EarlyStopper
+    from ..ray_jobs import RayJobs
 
 
-def early_stop(scheduler: Scheduler, db: Session) -> None:
-    """Feed each running trial's metric to its sweep's ASHA and stop the ones it prunes;
-    close the trials of jobs that have ended."""
+def stopper_for(optuna_url: str) -> Callable[[], EarlyStopper]:
+    """The early stopper over Optuna's storage at ``optuna_url``, opened on the first call
+    and kept: only a sweep that asks for early stopping pays for importing Optuna and
+    opening its database."""
+
+    @functools.cache
+    def stopper() -> EarlyStopper:
+        from ..early_stopping import EarlyStopper
+
+        return EarlyStopper(optuna_url)
+
+    return stopper
+
+
+def early_stop(db: Session, *, stopper: Callable[[], EarlyStopper], ray: RayJobs) -> None:
+    """Feed each running trial's metric to its sweep's ASHA and stop the ones it prunes
+    (``ray``); close the trials of jobs that have ended."""
     sweeps = [
         sweep
         for sweep in db.scalars(select(Sweep).where(Sweep.status == "running"))
@@ -25,20 +42,17 @@ def early_stop(scheduler: Scheduler, db: Session) -> None:
     ]
     if not sweeps:
         return
-    if scheduler._stopper is None:
-        from ..early_stopping import EarlyStopper
-
-        scheduler._stopper = EarlyStopper(scheduler.settings.optuna_db_url)
+    early_stopper = stopper()
     for sweep in sweeps:
 
         def judge(job: Job, sweep: Sweep = sweep) -> None:
             if job.status == "running" and not job.stop_reason:
-                reason = scheduler._stopper.should_stop(db, sweep, job)
+                reason = early_stopper.should_stop(db, sweep, job)
                 if reason:
                     job.stop_reason = reason
                     db.commit()
-                    scheduler.stop_job(job)
+                    ray.stop(job.submission_id)
             elif job.status in TERMINAL:
-                scheduler._stopper.finish(sweep, job)
+                early_stopper.finish(sweep, job)
 
         each(db, db.scalars(select(Job).where(Job.sweep_id == sweep.id)).all(), "ASHA", judge)

@@ -1,12 +1,14 @@
 """The scheduler: queued jobs onto Ray in priority-then-FIFO order as resources allow, and
 every job's status kept true by reconciling with Ray (also after a service restart).
 
-One scheduler per database (service/lease.py). A pass runs four phases, each a module of
-this package: ``reconcile`` (rows in line with Ray), ``asha`` (sweeps' early stopping),
+One scheduler per database (service/lease.py). A pass runs four phases, each in its own
+session: ``reconcile`` (rows in line with Ray), ``asha`` (sweeps' early stopping),
 ``queue`` (what starts now, and why the rest waits; ``launch`` hands a job to Ray), and the
-sweeps' status. Each pass handles every job on its own: an error with one job is logged
-against it and never stops the others or later passes. This class holds what the phases
-share (settings, database, the cluster and its Ray client, run storage) and the thread.
+sweeps' status. Each phase is a function of its module that takes what it uses as
+arguments (the Ray client, run storage, settings, the stopper, a session factory); none
+sees this class. Each pass handles every job on its own: an error with one job is logged
+against it and never stops the others or later passes. This class owns the cluster, its
+Ray client and capacity, and the thread that runs the passes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,7 +38,8 @@ CAPACITY_TTL = 10.0  # seconds a growable cluster's resources are cached
 
 
 class Scheduler:
-    """A background thread; ``run_once`` is one pass (tests call it directly)."""
+    """The thread that runs a pass every ``scheduler_interval`` seconds, or at once when
+    woken; ``run_once`` is one pass."""
 
     def __init__(self, settings: Settings, db: Database, cluster: RayCluster | None = None):
         self.settings = settings
@@ -44,7 +48,7 @@ class Scheduler:
         self.cluster = cluster or RayCluster(settings.ray_address, settings.home_dir)
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._stopper = None  # early stopping, created for the first sweep that asks
+        self._stopper = asha.stopper_for(settings.optuna_db_url)  # opened for the first sweep
         self._thread: threading.Thread | None = None
         self.ray: RayJobs | None = None
         self._capacity: tuple[float, Capacity] | None = None
@@ -118,43 +122,35 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one pass
     def run_once(self) -> None:
-        for phase in (self.reconcile, self.early_stop, self.start_queued, self.update_sweeps):
+        """One pass: each phase in its own session, an error in one logged, never fatal."""
+        backfill_with = self.db.sessions if self.settings.backfill else None
+        handover = partial(
+            launch.launch, ray=self.ray, storage=self.storage, settings=self.settings
+        )
+        phases: dict[str, Callable[[Session], None]] = {
+            "reconcile": lambda db: reconcile.reconcile(
+                db, ray=self.ray, storage=self.storage, backfill_with=backfill_with
+            ),
+            "early_stop": lambda db: asha.early_stop(db, stopper=self._stopper, ray=self.ray),
+            "start_queued": lambda db: queue.start_queued(
+                db, capacity=self.capacity, launch=handover
+            ),
+            "update_sweeps": update_sweeps,
+        }
+        for name, phase in phases.items():
             with self.db.sessions() as db:
                 try:
                     phase(db)
                 except Exception:
-                    log.exception("scheduling phase %s failed", phase.__name__)
+                    log.exception("scheduling phase %s failed", name)
 
-    def update_sweeps(self, db: Session) -> None:
-        sweeps = db.scalars(select(Sweep).where(Sweep.status == "running")).all()
-        for sweep in sweeps:
-            try:
-                update_sweep_status(db, sweep)
-            except Exception:
-                log.exception("updating sweep %s failed", sweep.id)
-                db.rollback()
 
-    # ------------------------------------------------------------------ the phases
-    def reconcile(self, db: Session) -> None:
-        """Bring the rows of jobs handed to Ray in line with Ray, and carry out cancel and
-        early-stop requests."""
-        reconcile.reconcile(self, db)
-
-    def early_stop(self, db: Session) -> None:
-        asha.early_stop(self, db)
-
-    def start_queued(self, db: Session) -> None:
-        queue.start_queued(self, db)
-
-    def launch(self, db: Session, job: Job) -> bool:
-        return launch.launch(self, db, job)
-
-    def init_from(self, db: Session, job: Job, run_dir: Path) -> str | None:
-        return launch.init_from(self, db, job, run_dir)
-
-    def _finish(self, db: Session, job: Job, status: str, reason: str) -> None:
-        reconcile.finish(self, db, job, status, reason)
-
-    def stop_job(self, job: Job) -> None:
-        """Ask Ray to stop the job's driver and workers."""
-        self.ray.stop(job.submission_id)
+def update_sweeps(db: Session) -> None:
+    """The last phase: each running sweep's status from its trials'."""
+    sweeps = db.scalars(select(Sweep).where(Sweep.status == "running")).all()
+    for sweep in sweeps:
+        try:
+            update_sweep_status(db, sweep)
+        except Exception:
+            log.exception("updating sweep %s failed", sweep.id)
+            db.rollback()

@@ -12,7 +12,7 @@ import shlex
 import sys
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -24,11 +24,9 @@ from ..auth import create_token, revoke_worker_tokens
 from ..jobs import transition
 from ..models import Job
 from ..packages import ray_working_dir
+from ..ray_jobs import RayJobs
 from ..settings import Settings
-from ..storage import init_files
-
-if TYPE_CHECKING:
-    from .core import Scheduler
+from ..storage import RunStorage, init_files
 
 log = logging.getLogger("nestor.scheduler")
 
@@ -63,9 +61,9 @@ def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return env
 
 
-def init_from(scheduler: Scheduler, db: Session, job: Job, run_dir: Path) -> str | None:
-    """Write ``init_from.json`` for a job that starts from another's weights; the
-    reason it cannot, if the other job's files are gone."""
+def init_from(db: Session, job: Job, run_dir: Path, *, storage: RunStorage) -> str | None:
+    """Write ``init_from.json`` for a job that starts from another's weights (found in
+    ``storage``); the reason it cannot, if the other job's files are gone."""
     init = job.spec.get("init_from")
     if not init:
         return None
@@ -73,7 +71,7 @@ def init_from(scheduler: Scheduler, db: Session, job: Job, run_dir: Path) -> str
     if source is None:
         return f"init_from: job {init['job']} does not exist"
     found = init_files(
-        scheduler.storage,
+        storage,
         source.id,
         source.run_dir,
         source.artifacts_deleted_at is not None,
@@ -85,12 +83,12 @@ def init_from(scheduler: Scheduler, db: Session, job: Job, run_dir: Path) -> str
     return None
 
 
-def launch(scheduler: Scheduler, db: Session, job: Job) -> bool:
+def launch(db: Session, job: Job, *, ray: RayJobs, storage: RunStorage, settings: Settings) -> bool:
     """Claim the queued job (compare-and-set, so a cancel that came first wins), then
-    hand it to Ray. False if it was no longer ours to start."""
+    hand it to ``ray``. False if it was no longer ours to start."""
     sid = submission_id(job)
     try:
-        run_dir = run_dirs.prepare(scheduler.settings.run_root, job.id, sid, job.spec)
+        run_dir = run_dirs.prepare(settings.run_root, job.id, sid, job.spec)
     except run_dirs.RunDirTaken as e:
         transition(db, job, "failed", str(e), unclaimed=True)
         return False
@@ -103,7 +101,7 @@ def launch(scheduler: Scheduler, db: Session, job: Job) -> bool:
     if not claimed:  # cancelled (or claimed elsewhere) meanwhile: launch nothing
         return False
     db.refresh(job)
-    refused = init_from(scheduler, db, job, run_dir)
+    refused = init_from(db, job, run_dir, storage=storage)
     if refused:
         transition(db, job, "failed", refused)
         return False
@@ -122,18 +120,18 @@ def launch(scheduler: Scheduler, db: Session, job: Job) -> bool:
             "--run-dir",
             str(run_dir),
             "--api-url",
-            scheduler.settings.api_url,
+            settings.api_url,
             "--token-file",
             str(token_file),
         ]
     )
     try:
-        runtime_env = job_runtime_env(job.spec, scheduler.settings)
+        runtime_env = job_runtime_env(job.spec, settings)
     except FileNotFoundError as e:
         transition(db, job, "failed", str(e))
         return False
     try:
-        submitted = scheduler.ray.submit(sid, entrypoint, runtime_env)
+        submitted = ray.submit(sid, entrypoint, runtime_env)
     except Exception:
         # Not on Ray: back to the queue (unless a cancel came in meanwhile).
         db.execute(
@@ -146,5 +144,5 @@ def launch(scheduler: Scheduler, db: Session, job: Job) -> bool:
     log.info("job %s submitted to Ray as %s", job.id, sid)
     db.refresh(job)
     if job.cancel_requested:  # cancelled while it was being handed over
-        scheduler.ray.stop(sid)
+        ray.stop(sid)
     return True

@@ -4,8 +4,8 @@ and GPUs allow; every job that waits says why (``pending_reason``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -14,9 +14,6 @@ from ..capacity import Capacity, Resources, demand, shortfall
 from ..jobs import transition
 from ..models import Job, Sweep
 from .each import each
-
-if TYPE_CHECKING:
-    from .core import Scheduler
 
 log = logging.getLogger("nestor.scheduler")
 
@@ -46,13 +43,15 @@ class _Queue:
             self.active[job.sweep_id] = self.active.get(job.sweep_id, 0) + 1
 
 
-def start_queued(scheduler: Scheduler, db: Session) -> None:
+def start_queued(
+    db: Session, *, capacity: Capacity, launch: Callable[[Session, Job], bool]
+) -> None:
     """Start queued jobs, highest priority first then oldest, while the cluster's free
-    CPUs and GPUs allow. A job that fits the cluster but not its free resources holds
-    back the jobs after it (no starvation of big jobs); one that cannot fit the cluster
-    at all (it may grow) waits aside and the jobs after it still start. Every waiting
-    job says why in ``pending_reason``."""
-    capacity = scheduler.capacity
+    CPUs and GPUs (of its total ``capacity``) allow; ``launch(db, job)`` hands one to Ray,
+    False if it was no longer ours to start. A job that fits the cluster but not its free
+    resources holds back the jobs after it (no starvation of big jobs); one that cannot fit
+    the cluster at all (it may grow) waits aside and the jobs after it still start. Every
+    waiting job says why in ``pending_reason``."""
     queue = _Queue(free=capacity.total)
     handed = db.scalars(
         select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
@@ -71,7 +70,7 @@ def start_queued(scheduler: Scheduler, db: Session) -> None:
 
     def consider(job: Job) -> None:
         try:
-            _consider(scheduler, db, job, capacity, queue)
+            _consider(db, job, capacity, queue, launch)
         except Exception as e:
             db.rollback()
             _pending(db, job, f"cannot be scheduled ({type(e).__name__}: {e})")
@@ -81,7 +80,11 @@ def start_queued(scheduler: Scheduler, db: Session) -> None:
 
 
 def _consider(
-    scheduler: Scheduler, db: Session, job: Job, capacity: Capacity, queue: _Queue
+    db: Session,
+    job: Job,
+    capacity: Capacity,
+    queue: _Queue,
+    launch: Callable[[Session, Job], bool],
 ) -> None:
     """Start ``job`` if it may start now, else record why it waits."""
     if job.cancel_requested:
@@ -105,7 +108,7 @@ def _consider(
         queue.blocked = f"behind job {job.id}, which waits for resources"
         return
     try:
-        launched = scheduler.launch(db, job)  # through the scheduler: tests put their own in
+        launched = launch(db, job)
     except Exception as e:
         log.exception("launching job %s failed", job.id)
         db.rollback()

@@ -6,8 +6,9 @@ latest checkpoint, a few times). Also after a service restart: Ray's record is t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -16,62 +17,84 @@ from ..auth import revoke_worker_tokens
 from ..backfill import backfill
 from ..jobs import finished_reason, transition
 from ..models import Event, Job
+from ..ray_jobs import RayJobs
+from ..storage import RunStorage
 from .each import each
 
-if TYPE_CHECKING:
-    from .core import Scheduler
-
+Sessions = Callable[[], Session]  # a session factory, as Database.sessions
 MAX_REQUEUES = 3  # times a job whose Ray record vanished is requeued before it fails
 REQUEUED = (  # counted by its prefix, "requeued:"
     "requeued: Ray lost the job (its cluster was replaced); it resumes from its latest checkpoint"
 )
 
 
-def reconcile(scheduler: Scheduler, db: Session) -> None:
+def reconcile(
+    db: Session,
+    *,
+    ray: RayJobs,
+    storage: RunStorage,
+    backfill_with: Sessions | None,
+) -> None:
     """Bring the rows of jobs handed to Ray in line with Ray, and carry out cancel and
-    early-stop requests."""
+    early-stop requests. ``storage`` holds the jobs' logs; ``backfill_with`` opens the
+    sessions that store an ending job's missed metric points (None: no backfill)."""
     jobs = db.scalars(
         select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
     ).all()
-    each(db, jobs, "reconciling", lambda job: _reconcile(scheduler, db, job))
+
+    def one(job: Job) -> None:
+        _reconcile(db, job, ray=ray, storage=storage, backfill_with=backfill_with)
+
+    each(db, jobs, "reconciling", one)
 
 
-def _reconcile(scheduler: Scheduler, db: Session, job: Job) -> None:
-    info = scheduler.ray.get(job.submission_id)
+def _reconcile(
+    db: Session,
+    job: Job,
+    *,
+    ray: RayJobs,
+    storage: RunStorage,
+    backfill_with: Sessions | None,
+) -> None:
+    info = ray.get(job.submission_id)
     if info is None:  # Ray has no record: the cluster was replaced
-        _lost(scheduler, db, job)
+        _lost(db, job, backfill_with=backfill_with)
         return
     state = info.status
     if (job.cancel_requested or job.stop_reason) and state in ("PENDING", "RUNNING"):
-        scheduler.ray.stop(job.submission_id)
+        ray.stop(job.submission_id)
         return
+
+    def end(status: str, reason: str, reached: int | None = None) -> None:
+        finish(db, job, status, reason, backfill_with=backfill_with, reached_target_at_step=reached)
+
     if state == "RUNNING" and job.status == "queued":
         transition(db, job, "running", "Ray job started")
     elif state == "SUCCEEDED":
         result = _result(job)
         if result.get("status") == "succeeded":
             reached = result.get("reached_target_at_step")
-            finish(scheduler, db, job, "succeeded", finished_reason(job, reached), reached)
+            end("succeeded", finished_reason(job, reached), reached)
         else:
-            finish(scheduler, db, job, "failed", result.get("error") or "no result")
+            end("failed", result.get("error") or "no result")
     elif state == "FAILED":
-        error = _result(job).get("error") or _log_tail(scheduler, job) or info.message
-        finish(scheduler, db, job, "failed", error or "Ray job failed")
+        error = _result(job).get("error") or _log_tail(storage, job) or info.message
+        end("failed", error or "Ray job failed")
     elif state == "STOPPED":
         if job.stop_reason:
-            finish(scheduler, db, job, "stopped_early", job.stop_reason)
+            end("stopped_early", job.stop_reason)
         elif job.cancel_requested:
-            finish(scheduler, db, job, "cancelled", "cancelled by user")
+            end("cancelled", "cancelled by user")
         else:
-            finish(scheduler, db, job, "failed", "stopped outside Nestor")
+            end("failed", "stopped outside Nestor")
 
 
-def _lost(scheduler: Scheduler, db: Session, job: Job) -> None:
+def _lost(db: Session, job: Job, *, backfill_with: Sessions | None) -> None:
     """Ray has no record of the job: a claimed job whose submission never reached Ray
     goes back to the queue; a running one is requeued to resume from its latest
     checkpoint (a few times), or fails."""
     if job.cancel_requested:
-        finish(scheduler, db, job, "cancelled", "cancelled by user")
+        finish(db, job, "cancelled", "cancelled by user", backfill_with=backfill_with)
         return
     if job.status == "queued":  # claimed, never started: give the claim back
         unclaimed = db.execute(
@@ -87,7 +110,8 @@ def _lost(scheduler: Scheduler, db: Session, job: Job) -> None:
         .where(Event.job_id == job.id, Event.reason.like("requeued:%"))
     )
     if requeues >= MAX_REQUEUES:
-        finish(scheduler, db, job, "failed", f"Ray lost the job {requeues + 1} times")
+        reason = f"Ray lost the job {requeues + 1} times"
+        finish(db, job, "failed", reason, backfill_with=backfill_with)
         return
     transition(db, job, "queued", REQUEUED)
 
@@ -100,25 +124,27 @@ def _result(job: Job) -> dict[str, Any]:
         return {}
 
 
-def _log_tail(scheduler: Scheduler, job: Job, lines: int = 12) -> str | None:
+def _log_tail(storage: RunStorage, job: Job, lines: int = 12) -> str | None:
     """The end of the job's log, for a job that died without a result (its driver)."""
     if not job.run_dir:
         return None
-    tail = scheduler.storage.log(job.run_dir_path).tail(lines)
+    tail = storage.log(job.run_dir_path).tail(lines)
     return "the job's log ends:\n" + "\n".join(tail) if tail else None
 
 
 def finish(
-    scheduler: Scheduler,
     db: Session,
     job: Job,
     status: str,
     reason: str,
+    *,
+    backfill_with: Sessions | None,
     reached_target_at_step: int | None = None,
 ) -> None:
-    """End a job: backfill any metric points the live path missed, then the status."""
-    if scheduler.settings.backfill and job.run_dir:
-        backfill(scheduler.db.sessions, job.id, Path(job.run_dir) / "metrics.jsonl")
+    """End a job: backfill any metric points the live path missed (in sessions from
+    ``backfill_with``; None: no backfill), then the status."""
+    if backfill_with is not None and job.run_dir:
+        backfill(backfill_with, job.id, Path(job.run_dir) / "metrics.jsonl")
         db.refresh(job)
     if job.status == "queued":
         transition(db, job, "running", "Ray job started")

@@ -10,6 +10,9 @@ from service.jobs import create_job, transition
 from service.models import Job
 from service.ray_cluster import RayCluster
 from service.ray_jobs import RayJobs
+from service.scheduler.launch import launch
+from service.scheduler.queue import start_queued
+from service.scheduler.reconcile import finish, reconcile
 from service.settings import Settings
 
 from ..helpers import record_launches, scheduler_for, worker_token
@@ -19,23 +22,23 @@ from .test_api import SPEC
 def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
     # A local cluster description with 4 CPUs; not started: launching is recorded instead.
     scheduler, db = scheduler_for(tmp_path, cpus=4)
-    launched = record_launches(scheduler, key="name")
+    launched, record = record_launches(key="name")
     with db.sessions() as s:
         create_job(s, "low-a", {**SPEC, "num_workers": 1}, 0)
         create_job(s, "high", {**SPEC, "num_workers": 2}, 10)
         create_job(s, "low-b", {**SPEC, "num_workers": 1}, 0)
         create_job(s, "big", {**SPEC, "num_workers": 2}, 0)
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         # 4 CPUs: high (2), then low-a (1), low-b (1); big waits for capacity.
         assert launched == ["high", "low-a", "low-b"]
         big = s.query(Job).filter(Job.name == "big").one()
         assert big.pending_reason == "needs 2 CPUs, free now 0 CPUs"
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert launched == ["high", "low-a", "low-b"]
         done = s.query(Job).filter(Job.name == "high").one()
         done.status = "succeeded"
         s.commit()
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert launched == ["high", "low-a", "low-b", "big"]
 
 
@@ -103,12 +106,12 @@ def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start
     scheduler, db = scheduler_for(tmp_path, cluster)
     assert scheduler.capacity.total.cpus == 4 and scheduler.capacity.total.gpus == 0
     assert not scheduler.capacity.fixed
-    launched = record_launches(scheduler, key="name")
+    launched, record = record_launches(key="name")
     with db.sessions() as s:
         create_job(s, "huge", {**SPEC, "num_workers": 8}, 10)
         create_job(s, "gpu", {**SPEC, "use_gpu": True}, 5)
         create_job(s, "small", {**SPEC, "num_workers": 2}, 0)
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert launched == ["small"]
         reasons = {j.name: j.pending_reason for j in s.query(Job)}
     assert (
@@ -122,11 +125,11 @@ def test_on_a_cluster_that_may_grow_a_job_too_big_waits_aside_and_the_rest_start
 
 def test_one_unreadable_job_never_stops_the_queue(tmp_path):
     scheduler, db = scheduler_for(tmp_path, cpus=4)
-    launched = record_launches(scheduler, key="name")
+    launched, record = record_launches(key="name")
     with db.sessions() as s:
         bad = create_job(s, "bad", {**SPEC, "num_workers": "two"}, 10)  # a hand-edited row
         create_job(s, "good", SPEC, 0)
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert launched == ["good"]
         s.refresh(bad)
         assert bad.status == "queued" and "cannot be scheduled (ValueError" in bad.pending_reason
@@ -139,7 +142,7 @@ def test_backfill_skips_torn_lines_and_reads_only_after_the_last_stored_step(tmp
     from service.jobs import store_points
     from service.models import Metric
 
-    scheduler, db = scheduler_for(tmp_path, cpus=4)
+    _, db = scheduler_for(tmp_path, cpus=4)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     lines = [
@@ -155,7 +158,7 @@ def test_backfill_skips_torn_lines_and_reads_only_after_the_last_stored_step(tmp
         s.commit()
         commits = []
         event.listen(db.engine, "commit", lambda conn: commits.append(1))
-        scheduler._finish(s, job, "succeeded", "training finished")
+        finish(s, job, "succeeded", "training finished", backfill_with=db.sessions)
         assert job.status == "succeeded" and job.last_step == 6000
         values = dict(
             s.execute(
@@ -189,7 +192,10 @@ def test_a_run_directory_belongs_to_one_job_row(tmp_path):
         taken = runs / submission_id(job_b)
         (taken / "checkpoints" / "step-00000008").mkdir(parents=True)
         (taken / "nestor-job.json").write_text(json.dumps({"job_id": 1, "submission_id": "x"}))
-        assert second.launch(b, job_b) is False
+        assert (
+            launch(b, job_b, ray=second.ray, storage=second.storage, settings=second.settings)
+            is False
+        )
         assert job_b.status == "failed"
         assert "belongs to another run (job 1 (x)); refusing to start in it" in job_b.error
         assert job_b.submission_id is None
@@ -226,12 +232,11 @@ def test_a_cancel_while_the_scheduler_hands_a_job_to_ray_stops_the_ray_job(ray_c
         return submit(sub_id, entrypoint, env)
 
     scheduler.ray.submit = submit_while_the_user_cancels
-    with db.sessions() as s:
-        scheduler.start_queued(s)
+    scheduler.run_once()  # the queue hands the job to Ray
 
     def ended():
+        scheduler.run_once()  # reconcile brings the row in line with Ray
         with db.sessions() as s:
-            scheduler.reconcile(s)
             return s.get(Job, job.id).status in ("cancelled", "failed", "succeeded")
 
     wait_for(ended, timeout=120)
@@ -248,16 +253,20 @@ def test_a_job_cancelled_before_the_claim_is_never_handed_to_ray(ray_cluster, tm
     scheduler, db = _ray_scheduler(tmp_path, ray_cluster)
     with db.sessions() as s:
         job = create_job(s, "raced", SPEC, 0)
-    launch = scheduler.launch
 
     def cancelled_just_before(session, queued):
         with db.sessions() as api:
             assert cancel_job(api, api.get(Job, queued.id), "cancelled by user")
-        return launch(session, queued)
+        return launch(
+            session,
+            queued,
+            ray=scheduler.ray,
+            storage=scheduler.storage,
+            settings=scheduler.settings,
+        )
 
-    scheduler.launch = cancelled_just_before
     with db.sessions() as s:
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=cancelled_just_before)
         row = s.get(Job, job.id)
         s.refresh(row)
         assert row.status == "cancelled" and row.submission_id is None
@@ -280,7 +289,7 @@ def test_a_job_ray_lost_is_requeued_and_its_lost_attempts_workers_are_shut_out(t
         s.commit()
         token = create_token(s, "w", "worker", job_id=job.id)
         assert lookup(s, token) is not None
-        scheduler.reconcile(s)
+        reconcile(s, ray=scheduler.ray, storage=scheduler.storage, backfill_with=db.sessions)
         s.refresh(job)
         assert (job.status, job.submission_id) == ("queued", None)
         assert lookup(s, token) is None

@@ -8,8 +8,10 @@ import math
 import pytest
 
 from service.models import Job, Sweep
-from service.ray_cluster import RayCluster
-from service.scheduler import Scheduler
+from service.ray_jobs import RayJobs
+from service.scheduler.asha import early_stop, stopper_for
+from service.scheduler.queue import start_queued
+from service.scheduler.reconcile import finish
 from service.settings import Settings
 from service.sweeps import SweepCreate, apply, combinations, create_sweep, update_sweep_status
 
@@ -150,17 +152,17 @@ def test_summary_sorts_by_a_final_metric_and_cancel_cancels_trials(client):
 
 def test_scheduler_respects_max_concurrent(tmp_path):
     scheduler, db = scheduler_for(tmp_path, cpus=16)
-    launched = record_launches(scheduler)
+    launched, record = record_launches()
     with db.sessions() as s:
         create_sweep(s, SweepCreate.model_validate(GRID))  # 6 trials, max_concurrent 2
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert len(launched) == 2  # CPUs for all six, but the sweep allows two at once
         waiting = s.query(Job).filter(Job.submission_id.is_(None)).all()
         assert {j.pending_reason for j in waiting} == {"its sweep runs 2 trials at a time"}
         first = s.get(Job, launched[0])
         first.status = "succeeded"
         s.commit()
-        scheduler.start_queued(s)
+        start_queued(s, capacity=scheduler.capacity, launch=record)
         assert len(launched) == 3
 
 
@@ -209,9 +211,10 @@ def test_asha_stops_the_diverging_trials_and_keeps_their_metrics(client, tmp_pat
     )
     db = client.app.state.db
     settings = Settings(home=tmp_path, optuna_url=f"sqlite:///{tmp_path / 'optuna.db'}")
-    scheduler = Scheduler(settings, db, RayCluster(None, tmp_path, num_cpus=16))
+    stopper = stopper_for(settings.optuna_db_url)
     stopped = []
-    scheduler.stop_job = lambda job: stopped.append(job.id)
+    ray = RayJobs("http://127.0.0.1:1")  # never started: only stop() is called
+    ray.stop = lambda submission_id: stopped.append(int(submission_id.removeprefix("test-")))
     losses = {0: 1.0, 1: 0.9, 2: 50.0, 3: 80.0}  # the large learning rates diverge
     with db.sessions() as s:
         for i, job in enumerate(jobs):
@@ -223,12 +226,12 @@ def test_asha_stops_the_diverging_trials_and_keeps_their_metrics(client, tmp_pat
                 for step in range(1, 5)
             ]
             ingest(client, row.id, {"points": points})
-            scheduler.early_stop(s)  # trials report in turn, as they would live
+            early_stop(s, stopper=stopper, ray=ray)  # trials report in turn, as they would live
         assert sorted(stopped) == [jobs[2]["id"], jobs[3]["id"]]
         for job_id in stopped:  # what reconcile does once Ray reports the job STOPPED
             row = s.get(Job, job_id)
             assert "stopped early by ASHA" in row.stop_reason
-            scheduler._finish(s, row, "stopped_early", row.stop_reason)
+            finish(s, row, "stopped_early", row.stop_reason, backfill_with=db.sessions)
     trial = client.get(f"/v1/jobs/{jobs[2]['id']}").json()
     assert trial["status"] == "stopped_early"
     kept = client.get(f"/v1/jobs/{jobs[2]['id']}/metrics", params={"keys": "val_loss"}).json()
