@@ -28,7 +28,8 @@ def test_compose_wires_postgres_ray_and_the_service(monkeypatch):
     shared by every Nestor container."""
     from sqlalchemy.engine import make_url
 
-    from service.cli import _serve_settings, build_parser
+    from service.cli import build_parser
+    from service.cli.process import _serve_settings
     from service.settings import Settings
 
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())

@@ -103,7 +103,7 @@ def test_the_listening_socket_gives_connections_tcp_nodelay():
     response of `nestor serve` waited ~40 ms for Nagle's algorithm and a delayed ACK."""
     import asyncio
 
-    from service.cli import _listen
+    from service.cli.process import _listen
 
     sock = _listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
