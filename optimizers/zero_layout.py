@@ -6,6 +6,10 @@ bucket is padded to a multiple of the world size. Rank r owns chunk r of every b
 contiguous slice of ``bucket.numel // world_size`` elements, which may cut a parameter in two.
 Buckets are the unit of communication (one reduce-scatter and one all-gather each), so stage 2
 can send a bucket as soon as backward has produced its gradients.
+
+A ``Layout`` is every class's buckets over one world size: rank r's shard k is its chunk of
+the k-th bucket, counted class by class. ``reshard`` says which pieces a rank of one layout
+copies from each rank of another (a checkpoint restored at another world size).
 """
 
 from __future__ import annotations
@@ -84,3 +88,51 @@ def plan_buckets(
     if current:
         close()
     return buckets, start
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The buckets of every parameter class, split over ``world_size`` ranks.
+
+    A rank's shards are numbered class by class, bucket by bucket: its shard k is its chunk
+    of ``buckets[k]``.
+    """
+
+    world_size: int
+    classes: tuple[tuple[Bucket, ...], ...]
+
+    @property
+    def buckets(self) -> tuple[Bucket, ...]:
+        return tuple(b for buckets in self.classes for b in buckets)
+
+    @property
+    def numel(self) -> int:
+        """Elements of all the flat buffers together, padding included."""
+        return sum(b.numel for b in self.buckets)
+
+    def pieces(self, rank: int) -> list[list[tuple[int, int, int, int]]]:
+        """``Bucket.pieces`` of each of ``rank``'s shards, in shard order."""
+        return [b.pieces(rank, self.world_size) for b in self.buckets]
+
+
+def reshard(saved: Layout, ours: Layout, rank: int) -> list[list[tuple[int, int, int, int, int]]]:
+    """What rank ``rank`` of ``ours`` copies from each rank of ``saved`` to hold its shards.
+
+    Per saved rank: (our shard, start in it, saved shard, start in it, length) for every
+    run of one parameter's elements that both shards hold; padding is in neither, so it
+    stays as it was.
+    """
+    mine: dict[int, list[tuple[int, int, int, int]]] = {}  # i -> (shard, at, start, length)
+    for k, pieces in enumerate(ours.pieces(rank)):
+        for i, at, start, length in pieces:
+            mine.setdefault(i, []).append((k, at, start, length))
+    copies: list[list[tuple[int, int, int, int, int]]] = []
+    for r in range(saved.world_size):
+        copies.append([])
+        for k_saved, pieces in enumerate(saved.pieces(r)):
+            for i, src, start, length in pieces:
+                for k, at, s, n in mine.get(i, ()):
+                    a, e = max(start, s), min(start + length, s + n)
+                    if a < e:
+                        copies[r].append((k, at + a - s, k_saved, src + a - start, e - a))
+    return copies
