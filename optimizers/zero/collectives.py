@@ -31,7 +31,9 @@ from torch import Tensor
 
 
 class Collectives:
-    """The data-parallel group's reduce-scatter, all-gather and all-reduce over buckets."""
+    """The data-parallel group's reduce-scatter, all-gather and all-reduce over buckets.
+
+    Every method is a collective: call it on all ranks of the group, in the same order."""
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.group = process_group
@@ -47,7 +49,7 @@ class Collectives:
     def reduce_scatter(self, region: Tensor) -> tuple[list[Any], Tensor]:
         """Start summing ``region`` (one bucket: world_size chunks) over ranks into this
         rank's chunk; ``region`` may be overwritten. Returns the works to wait for and the
-        tensor that then holds this rank's sum."""
+        tensor that then holds this rank's sum. A collective: call it on all ranks."""
         if self.native:
             out = torch.empty(
                 region.numel() // self.world_size, dtype=region.dtype, device=region.device
@@ -63,7 +65,8 @@ class Collectives:
 
     def all_gather(self, region: Tensor) -> list[Any]:
         """Start filling every rank's chunk of ``region`` from its owner (this rank's chunk
-        already holds its values)."""
+        already holds its values). Returns the works to wait for. A collective: call it on
+        all ranks."""
         chunks = region.chunk(self.world_size)
         if self.native:
             mine = chunks[self.rank].clone()
@@ -74,15 +77,16 @@ class Collectives:
         ]
 
     def all_reduce(self, tensor: Tensor, async_op: bool = False) -> Any:
-        """Sum ``tensor`` over ranks, in place."""
+        """Sum ``tensor`` over ranks, in place. A collective: call it on all ranks."""
         return dist.all_reduce(tensor, group=self.group, async_op=async_op)
 
     def broadcast_from_first(self, tensor: Tensor) -> None:
         """Every rank gets the group's first rank's ``tensor`` (start from the same
-        parameters, as DDP does)."""
+        parameters, as DDP does). A collective: call it on all ranks."""
         dist.broadcast(tensor, src=self.global_ranks[0], group=self.group)
 
     def barrier(self) -> None:
+        """Return once every rank has called it. A collective: call it on all ranks."""
         dist.barrier(group=self.group)
 
 
