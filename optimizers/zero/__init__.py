@@ -16,12 +16,14 @@ B bytes per parameter element (the parameter dtype):
 | 1 | reduce-scatter + all-gather (2 P B) | P B | P S / N |
 | 2 | reduce-scatter per micro-batch + all-gather | ~ (P / N + 2 buckets) B | P S / N |
 
-One job per module: ``optimizer`` (construction and the step), ``bucketer`` (stage 2's
-gradient hooks and staging buffers), ``collectives`` (who sends what to whom, and why gloo
-uses reduce/broadcast), ``checkpoint`` (the sharded and the consolidated formats); the
-layout arithmetic is ``optimizers.zero_layout``.
+One job per module: ``optimizer`` (construction and the step), ``view`` (the public,
+read-only view of its layout and shards, ``ZeroOptimizer.shard_view``), ``bucketer`` (stage
+2's gradient hooks and staging buffers), ``collectives`` (who sends what to whom, and why
+gloo uses reduce/broadcast), ``checkpoint`` (the sharded and the consolidated formats, read
+through the view only); the layout arithmetic is ``optimizers.zero_layout``.
 """
 
 from .optimizer import ZeroOptimizer
+from .view import ParamClass, ParamGroup, ParamInfo, Shard, ShardView
 
-__all__ = ["ZeroOptimizer"]
+__all__ = ["ParamClass", "ParamGroup", "ParamInfo", "Shard", "ShardView", "ZeroOptimizer"]

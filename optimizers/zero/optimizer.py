@@ -2,9 +2,13 @@
 
 Gradients on their way in are the bucketer's (stage 2) or ``_reduce_gradients``'s (stages 0
 and 1), the wire is ``collectives``', the files are ``checkpoint``'s; the layout arithmetic
-is ``zero_layout``'s. What an inner optimizer needs beyond ``step()`` when its parameters are
-shards (LAMB's whole-parameter norms, Lookahead's slow weights and counter) is declared in
-the registry and reached through ``shard_hooks``.
+is ``zero_layout``'s. What an inner optimizer needs beyond ``step()`` when its parameters
+are shards (LAMB's whole-parameter norms, Lookahead's slow weights and counter) is declared
+in the registry and reached through ``shard_hooks``.
+
+Code outside this module (``checkpoint`` first) reads the layout and the shards through
+``shard_view`` (a ``view.ShardView``) and changes them only through the public methods
+here (``load_shard_state``, ``gather_parameters``), never through private attributes.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from torch.optim import Optimizer
 
 from ..registry import create_optimizer, param_groups_weight_decay, shard_hooks
 from ..spec import OptimizerSpec
-from ..zero_layout import Bucket, plan_buckets
+from ..zero_layout import Bucket, Layout, plan_buckets
 from . import checkpoint
 from .bucketer import GradientBucketer
 from .collectives import Collectives, wait
+from .view import ParamClass, ParamGroup, ParamInfo, Shard, ShardView
 
 
 @dataclass
@@ -61,6 +66,15 @@ class ZeroOptimizer(Optimizer):
 
     At stages 0 and 1 the parameters' ``.grad`` are views of one flat buffer, kept across
     ``zero_grad()``; at stage 2 ``.grad`` is consumed during backward and stays None.
+
+    Attributes (read them; change the optimizer through its methods):
+        spec, stage, process_group: as given (``spec`` validated).
+        rank, world_size: this rank's place in the data-parallel group.
+        names, params: the managed parameters (those that require grad), in model order.
+        inner: the registry optimizer that steps this rank's shards.
+        comm: the group's collectives (``collectives.Collectives``).
+        last_grad_norm: the global gradient norm of the last step, before clipping.
+        shard_view: the layout and this rank's shards (``view.ShardView``).
     """
 
     def __init__(
@@ -102,11 +116,11 @@ class ZeroOptimizer(Optimizer):
             if spec.no_decay_1d
             else [{"params": self.params}]
         )
-        self._group_options = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        group_options = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         index_of = {id(p): i for i, p in enumerate(self.params)}
         # Parameter indices per group, in the order the plain optimizer numbers them.
-        self._plain_groups = [[index_of[id(p)] for p in g["params"]] for g in groups]
+        plain_groups = [[index_of[id(p)] for p in g["params"]] for g in groups]
 
         bucket_bytes = int(bucket_mb * 2**20)
         self._classes: list[FlatClass] = []
@@ -127,7 +141,7 @@ class ZeroOptimizer(Optimizer):
         self._bind_parameters()
 
         inner_groups = []
-        for gi, options in enumerate(self._group_options):
+        for gi, options in enumerate(group_options):
             shards = [s for c in self._classes if c.group == gi for s in c.shards]
             if shards:
                 inner_groups.append({"params": shards, **options})
@@ -158,6 +172,7 @@ class ZeroOptimizer(Optimizer):
             for seg in b.segments
         }
         self._overlap_hooks: list[Any] = []
+        self._view = self._make_view(plain_groups, group_options)
 
     # ----------------------------------------------------------------- construction
     def _check_same_everywhere(self, named: list[tuple[str, Tensor]]) -> None:
@@ -189,6 +204,39 @@ class ZeroOptimizer(Optimizer):
                 f"ZeroOptimizer: rank {self.rank} has {len(ours)} parameters, "
                 f"rank {r} has {len(other)}"
             )
+
+    def _make_view(
+        self, plain_groups: list[list[int]], group_options: list[dict[str, Any]]
+    ) -> ShardView:
+        """The public view; built once, since the shards are never replaced (loading state
+        replaces the inner optimizer's state dicts, which the view reads when asked)."""
+        layout = Layout(self._plan_world, tuple(tuple(c.buckets) for c in self._classes))
+        shards: list[Shard] = []
+        for ci, c in enumerate(self._classes):
+            for b, s in zip(c.buckets, c.shards, strict=True):
+                pieces = tuple(b.pieces(self._plan_rank, self._plan_world))
+                shards.append(Shard(len(shards), ci, b, s, pieces))
+        return ShardView(
+            rank=self.rank,
+            world_size=self.world_size,
+            stage=self.stage,
+            layout=layout,
+            layout_rank=self._plan_rank,
+            params=tuple(
+                ParamInfo(n, p.shape, p.dtype, p.device)
+                for n, p in zip(self.names, self.params, strict=True)
+            ),
+            groups=tuple(
+                ParamGroup(tuple(indices), options)
+                for indices, options in zip(plain_groups, group_options, strict=True)
+            ),
+            classes=tuple(
+                ParamClass(c.group, c.dtype, c.device, tuple(c.indices)) for c in self._classes
+            ),
+            shards=tuple(shards),
+            inner=self.inner,
+            hooks=self._hooks,
+        )
 
     @torch.no_grad()
     def _bind_parameters(self) -> None:
@@ -296,14 +344,16 @@ class ZeroOptimizer(Optimizer):
             self._bucketer.restart()
         else:
             self._needs_zero_grad = True
-        self._gather_parameters()
+        self.gather_parameters()
         return loss
 
     @torch.no_grad()
-    def _gather_parameters(self) -> None:
+    def gather_parameters(self) -> None:
         """Owned slices from the (fp32 master) shards into the parameters, then every
         rank's slices to every rank: waited for here, or, with ``overlap_with``, by the
-        first module that uses a bucket's parameters in the next forward pass."""
+        first module that uses a bucket's parameters in the next forward pass. ``step()``
+        ends with it; call it after writing into ``shard_view``'s shard tensors. A
+        collective at stages 1 and 2: call it on all ranks."""
         for ci, c in enumerate(self._classes):
             for bi, (b, shard) in enumerate(zip(c.buckets, c.shards, strict=True)):
                 lo, hi = b.owned(self._plan_rank, self._plan_world)
@@ -316,6 +366,14 @@ class ZeroOptimizer(Optimizer):
                 self._gathering[(ci, bi)] = self.comm.all_gather(region)
         if not self._overlap_hooks:
             self.wait_parameters()
+
+    _gather_parameters = gather_parameters  # bench/restore.py's name for it
+
+    @property
+    def gathers_in_flight(self) -> int:
+        """Buckets whose parameter all-gather ``overlap_with`` has left running (not yet
+        waited for on this rank)."""
+        return len(self._gathering)
 
     def wait_parameters(self) -> None:
         """Wait until every parameter holds the last step's values on this rank (a no-op
@@ -394,30 +452,38 @@ class ZeroOptimizer(Optimizer):
         """Bytes of fp32 master weights this rank holds (bf16/fp16 parameters only)."""
         return sum(s.nbytes for c in self._classes for s in c.shards if s.dtype != c.dtype)
 
-    def _shard_entries(self) -> list[tuple[FlatClass, int, Tensor]]:
-        return [(c, bi, s) for c in self._classes for bi, s in enumerate(c.shards)]
+    @property
+    def shard_view(self) -> ShardView:
+        """This rank's layout and shards, read-only (``optimizers.zero.view``). Reading it is
+        not a collective; its shard tensors and state tensors are the optimizer's own."""
+        return self._view
 
-    def _merged_state(self, shard: Tensor) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for state in self._hooks.states:
-            merged.update(state.get(shard, {}))
-        return merged
-
-    def _load_inner(
+    def load_shard_state(
         self,
-        state: dict[int, dict[str, Any]],
-        groups: list[dict[str, Any]],
+        state: Mapping[int, dict[str, Any]],
+        hyperparameters: list[dict[str, Any]],
         counters: Mapping[str, Any],
     ) -> None:
+        """Replace the inner optimizer's state: ``state[k]`` is that of
+        ``shard_view.shards[k]`` (a wrapper's and its base's keys together), one dict of
+        ``hyperparameters`` per inner param group (as ``ShardView.hyperparameters()``), and
+        ``counters`` by ``ShardView.counter_names``. The inner optimizer copies what it is
+        given, so ``ShardView.state`` returns new tensors afterwards. Not a collective."""
         inner_sd = self.inner.state_dict()
         param_groups = [
             {**saved, "params": g["params"]}
-            for saved, g in zip(groups, inner_sd["param_groups"], strict=True)
+            for saved, g in zip(hyperparameters, inner_sd["param_groups"], strict=True)
         ]
         sd = {"state": state, "param_groups": param_groups, "max_grad_norm": 0.0, **counters}
         self.inner.load_state_dict(sd)
         self.param_groups = self.inner.param_groups
         self._hooks.bind_norms(self._whole_parameter_norms)
+
+    # bench/restore.py's names, until it reads ``shard_view``.
+    _load_inner = load_shard_state
+
+    def _shard_entries(self) -> list[tuple[FlatClass, int, Tensor]]:
+        return [(c, bi, s) for c in self._classes for bi, s in enumerate(c.shards)]
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> None:
