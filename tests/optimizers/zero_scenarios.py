@@ -190,7 +190,7 @@ def _equal(rank, world, results, name, spec, stage, dtype) -> None:
             "mean_diff": mean_diff(model, expected),
             "state_bytes_per_rank": [int(s.item()) for s in states],
             "unsharded_state_bytes": unsharded_bytes,
-            "padded_numel": sum(c.flat_param.numel() for c in opt._classes),
+            "padded_numel": opt.shard_view.layout.numel,
             "grad_norm": float(opt.last_grad_norm),
             "master_bytes": opt.master_nbytes(),
             "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
@@ -232,14 +232,14 @@ def _overlap(rank, world, results, name, spec, stage) -> None:
                 F.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro]).backward()
             opt.step()
             if overlapped:
-                in_flight.append(len(opt._gathering))
+                in_flight.append(opt.gathers_in_flight)
         opt.close()  # waits for the last all-gather
         runs.append([p.detach().clone() for p in model.parameters()])
     if rank == 0:
         results[f"overlap-{name}"] = {
             "identical": all(torch.equal(a, b) for a, b in zip(*runs, strict=True)),
             "buckets_in_flight_after_step": max(in_flight),
-            "buckets": len(set(opt._bucket_of.values())),
+            "buckets": len(opt.shard_view.layout.buckets),
         }
 
 
