@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-OWNER_FILE = "nestor-job.json"
+from workers.run_dir import RunDir
 
 
 class RunDirTaken(RuntimeError):
@@ -22,7 +22,7 @@ class RunDirTaken(RuntimeError):
 
 def owner(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((run_dir / OWNER_FILE).read_text())
+        return json.loads(RunDir(run_dir).owner.read_text())
     except (OSError, ValueError):
         return None
 
@@ -40,8 +40,8 @@ def prepare(root: Path, job_id: int, submission_id: str, spec: dict[str, Any]) -
                 "refusing to start in it"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / OWNER_FILE, {"job_id": job_id, "submission_id": submission_id})
-    write_json(run_dir / "spec.json", spec)
+    write_json(RunDir(run_dir).owner, {"job_id": job_id, "submission_id": submission_id})
+    write_json(RunDir(run_dir).spec, spec)
     return run_dir
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from workers.run_dir import RunDir
+
 from .backfill import backfill
 from .db import Database
 from .jobs import transition
@@ -57,7 +59,7 @@ def stop_everything(settings: Settings) -> str:
             cluster.stop()
         for job in jobs:
             if settings.backfill and job.run_dir:
-                backfill(db.sessions, job.id, Path(job.run_dir) / "metrics.jsonl")
+                backfill(db.sessions, job.id, RunDir(Path(job.run_dir)).metrics)
                 s.refresh(job)
             ended += transition(s, job, "cancelled", REASON)
     db.engine.dispose()

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.logs import JobLog
+from workers.run_dir import RunDir
 
-FINAL = ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv")
-PORTABLE = ("model.pt", "optimizer.pt")
+FINAL = RunDir.FINAL
+PORTABLE = RunDir.PORTABLE
 _CHECKPOINT_NAME = re.compile(r"^step-([1-9]\d{0,9})-(model|optimizer)\.pt$")
 _DIGESTS = ".artifacts.json"  # cached sha256 per name, keyed by size and mtime
-KEPT_ON_DELETE = {"logs", "nestor-job.json", _DIGESTS}
+KEPT_ON_DELETE = {RunDir.LOGS, RunDir.OWNER, _DIGESTS}
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,12 @@ class RunStorage:
             path = run_dir / name
             if (size := _served(run_dir, path)) is not None:
                 found.append(Artifact(name, path, size, None))
+        run = RunDir(run_dir)
         steps = []
-        for d in (run_dir / "checkpoints").glob("step-*"):
-            if (d / "complete.json").exists() and d.name[5:].isdigit():
-                steps.append((int(d.name[5:]), d))
+        for folder in run.checkpoints.glob(RunDir.CHECKPOINTS):
+            c = run.checkpoint_at(folder)
+            if c is not None and c.complete.exists():
+                steps.append((c.step, c.path))
         for step, d in sorted(steps, reverse=True):
             for file in PORTABLE:
                 path = d / file
@@ -101,10 +104,10 @@ class RunStorage:
         if m is None:
             return None
         step, file = int(m.group(1)), f"{m.group(2)}.pt"
-        d = run_dir / "checkpoints" / f"step-{step:08d}"
-        path = d / file
+        d = RunDir(run_dir).checkpoint(step)
+        path = d.path / file
         size = _served(run_dir, path)
-        if size is None or not (d / "complete.json").exists():
+        if size is None or not d.complete.exists():
             return None
         return Artifact(name, path, size, step)
 
@@ -153,7 +156,7 @@ class RunStorage:
 
     # ------------------------------------------------------------------ logs
     def log(self, run_dir: Path) -> JobLog:
-        return JobLog(run_dir / "logs")
+        return JobLog(RunDir(run_dir).logs)
 
 
 def init_files(

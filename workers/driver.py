@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .launcher import run_on_ray
 from .logs import capture
+from .run_dir import RunDir
 from .spec import TrainSpec
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     with capture(run_dir, "driver", last=True):
-        spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text())
+        spec = TrainSpec.model_validate_json(RunDir(run_dir).spec.read_text())
         http = {"api_url": args.api_url, "job_id": args.job_id, "token_file": args.token_file}
         failures = spec.max_restarts if args.max_failures is None else args.max_failures
         # A Ray job's driver: RAY_ADDRESS names the cluster the job was submitted to.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .logs import capture
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
+from .run_dir import RunDir
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ def make_reporter(
 ) -> Reporter:
     """The JSON-lines file in ``run_dir``, plus the console and the service if asked.
     ``http``: {"api_url", "job_id", "token_file"} of the Nestor service."""
-    reporters: list[Reporter] = [JsonlReporter(run_dir / "metrics.jsonl")]
+    reporters: list[Reporter] = [JsonlReporter(RunDir(run_dir).metrics)]
     if console:
         reporters.append(ConsoleReporter())
     if http:
@@ -53,7 +54,7 @@ def _record_worker(run_dir: Path, rank: int, node: str | None = None) -> None:
         "node": node,
         "time": time.time(),
     }
-    with open(run_dir / "workers.jsonl", "a") as f:
+    with open(RunDir(run_dir).workers, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 
@@ -73,7 +74,7 @@ def run_worker(
 
     with capture(session.run_dir, f"rank {session.rank}"):
         _record_worker(session.run_dir, session.rank, node)
-        error_file = session.run_dir / f"error-rank{session.rank}.txt"
+        error_file = RunDir(session.run_dir).error(session.rank)
         error_file.unlink(missing_ok=True)  # from an attempt before this one
         reporter = make_reporter(session.run_dir, console, http) if session.rank == 0 else None
         try:
@@ -102,25 +103,26 @@ def run_worker(
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:
     """Write ``run_dir/result.json`` atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "result.json.tmp"
+    path = RunDir(run_dir).result
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=float))
-    os.replace(tmp, run_dir / "result.json")
+    os.replace(tmp, path)
 
 
 def failure_summary(run_dir: Path, lines: int = 12) -> str | None:
     """The last lines of the traceback of the rank that failed first (the others usually
     fail after it, their peer gone), from ``error-rank{r}.txt``."""
-    found = sorted(run_dir.glob("error-rank*.txt"), key=lambda p: p.stat().st_mtime)
+    found = sorted(run_dir.glob(RunDir.ERRORS), key=lambda p: p.stat().st_mtime)
     if not found:
         return None
-    rank = found[0].stem.removeprefix("error-rank")
+    rank = RunDir.error_rank(found[0])
     tail = found[0].read_text().rstrip().splitlines()[-lines:]
     return f"rank {rank} raised:\n" + "\n".join(tail)
 
 
 def write_metrics_csv(run_dir: Path) -> None:
     """``metrics.csv``: ``metrics.jsonl`` as a table (step, time, then every key)."""
-    source = run_dir / "metrics.jsonl"
+    source = RunDir(run_dir).metrics
     if not source.exists():
         return
     rows = []
@@ -130,12 +132,13 @@ def write_metrics_csv(run_dir: Path) -> None:
         except ValueError:  # a torn last line
             continue
     keys = sorted({k for r in rows for k in r} - {"step", "time"})
-    tmp = run_dir / "metrics.csv.tmp"
+    target = RunDir(run_dir).metrics_csv
+    tmp = target.with_name(target.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, ["step", "time", *keys], restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, run_dir / "metrics.csv")
+    os.replace(tmp, target)
 
 
 # ----------------------------------------------------------------------------------- Ray
@@ -285,20 +288,20 @@ def run_on_ray(
         trainer.fit()
     except Exception as e:  # Ray's TrainingFailedError: out of retries
         return _failed(run_dir, e)
-    return json.loads((run_dir / "result.json").read_text())
+    return json.loads(RunDir(run_dir).result.read_text())
 
 
 def _finished(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
     """result.json as rank 0 wrote it (``result`` when a failure did not reach it)."""
-    path = run_dir / "result.json"
+    path = RunDir(run_dir).result
     return json.loads(path.read_text()) if path.exists() else result
 
 
 def _failed(run_dir: Path, e: BaseException) -> dict[str, Any]:
-    if not (run_dir / "result.json").exists():
+    if not RunDir(run_dir).result.exists():
         error = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
         write_result(run_dir, {"status": "failed", "error": error})
-    return json.loads((run_dir / "result.json").read_text())
+    return json.loads(RunDir(run_dir).result.read_text())
 
 
 # --------------------------------------------------------------------- local processes
@@ -375,7 +378,7 @@ def _local_worker(
         session = Session(rank, world, device, Path(run_dir))
         run_worker(TrainSpec.model_validate_json(spec_json), session)
     except Exception:
-        if rank == 0 and not (Path(run_dir) / "result.json").exists():
+        if rank == 0 and not RunDir(Path(run_dir)).result.exists():
             error = failure_summary(Path(run_dir)) or traceback.format_exc()
             write_result(Path(run_dir), {"status": "failed", "error": error})
         raise
@@ -401,4 +404,4 @@ def run_local(
         args = (spec.num_workers, spec.model_dump_json(), str(run_dir), init, code_dir)
         with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
             mp.spawn(_local_worker, args=(*args, backend, devices), nprocs=spec.num_workers)
-    return json.loads((run_dir / "result.json").read_text())
+    return json.loads(RunDir(run_dir).result.read_text())

@@ -37,6 +37,7 @@ from .data import (
 )
 from .flops import FlopCounter, peak_tflops, throughput_metrics
 from .reporting import Reporter
+from .run_dir import CheckpointDir, RunDir
 from .schedule import lr_factor
 from .spec import TrainSpec
 
@@ -109,17 +110,20 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+def _checkpoints(run: RunDir) -> list[CheckpointDir]:
+    """The run's checkpoint folders, complete or not, oldest first."""
+    found = (run.checkpoint_at(d) for d in run.checkpoints.glob(RunDir.CHECKPOINTS))
+    return sorted((c for c in found if c is not None), key=lambda c: c.step)
+
+
+def latest_checkpoint(run_dir: Path) -> CheckpointDir | None:
     """The newest complete checkpoint (its ``complete.json`` is written last)."""
-    found = []
-    for d in (run_dir / "checkpoints").glob("step-*"):
-        if (d / "complete.json").exists():
-            found.append((int(d.name.split("-")[1]), d))
-    return max(found) if found else None
+    complete = [c for c in _checkpoints(RunDir(run_dir)) if c.complete.exists()]
+    return complete[-1] if complete else None
 
 
 def _reported_before(run_dir: Path) -> bool:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     return path.exists() and path.stat().st_size > 0
 
 
@@ -140,7 +144,7 @@ def _cpu(value: Any) -> Any:
 
 
 def save_portable(
-    opt: ZeroOptimizer, model: torch.nn.Module, session: Session, directory: Path
+    opt: ZeroOptimizer, model: torch.nn.Module, session: Session, where: RunDir | CheckpointDir
 ) -> None:
     """The portable pair, readable without Nestor at any world size: ``model.pt`` (the
     model's state dict) and ``optimizer.pt`` (the consolidated state dict of the plain
@@ -149,26 +153,23 @@ def save_portable(
     consolidated = opt.consolidated_state_dict()
     if session.rank != 0:
         return
-    _save(_cpu(model.state_dict()), directory / "model.pt")
+    _save(_cpu(model.state_dict()), where.model)
     consolidated = _cpu(consolidated)
     consolidated["nestor"] = {"optimizer": opt.spec.model_dump(mode="json"), "params": opt.names}
-    _save(consolidated, directory / "optimizer.pt")
+    _save(consolidated, where.optimizer)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (and any incomplete one
     older than them)."""
-    complete = sorted(
-        int(d.name.split("-")[1])
-        for d in (run_dir / "checkpoints").glob("step-*")
-        if (d / "complete.json").exists()
-    )
+    every = _checkpoints(RunDir(run_dir))
+    complete = [c.step for c in every if c.complete.exists()]
     if len(complete) <= keep:
         return
     oldest_kept = complete[-keep]
-    for d in (run_dir / "checkpoints").glob("step-*"):
-        if int(d.name.split("-")[1]) < oldest_kept:
-            shutil.rmtree(d, ignore_errors=True)
+    for c in every:
+        if c.step < oldest_kept:
+            shutil.rmtree(c.path, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -183,14 +184,14 @@ def save_checkpoint(
     portable pair, each rank's RNG state, and on rank 0 the loop's own position. The schedule
     is a function of the step, and so is the data order. Then only the newest ``keep``
     checkpoints stay."""
-    d = session.run_dir / "checkpoints" / f"step-{step:08d}"
-    opt.save_checkpoint(d)
+    d = RunDir(session.run_dir).checkpoint(step)
+    opt.save_checkpoint(d.path)
     save_portable(opt, model, session, d)
-    torch.save({"torch": torch.get_rng_state()}, d / f"rng{session.rank}.pt")
+    torch.save({"torch": torch.get_rng_state()}, d.rng(session.rank))
     if session.world_size > 1:
         dist.barrier()
     if session.rank == 0:
-        (d / "complete.json").write_text(json.dumps({"step": step, "best": best}))
+        d.complete.write_text(json.dumps({"step": step, "best": best}))
         prune_checkpoints(session.run_dir, keep)
 
 
@@ -248,7 +249,7 @@ def init_source(spec: TrainSpec, session: Session) -> dict[str, Any] | None:
     "optimizer"}), written by the service when it launches the job."""
     if spec.init_from is None:
         return None
-    path = session.run_dir / "init_from.json"
+    path = RunDir(session.run_dir).init_from
     if not path.exists():
         raise SetupError(
             f"init_from {spec.init_from.describe()}: no init_from.json in the run directory "
@@ -359,12 +360,12 @@ def setup(
         objective = Objective(spec, data)
     except SetupError as e:
         error = e
-        (session.run_dir / f"setup-error-rank{session.rank}.txt").write_text(str(e))
+        RunDir(session.run_dir).setup_error(session.rank).write_text(str(e))
     if session.world_size > 1:
         failed = torch.tensor([error is not None], dtype=torch.int32, device=session.device)
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            first = sorted(session.run_dir.glob("setup-error-rank*.txt"))
+            first = sorted(session.run_dir.glob(RunDir.SETUP_ERRORS))
             error = SetupError(first[0].read_text() if first else "another rank failed")
     if error is not None:
         raise error
@@ -391,11 +392,11 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
 
     start, best = 0, {}
     if resumed is not None:
-        step_done, path = resumed
-        opt.load_checkpoint(path)
-        load_buffers(model, path / "model.pt")
-        torch.set_rng_state(torch.load(path / f"rng{rank}.pt", weights_only=True)["torch"])
-        best = json.loads((path / "complete.json").read_text())["best"]
+        step_done = resumed.step
+        opt.load_checkpoint(resumed.path)
+        load_buffers(model, resumed.model)
+        torch.set_rng_state(torch.load(resumed.rng(rank), weights_only=True)["torch"])
+        best = json.loads(resumed.complete.read_text())["best"]
         start = step_done
         if report:
             report.resume(step_done)
@@ -497,7 +498,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
                 save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
 
     # The trained model and optimizer: plain state dicts (load with weights_only=True).
-    save_portable(opt, model, session, session.run_dir)
+    save_portable(opt, model, session, RunDir(session.run_dir))
     result = {
         "status": "succeeded",
         "steps": reached or spec.max_steps,

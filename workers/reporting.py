@@ -16,6 +16,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
 
+from .run_dir import RunDir
+
 log = logging.getLogger("nestor.reporting")
 # httpx logs every request at INFO: one line per metrics batch in the job's log.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -44,7 +46,7 @@ class JsonlReporter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.status_path = self.path.with_name("status.jsonl")
+        self.status_path = RunDir(self.path.parent).status
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, "time": time.time(), **_clean(values)}

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.run_dir import RunDir
+
 from .errors import fail
 from .specs import load_spec_file
 
@@ -58,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from ..settings import Settings
 
         run_dir = Settings().run_root / f"{Path(args.spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (run_dir / "result.json").exists():
+    if RunDir(run_dir).result.exists():
         fail(f"{run_dir} already holds a finished run; choose another --out")
     runtime_env, code_dir = None, None
     if args.code:
@@ -164,7 +166,7 @@ def _progress(run_dir: Path, total: int, done: threading.Event) -> None:
     """Follow metrics.jsonl with a progress bar until ``done``."""
     from tqdm import tqdm
 
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     with tqdm(total=total, unit="step", dynamic_ncols=True) as bar:
         pos = 0
         while True:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from workers.run_dir import RunDir
 from workers.spec import HOME_VARIABLE
 
 from .. import run_dirs
@@ -79,7 +80,7 @@ def init_from(db: Session, job: Job, run_dir: Path, *, storage: RunStorage) -> s
     )
     if isinstance(found, str):
         return f"init_from {found}"
-    run_dirs.write_json(run_dir / "init_from.json", found)
+    run_dirs.write_json(RunDir(run_dir).init_from, found)
     return None
 
 
@@ -105,7 +106,7 @@ def launch(db: Session, job: Job, *, ray: RayJobs, storage: RunStorage, settings
     if refused:
         transition(db, job, "failed", refused)
         return False
-    token_file = run_dir / "worker_token"
+    token_file = RunDir(run_dir).worker_token
     revoke_worker_tokens(db, job.id)  # an earlier attempt's token ends with it
     token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id, submission_id=sid)
     token_file.touch(mode=0o600)

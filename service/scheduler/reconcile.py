@@ -13,6 +13,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from workers.run_dir import RunDir
+
 from ..auth import revoke_worker_tokens
 from ..backfill import backfill
 from ..jobs import finished_reason, transition
@@ -117,7 +119,7 @@ def _lost(db: Session, job: Job, *, backfill_with: Sessions | None) -> None:
 
 
 def _result(job: Job) -> dict[str, Any]:
-    path = Path(job.run_dir or "") / "result.json"
+    path = RunDir(Path(job.run_dir or "")).result
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -144,7 +146,7 @@ def finish(
     """End a job: backfill any metric points the live path missed (in sessions from
     ``backfill_with``; None: no backfill), then the status."""
     if backfill_with is not None and job.run_dir:
-        backfill(backfill_with, job.id, Path(job.run_dir) / "metrics.jsonl")
+        backfill(backfill_with, job.id, RunDir(Path(job.run_dir)).metrics)
         db.refresh(job)
     if job.status == "queued":
         transition(db, job, "running", "Ray job started")
