@@ -6,7 +6,7 @@ parameter) trains one step at 4 ranks, ZeRO-2, and saves a sharded checkpoint. T
 by round:
 
   full rebuild   every rank reassembles the whole unsharded parameters and state from every
-                 rank's file, then keeps its part (Nestor's load_checkpoint before issue 16)
+                 rank's file, then keeps its part (Nestor's load_checkpoint before it restored sharded)
   sharded        ZeroOptimizer.load_checkpoint: each rank maps only the files that overlap
                  its shards and copies only those pieces, then all-gathers the parameters
 
@@ -113,28 +113,28 @@ def full_rebuild(opt: ZeroOptimizer, directory: str) -> None:
                         dest[a - off : e - off] = v[a - lo : e - lo]
     keys = sorted({k for f in full for k in f if k != "param"})
     new_state: dict[int, dict] = {}
-    for k, (c, bi, shard) in enumerate(opt._shard_entries()):
+    for s in opt.shard_view.shards:
+        k = s.number
         for key in ["param", *keys]:
-            dest = shard if key == "param" else torch.zeros_like(shard)
-            for i, at, start, length in c.buckets[bi].pieces(opt._plan_rank, opt._plan_world):
+            dest = s.tensor if key == "param" else torch.zeros_like(s.tensor)
+            for i, at, start, length in s.pieces:
                 dest[at : at + length] = full[i][key][start : start + length].to(dest.dtype)
             if key != "param":
                 new_state.setdefault(k, {})[key] = dest
         new_state.setdefault(k, {}).update(
             {key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in scalars.items()}
         )
-    for c in opt._classes:
-        for b in c.buckets:
-            for seg in b.segments:
-                c.flat_param[seg.offset : seg.offset + seg.numel] = full[seg.index]["param"]
-    opt._load_inner(new_state, first["param_groups"], {})
+    with torch.no_grad():
+        for i, p in enumerate(opt.params):
+            p.copy_(full[i]["param"].view_as(p))
+    opt.load_shard_state(new_state, first["param_groups"], {})
 
 
 def checksum(model: torch.nn.Module, opt: ZeroOptimizer) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
         h.update(p.detach().numpy().tobytes())
-    for state in opt._hooks.states:
+    for state in opt.shard_view.hooks.states:
         for entry in state.values():
             for key in sorted(entry):
                 v = entry[key]
@@ -167,7 +167,7 @@ def restore_worker(rank: int, contender: str, init: str, ckpt: str, out: str) ->
         opt.load_checkpoint(ckpt)
     else:
         full_rebuild(opt, ckpt)
-        opt._gather_parameters()
+        opt.gather_parameters()
     seconds = time.perf_counter() - start
     peak = status("VmHWM")
     params = sum(p.numel() * p.element_size() for p in model.parameters())

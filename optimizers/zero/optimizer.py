@@ -367,8 +367,6 @@ class ZeroOptimizer(Optimizer):
         if not self._overlap_hooks:
             self.wait_parameters()
 
-    _gather_parameters = gather_parameters  # bench/restore.py's name for it
-
     @property
     def gathers_in_flight(self) -> int:
         """Buckets whose parameter all-gather ``overlap_with`` has left running (not yet
@@ -478,12 +476,6 @@ class ZeroOptimizer(Optimizer):
         self.inner.load_state_dict(sd)
         self.param_groups = self.inner.param_groups
         self._hooks.bind_norms(self._whole_parameter_norms)
-
-    # bench/restore.py's names, until it reads ``shard_view``.
-    _load_inner = load_shard_state
-
-    def _shard_entries(self) -> list[tuple[FlatClass, int, Tensor]]:
-        return [(c, bi, s) for c in self._classes for bi, s in enumerate(c.shards)]
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> None:

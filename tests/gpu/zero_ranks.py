@@ -138,7 +138,7 @@ def worker(
                     **diffs(model, reference(world, device, dtype)),
                     "grad_norm": float(opt.last_grad_norm),
                     "devices": sorted({str(p.device) for p in model.parameters()}),
-                    "buckets": sum(len(c.buckets) for c in opt._classes),
+                    "buckets": len(opt.shard_view.layout.buckets),
                 }
 
         # Checkpoint halfway, finish; a fresh model and optimizer load it and finish too.
