@@ -14,7 +14,7 @@ then, for ``--seconds``:
 At the end both jobs end, every stream ends, and each viewer's count of points is compared
 with the points stored for its job. Run on SQLite and on PostgreSQL (a private server started
 for the run). Viewers, probes and the ingest run in processes of their own, so the client's
-GIL does not add to the latencies measured. Targets (issue 12): p99 <= 100 ms for both probes,
+GIL does not add to the latencies measured. Targets: p99 <= 100 ms for both probes,
 no 5xx, connections <= pool size, RSS growth <= 100 MB, every viewer sees every point.
 
     python bench/load.py [--db sqlite|postgresql|both] [--viewers 200] [--rate 50000]

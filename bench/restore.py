@@ -6,7 +6,7 @@ parameter) trains one step at 4 ranks, ZeRO-2, and saves a sharded checkpoint. T
 by round:
 
   full rebuild   every rank reassembles the whole unsharded parameters and state from every
-                 rank's file, then keeps its part (Nestor's load_checkpoint before it restored sharded)
+                 rank's file, then keeps its part (Nestor's first load_checkpoint)
   sharded        ZeroOptimizer.load_checkpoint: each rank maps only the files that overlap
                  its shards and copies only those pieces, then all-gathers the parameters
 
@@ -69,7 +69,7 @@ def reset_peak() -> None:
 
 @torch.no_grad()
 def full_rebuild(opt: ZeroOptimizer, directory: str) -> None:
-    """The restore before issue 16: whole per-parameter tensors of every key on every rank,
+    """The restore before the sharded one: whole per-parameter tensors of every key on every rank,
     from every rank's whole file; then each rank takes its slices."""
     with open(os.path.join(directory, "index.json")) as f:
         index = json.load(f)
