@@ -36,24 +36,30 @@ class WorkerSettings:
         """Read the variables; a bad value is a ValueError naming the variable and the value
         (except the log cap's, see above)."""
         get = environ.get
+        peak = _number(get("NESTOR_PEAK_TFLOPS"), "NESTOR_PEAK_TFLOPS", positive=True)
         return cls(
-            warm_workers=int(_number(get, "NESTOR_WARM_WORKERS", cls.warm_workers)),
-            warm_idle_seconds=_number(get, "NESTOR_WARM_IDLE_SECONDS", cls.warm_idle_seconds),
+            warm_workers=int(_number(get("NESTOR_WARM_WORKERS"), "NESTOR_WARM_WORKERS", 4)),
+            warm_idle_seconds=_number(
+                get("NESTOR_WARM_IDLE_SECONDS"), "NESTOR_WARM_IDLE_SECONDS", 600.0
+            ),
             max_log_bytes=_log_cap(get("NESTOR_MAX_LOG_BYTES")),
-            peak_tflops=_peak(get("NESTOR_PEAK_TFLOPS")),
+            peak_tflops=peak,
         )
 
 
-def _number(get, name: str, default: float) -> float:
-    raw = get(name)
+def _number(
+    raw: str | None, name: str, default: float | None = None, positive: bool = False
+) -> float | None:
+    """``raw`` as a finite number >= 0 (> 0 when ``positive``), ``default`` when unset."""
     if raw is None or not raw.strip():
         return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {raw!r} (a number >= 0)")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        expected = "a peak in TFLOP/s, e.g. 989.5" if positive else "a number >= 0"
+        raise ValueError(f"Invalid {name}: {raw!r} ({expected})")
     return value
 
 
@@ -62,15 +68,3 @@ def _log_cap(raw: str | None) -> int:
         return max(MIN_LOG_CAP_BYTES, int(raw)) if raw is not None else DEFAULT_LOG_CAP_BYTES
     except ValueError:
         return DEFAULT_LOG_CAP_BYTES
-
-
-def _peak(raw: str | None) -> float | None:
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid NESTOR_PEAK_TFLOPS: {raw!r} (a peak in TFLOP/s, e.g. 989.5)")
-    return value
