@@ -30,7 +30,7 @@ from workers.run_dir import RunDir
 FINAL = RunDir.FINAL
 PORTABLE = RunDir.PORTABLE
 _CHECKPOINT_NAME = re.compile(r"^step-([1-9]\d{0,9})-(model|optimizer)\.pt$")
-_DIGESTS = ".artifacts.json"  # cached sha256 per name, keyed by size and mtime
+_DIGESTS = RunDir.DIGESTS
 KEPT_ON_DELETE = {RunDir.LOGS, RunDir.OWNER, _DIGESTS}
 
 
@@ -117,7 +117,7 @@ class RunStorage:
     # ------------------------------------------------------------------ digests
     def sha256(self, run_dir: Path, artifact: Artifact) -> str:
         """The artifact's SHA-256, computed once per (size, mtime) and cached in the run."""
-        cache_path = run_dir / _DIGESTS
+        cache_path = RunDir(run_dir).digests
         try:
             cache = json.loads(cache_path.read_text())
         except (OSError, ValueError):
@@ -151,7 +151,7 @@ class RunStorage:
             else:
                 freed += entry.lstat().st_size
                 entry.unlink(missing_ok=True)
-        (run_dir / _DIGESTS).unlink(missing_ok=True)
+        RunDir(run_dir).digests.unlink(missing_ok=True)
         return freed
 
     # ------------------------------------------------------------------ logs

@@ -16,6 +16,7 @@ rename; this module only says where.
       error-rank{r}.txt       the traceback of rank r's failed attempt
       setup-error-rank{r}.txt why rank r could not build its data or model
       logs/                   the job's log (workers.logs.JobLog)
+      .artifacts.json         the service's cached digests of the artifacts
       checkpoints/step-{N:08d}/
         complete.json         written last: the checkpoint is whole ({"step", "best"})
         model.pt optimizer.pt the portable pair at step N
@@ -70,6 +71,7 @@ class RunDir:
     FINAL = ("model.pt", "optimizer.pt", "spec.json", "result.json", "metrics.csv")
     PORTABLE = ("model.pt", "optimizer.pt")
     LOGS = "logs"
+    DIGESTS = ".artifacts.json"  # the service's cached sha256 per artifact, by size and mtime
 
     @property
     def owner(self) -> Path:
@@ -119,6 +121,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / self.LOGS
+
+    @property
+    def digests(self) -> Path:
+        return self.root / self.DIGESTS
 
     def error(self, rank: int) -> Path:
         return self.root / f"error-rank{rank}.txt"
