@@ -274,7 +274,6 @@ class HostFlag:
     pass is queued, so the device is never left idle while the host waits."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
         self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
@@ -297,7 +296,7 @@ class Pace:
     (``workers.flops``), achieved TFLOP/s and MFU. Evaluation and checkpoints are left out."""
 
     def __init__(self, spec: TrainSpec, data: Data, world: int, device: torch.device) -> None:
-        self.spec, self.world, self.device = spec, world, device
+        self.spec, self.world = spec, world
         self.lm = data.task == "lm"
         self.micro_flops: int | None = None
         self.tokens_per_micro: int | None = None
