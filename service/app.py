@@ -69,6 +69,8 @@ def create_app(
                     used = app.state.scheduler.cluster
                     how = "adopted the embedded Ray left running at" if used.adopted else "Ray"
                     ray = f"; {how} {used.gcs_address or used.dashboard_url}"
+                if scheduler:
+                    print(app.state.scheduler.isolation.line(), file=sys.stderr, flush=True)
                 print(
                     f"nestor: serving on http://{settings.host}:{settings.port} (docs at /docs, "
                     f"database {settings.db_url.split('@')[-1]}){ray}; admin token in {where}",

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers import settings as worker_settings
+
 log = logging.getLogger("nestor.ray")
 STATE_FILE = "ray-cluster.json"
 
@@ -93,7 +95,13 @@ class RayCluster:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """`ray start`'s environment, which every process of the cluster inherits: the
+        service's own settings (an admin token, a database URL) stay with the service."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("NESTOR_") or k in worker_settings.VARIABLES
+        }
         env.pop("RAY_ADDRESS", None)  # addresses are passed explicitly
         env.pop("RAY_AUTH_TOKEN_PATH", None)
         if self.embedded and self.token:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +77,14 @@ class Settings(BaseSettings):
         10 * 2**20,
         ge=4096,
         description="bytes of log kept per job (the oldest lines are dropped past it)",
+    )
+    isolation: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="sandbox each job's processes (bubblewrap; as a uid of the job's own when "
+        "the service is root) so that a job's code cannot reach the service's database, keys, "
+        "tokens or other runs. auto: on the Ray cluster the service starts itself, where "
+        "bubblewrap runs; on: also on an embedded cluster it is given, and refuse to start "
+        "without it; off: never",
     )
     optuna_url: str | None = Field(
         None, description="Optuna storage for sweep early stopping; default HOME/optuna.db"

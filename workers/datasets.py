@@ -29,6 +29,14 @@ def nestor_home() -> Path:
     return Path(os.environ.get(HOME_VARIABLE, DEFAULT_HOME)).expanduser()
 
 
+def share(path: Path) -> None:
+    """A cache entry every job may read: jobs run as uids of their own, with umask 077."""
+    os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    if path.is_dir():
+        for child in path.iterdir():
+            share(child)
+
+
 def _split(x, y, val_fraction: float, seed: int, task: Task, classes: int) -> Data:
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = max(1, round(len(x) * val_fraction))
@@ -65,7 +73,11 @@ def mnist1d(
         # Workers may generate concurrently: each writes its own file, then an atomic rename.
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, x=x, y=y)
-        os.replace(tmp, cache)
+        share(tmp)
+        try:
+            os.replace(tmp, cache)
+        except PermissionError:  # another job's copy, in a cache it may not replace
+            tmp.unlink()
     return _split(x, y, val_fraction, seed, "classification", 10)
 
 

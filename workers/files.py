@@ -101,7 +101,7 @@ def npz_member(path: Path, name: str) -> np.ndarray:
 def _parquet_as_npy(path: Path, spec: FileDatasetSpec) -> Path:
     import pyarrow.parquet as pq
 
-    from .datasets import nestor_home
+    from .datasets import nestor_home, share
 
     stat = path.stat()
     key = json.dumps(
@@ -136,6 +136,7 @@ def _parquet_as_npy(path: Path, spec: FileDatasetSpec) -> Path:
     y_out.flush()
     del x_out, y_out
     (tmp / "done").write_text("")
+    share(tmp)
     try:
         os.rename(tmp, cache)  # another worker may have finished first: keep theirs
     except OSError:

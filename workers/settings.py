@@ -13,6 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_LOG_CAP_BYTES = 10 * 2**20
+# Every NESTOR_* variable a job's processes read (these and NESTOR_HOME): the only ones that
+# reach them from the service's or the cluster's environment (``workers.sandbox``).
+VARIABLES = (
+    "NESTOR_HOME",
+    "NESTOR_WARM_WORKERS",
+    "NESTOR_WARM_IDLE_SECONDS",
+    "NESTOR_MAX_LOG_BYTES",
+    "NESTOR_PEAK_TFLOPS",
+)
 MIN_LOG_CAP_BYTES = 4096
 
 

@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--database-url", help="e.g. postgresql+psycopg://u:p@host/nestor")
     serve.add_argument("--ray-address", help="existing Ray cluster (default: start one)")
     serve.add_argument(
+        "--isolation",
+        choices=("auto", "on", "off"),
+        help="sandbox each job's processes (default auto: on the Ray the service starts, "
+        "where bubblewrap runs; README: what a job can and cannot touch)",
+    )
+    serve.add_argument(
         "--api-only",
         action="store_true",
         help="serve the API and dashboard without a scheduler or Ray (another replica of a "
@@ -57,6 +63,7 @@ def _serve_settings(args: argparse.Namespace):
             "port": getattr(args, "port", None),
             "database_url": args.database_url,
             "ray_address": getattr(args, "ray_address", None),
+            "isolation": getattr(args, "isolation", None),
         }.items()
         if v is not None
     }

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from ..capacity import Capacity, Resources
 from ..db import Database
+from ..isolation import Isolation, secure_home
 from ..models import Job, Sweep
 from ..ray_cluster import RayCluster
 from ..ray_jobs import RayJobs
@@ -53,9 +54,13 @@ class Scheduler:
         self.ray: RayJobs | None = None
         self._capacity: tuple[float, Capacity] | None = None
         self.storage = RunStorage(settings.run_root)
+        self.isolation: Isolation | None = None  # known once the cluster is
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        self.isolation = Isolation.detect(self.settings, self.cluster, self._owns_cluster)
+        if self.isolation.mode == "uid":
+            secure_home(self.settings)
         self.cluster.start()
         self.ray = RayJobs(self.cluster.dashboard_url, headers=self.cluster.headers)
         _ = self.capacity  # read once now, so the API can refuse jobs that can never fit
@@ -125,7 +130,12 @@ class Scheduler:
         """One pass: each phase in its own session, an error in one logged, never fatal."""
         backfill_with = self.db.sessions if self.settings.backfill else None
         handover = partial(
-            launch.launch, ray=self.ray, storage=self.storage, settings=self.settings
+            launch.launch,
+            ray=self.ray,
+            storage=self.storage,
+            settings=self.settings,
+            isolation=self.isolation,
+            cluster=self.cluster,
         )
         phases: dict[str, Callable[[Session], None]] = {
             "reconcile": lambda db: reconcile.reconcile(

@@ -18,13 +18,16 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from workers.run_dir import RunDir
+from workers.sandbox import Sandbox
 from workers.spec import HOME_VARIABLE
 
 from .. import run_dirs
 from ..auth import create_token, revoke_worker_tokens
+from ..isolation import Isolation, prepare_job
 from ..jobs import transition
 from ..models import Job
 from ..packages import ray_working_dir
+from ..ray_cluster import RayCluster
 from ..ray_jobs import RayJobs
 from ..settings import Settings
 from ..storage import RunStorage, init_files
@@ -43,18 +46,23 @@ def submission_id(job: Job) -> str:
     return f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
 
 
-def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def job_runtime_env(
+    spec: dict[str, Any], settings: Settings, sandbox: Sandbox | None = None
+) -> dict[str, Any]:
     """Ray's runtime environment for a job: Nestor's home for the workers, the job's code
     package as its working directory (Ray uploads the stored zip to the cluster and unpacks
-    it on every node, so no node needs a shared code directory), its pip requirements."""
-    env: dict[str, Any] = {
-        "env_vars": {
-            HOME_VARIABLE: str(settings.home_dir),
-            "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
-            "NESTOR_WARM_WORKERS": str(settings.warm_workers),
-            "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),
-        }
+    it on every node, so no node needs a shared code directory), its pip requirements; and
+    in a ``sandbox``, the command every process of the job starts through (no warm workers
+    then: a worker kept for the next job would carry this job's sandbox into it)."""
+    env_vars = {
+        HOME_VARIABLE: str(settings.home_dir),
+        "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
+        "NESTOR_WARM_WORKERS": str(settings.warm_workers if sandbox is None else 0),
+        "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),
     }
+    env: dict[str, Any] = {"env_vars": env_vars}
+    if sandbox is not None:
+        env["py_executable"] = sandbox.py_executable()
     if spec.get("code"):
         env["working_dir"] = str(ray_working_dir(settings.packages_dir, spec["code"]))
     if spec.get("requirements"):
@@ -62,12 +70,13 @@ def job_runtime_env(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return env
 
 
-def init_from(db: Session, job: Job, run_dir: Path, *, storage: RunStorage) -> str | None:
+def init_from(db: Session, job: Job, run_dir: Path, *, storage: RunStorage) -> str | list[str]:
     """Write ``init_from.json`` for a job that starts from another's weights (found in
-    ``storage``); the reason it cannot, if the other job's files are gone."""
+    ``storage``): the files it reads, or the reason it cannot, if the other job's files are
+    gone."""
     init = job.spec.get("init_from")
     if not init:
-        return None
+        return []
     source = db.get(Job, init["job"])
     if source is None:
         return f"init_from: job {init['job']} does not exist"
@@ -81,12 +90,22 @@ def init_from(db: Session, job: Job, run_dir: Path, *, storage: RunStorage) -> s
     if isinstance(found, str):
         return f"init_from {found}"
     run_dirs.write_json(RunDir(run_dir).init_from, found)
-    return None
+    return [path for key in ("model", "optimizer") if (path := found.get(key))]
 
 
-def launch(db: Session, job: Job, *, ray: RayJobs, storage: RunStorage, settings: Settings) -> bool:
+def launch(
+    db: Session,
+    job: Job,
+    *,
+    ray: RayJobs,
+    storage: RunStorage,
+    settings: Settings,
+    isolation: Isolation | None = None,
+    cluster: RayCluster | None = None,
+) -> bool:
     """Claim the queued job (compare-and-set, so a cancel that came first wins), then
-    hand it to ``ray``. False if it was no longer ours to start."""
+    hand it to ``ray``, its processes in their sandbox where ``isolation`` is on. False if
+    it was no longer ours to start."""
     sid = submission_id(job)
     try:
         run_dir = run_dirs.prepare(settings.run_root, job.id, sid, job.spec)
@@ -102,9 +121,9 @@ def launch(db: Session, job: Job, *, ray: RayJobs, storage: RunStorage, settings
     if not claimed:  # cancelled (or claimed elsewhere) meanwhile: launch nothing
         return False
     db.refresh(job)
-    refused = init_from(db, job, run_dir, storage=storage)
-    if refused:
-        transition(db, job, "failed", refused)
+    reads = init_from(db, job, run_dir, storage=storage)
+    if isinstance(reads, str):
+        transition(db, job, "failed", reads)
         return False
     token_file = RunDir(run_dir).worker_token
     revoke_worker_tokens(db, job.id)  # an earlier attempt's token ends with it
@@ -126,8 +145,18 @@ def launch(db: Session, job: Job, *, ray: RayJobs, storage: RunStorage, settings
             str(token_file),
         ]
     )
+    sandbox = None
+    if isolation is not None and cluster is not None:
+        sandbox = prepare_job(
+            isolation,
+            settings=settings,
+            cluster=cluster,
+            submission_id=sid,
+            run_dir=run_dir,
+            init_files=reads,
+        )
     try:
-        runtime_env = job_runtime_env(job.spec, settings)
+        runtime_env = job_runtime_env(job.spec, settings, sandbox)
     except FileNotFoundError as e:
         transition(db, job, "failed", str(e))
         return False
