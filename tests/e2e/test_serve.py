@@ -12,17 +12,20 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy
 import pytest
+import torch
 
 from service.client import Client
 
-from ..helpers import free_port
+from ..helpers import free_port, read_jsonl
 
 ROOT = Path(__file__).parents[2]
 ADMIN = "nst_e2e_admin_token"
@@ -167,6 +170,218 @@ def test_a_second_server_on_the_same_database_refuses_to_start(nestor):
         replica.proc.terminate()
         replica.proc.wait(timeout=60)
     assert nestor.wait(job["id"])["status"] == "succeeded"
+
+
+ATTACKER = '''
+import json
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read(1 << 20)
+
+
+def _write(path):
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT))
+
+
+def _find(directory, name):
+    """``name`` in ``directory``'s listing (the sandbox shows what the job may use)."""
+    if name not in os.listdir(directory):
+        raise FileNotFoundError(f"no {name} in {directory}")
+
+
+def _entries(directory):
+    if not os.listdir(directory):
+        raise FileNotFoundError(f"{directory} shows nothing")
+
+
+def _through_proc(home):
+    """Any process's view of the machine (the service's among them), as /proc offers it."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            return _read(f"/proc/{pid}/root{home}/signing_key")
+        except OSError:
+            continue
+    raise PermissionError("no process's root leads to the service's home")
+
+
+def _service_environment():
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"NESTOR_ADMIN_TOKEN" in _read(f"/proc/{pid}/environ"):
+                return pid
+        except OSError:
+            continue
+    raise PermissionError("no environment holding the admin token is readable")
+
+
+def build(data, home, other_run):
+    """Before building its model, look around as an attacker would."""
+    tries = {
+        "read the signing key": lambda: _read(f"{home}/signing_key"),
+        "read the Ray token file": lambda: _read(f"{home}/ray-auth-token"),
+        "read the database": lambda: _read(f"{home}/nestor.db"),
+        "write the database": lambda: _write(f"{home}/nestor.db"),
+        "create a file in the home": lambda: _write(f"{home}/planted"),
+        "find the database in the home": lambda: _find(home, "nestor.db"),
+        "list the packages": lambda: _entries(f"{home}/packages"),
+        "find another job's run": lambda: _find(f"{home}/runs", os.path.basename(other_run)),
+        "read another job's run": lambda: _read(f"{other_run}/spec.json"),
+        "write another job's run": lambda: _write(f"{other_run}/planted"),
+        "reach the home through /proc": lambda: _through_proc(home),
+        "read the service's environment": _service_environment,
+    }
+    found = {}
+    for what, attempt in tries.items():
+        try:
+            attempt()
+            found[what] = "allowed"
+        except OSError as e:
+            found[what] = f"refused ({type(e).__name__})"
+    secret = ("TOKEN", "SECRET", "KEY", "PASSWORD", "DATABASE")
+    found["environment"] = sorted(k for k in os.environ if any(s in k.upper() for s in secret))
+    found["nestor variables"] = sorted(k for k in os.environ if k.startswith("NESTOR_"))
+    found["uid"] = os.getuid()
+    print("FINDINGS " + json.dumps(found), flush=True)
+    return nn.Sequential(nn.Linear(data.train[0][0].shape[0], 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def load():
+    """The package's own data file, read where Ray unpacked the package."""
+    with np.load(os.path.join(os.path.dirname(__file__), "data.npz"), allow_pickle=False) as f:
+        x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    return TensorDataset(x[400:], y[400:]), TensorDataset(x[:400], y[:400])
+'''
+
+
+def findings(client: Client, job_id: int) -> list[dict]:
+    """The probe's reports, one per process that built the model, from the job's log."""
+    lines = client.logs(job_id, limit=10_000)["lines"]  # each "[rank R] text"
+    return [json.loads(line.split("FINDINGS ", 1)[1]) for line in lines if "FINDINGS " in line]
+
+
+def job_processes(uid: int) -> list[int]:
+    """Pids of the processes running as ``uid``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if proc.stat().st_uid == uid:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_jobs_code_cannot_reach_the_service_yet_trains_resumes_and_starts_from_another(
+    nestor, tmp_path
+):
+    """On `nestor serve`'s defaults (root, bubblewrap): a user with the code scope uploads a
+    package whose model factory tries every read and write of the service's state; each is
+    refused in every worker; and the job still trains from its package's data, resumes after
+    a worker's SIGKILL, writes its log and artifacts, and another job starts from its
+    weights."""
+    assert os.geteuid() == 0, "the embedded default under test runs the service as root"
+    assert (
+        "jobs run sandboxed (bubblewrap), each as a uid of its own"
+        in (nestor.home / "serve.log").read_text()
+    )
+    user = nestor.client.create_user("mallory", ["read", "submit", "code"])
+    mallory = Client(f"http://127.0.0.1:{nestor.port}", user["token"], timeout=10)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "probe.py").write_text(ATTACKER)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 12, generator=g)
+    y = (x[:, :4] * x[:, 4:8]).argmax(dim=1)
+    numpy.savez(project / "data.npz", x=x.numpy(), y=y.numpy())
+    other_run = next(p.parent for p in (nestor.home / "runs").glob("*/spec.json"))
+    spec = {
+        **JOB,
+        "code": mallory.ensure_package(project),
+        "model": {
+            "factory": "probe:build",
+            "kwargs": {"home": str(nestor.home), "other_run": str(other_run)},
+        },
+        "dataset": {"factory": "probe:load"},
+        "max_steps": 40,
+        "eval_every": 10,
+        "checkpoint_every": 5,
+    }
+    job = mallory.submit(spec, name="looks around")
+
+    def run_dir() -> Path | None:
+        for owner in (nestor.home / "runs").glob("*/nestor-job.json"):
+            if json.loads(owner.read_text())["job_id"] == job["id"]:
+                return owner.parent
+        return None
+
+    def past_a_checkpoint() -> bool:
+        directory = run_dir()
+        try:
+            rows = read_jsonl(directory / "metrics.jsonl") if directory else []
+        except (OSError, ValueError):
+            return False
+        return bool(rows) and rows[-1].get("step", 0) >= 6
+
+    deadline = time.time() + 300
+    while not past_a_checkpoint():
+        assert time.time() < deadline and nestor.client.job(job["id"])["status"] in (
+            "queued",
+            "running",
+        ), nestor.client.job(job["id"])
+        time.sleep(0.05)
+    directory = run_dir()
+    uid = directory.stat().st_uid
+    assert uid >= 2_000_000_000 and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    # From outside: the job's processes (supervisor, driver, workers) run as its uid, each
+    # in a mount namespace that is not the service's, with no Nestor secret in its
+    # environment.
+    processes = job_processes(uid)
+    assert len(processes) >= 3, processes
+    services = os.readlink("/proc/self/ns/mnt")
+    for pid in processes:
+        try:
+            assert os.readlink(f"/proc/{pid}/ns/mnt") != services
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+        assert b"NESTOR_ADMIN_TOKEN" not in environ and ADMIN.encode() not in environ
+    workers = read_jsonl(directory / "workers.jsonl")
+    os.kill(next(w["pid"] for w in workers if w["rank"] == 1), signal.SIGKILL)
+    done = nestor.wait(job["id"])
+    assert done["status"] == "succeeded", done
+    assert nestor.steps(job["id"]) == list(range(1, 41))  # resumed from its checkpoint
+    assert len(read_jsonl(directory / "workers.jsonl")) >= 4  # both ranks started again
+
+    reports = findings(mallory, job["id"])
+    assert len(reports) >= 2, reports
+    for report in reports:
+        allowed = [what for what, how in report.items() if how == "allowed"]
+        assert not allowed, report
+        assert report["environment"] == ["RAY_AUTH_TOKEN"], report
+        assert "NESTOR_ADMIN_TOKEN" not in report["nestor variables"], report
+        assert report["uid"] == uid
+    assert not (nestor.home / "planted").exists() and not (other_run / "planted").exists()
+    names = {a["name"] for a in mallory.artifacts(job["id"])["data"]}
+    assert {"model.pt", "optimizer.pt", "metrics.csv", "result.json"} <= names, names
+
+    # Its weights start the next job, whose uid is another: read through its own sandbox.
+    follow = mallory.submit(
+        {**spec, "max_steps": 5, "init_from": {"job": job["id"]}}, name="starts from it"
+    )
+    done = nestor.wait(follow["id"])
+    assert done["status"] == "succeeded", done
+    first = nestor.client.metrics(follow["id"], keys=["train_loss"])["series"]["train_loss"]
+    start = nestor.client.metrics(job["id"], keys=["train_loss"])["series"]["train_loss"]
+    assert first["value"][0] < start["value"][0]  # trained weights, not a fresh model
 
 
 def test_a_sigkilled_service_restarts_adopting_its_ray_and_the_job_loses_nothing(nestor):

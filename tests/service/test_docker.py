@@ -25,7 +25,8 @@ def test_compose_wires_postgres_ray_and_the_service(monkeypatch):
     """The compose file read as the code reads it: the service's command goes through the
     CLI's own parser into the settings class, and those settings name the compose file's
     PostgreSQL and Ray head; every NESTOR_ variable is a setting; data and Ray's token are
-    shared by every Nestor container."""
+    shared by every Nestor container, and
+    Ray's nodes, where jobs run, mount the run directories alone: not the service's home."""
     from sqlalchemy.engine import make_url
 
     from service.cli import build_parser
@@ -69,9 +70,17 @@ def test_compose_wires_postgres_ray_and_the_service(monkeypatch):
             if key.startswith("NESTOR_"):
                 field = key.removeprefix("NESTOR_").lower()
                 assert field in Settings.model_fields, f"{name}: {key} is no setting"
+    home = [v for v in nestor["volumes"] if v.split(":")[1] == str(settings.home_dir)]
+    runs = [v for v in nestor["volumes"] if v.split(":")[1] == str(settings.run_root)]
+    assert len(home) == 1 and len(runs) == 1 and home != runs
     for name in ("ray-head", "ray-worker", "nestor"):
         env = services[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token"
         assert env["RAY_AUTH_TOKEN"] == services["ray-head"]["environment"]["RAY_AUTH_TOKEN"]
-        volume = services[name]["volumes"][0]
-        assert volume.split(":")[1] == env["NESTOR_HOME"] == str(settings.home_dir), name
+    for name in ("ray-head", "ray-worker"):
+        # Where jobs run: the run directories, never the service's home, its admin token or
+        # the database's credentials.
+        ray = services[name]
+        assert ray["volumes"] == runs, name
+        assert not any(key.startswith("NESTOR_") for key in ray["environment"]), name
+        assert "postgres" not in yaml.safe_dump(ray), name  # no database URL, no password
