@@ -21,6 +21,7 @@ class RayUnavailable(RuntimeError):
 class RayJob:
     status: str  # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED
     message: str | None
+    driver_exit_code: int | None = None  # once the driver has exited (-N: signal N)
 
 
 class RayJobs:
@@ -46,7 +47,7 @@ class RayJobs:
         if r.status_code != 200:
             raise RayUnavailable(f"Ray's Jobs API at {self.url} answered {r.status_code}")
         body = r.json()
-        return RayJob(body["status"], body.get("message"))
+        return RayJob(body["status"], body.get("message"), body.get("driver_exit_code"))
 
     def stop(self, submission_id: str) -> None:
         """Ask Ray to stop the job's driver and workers (a job that has ended: nothing)."""

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import deaths
 from .logs import capture
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .run_dir import RunDir
@@ -298,10 +299,35 @@ def _finished(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failed(run_dir: Path, e: BaseException) -> dict[str, Any]:
+    """result.json for a job Ray gave up on: how its processes died first (a rank that Ray's
+    memory monitor, the kernel's OOM killer or a signal killed: ``workers.deaths``), then
+    the failing rank's traceback or Ray's error."""
     if not RunDir(run_dir).result.exists():
-        error = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
-        write_result(run_dir, {"status": "failed", "error": error})
+        detail = failure_summary(run_dir) or f"{type(e).__name__}: {e}"
+        died = deaths.of_failure(e, worker_starts(run_dir), _session_dir())
+        write_result(run_dir, {"status": "failed", "error": deaths.first(died, detail)})
     return json.loads(RunDir(run_dir).result.read_text())
+
+
+def worker_starts(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """Each rank's latest start in ``workers.jsonl`` (its row: pid, host, node, time)."""
+    starts: dict[int, dict[str, Any]] = {}
+    with contextlib.suppress(OSError):
+        for line in RunDir(run_dir).workers.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                starts[int(row["rank"])] = row
+    return starts
+
+
+def _session_dir() -> str | None:
+    """This Ray session's directory (where death records are kept), when connected."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_session_dir_path() if _global_node else None
+    except Exception:  # not connected, or Ray moved it
+        return None
 
 
 # --------------------------------------------------------------------- local processes

@@ -250,8 +250,25 @@ def claim(n: int, key: str) -> Group | None:
     return group
 
 
+class WarmGroupError(RuntimeError):
+    """Workers of a warm group failed: each failing rank's exception, as Ray Train's
+    ``WorkerGroupError`` gives them (``worker_failures``)."""
+
+    def __init__(self, worker_failures: dict[int, BaseException]) -> None:
+        self.worker_failures = worker_failures
+        super().__init__(
+            "\n".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in worker_failures.items())
+        )
+
+
+FAILURE_GRACE_S = 3.0  # after a rank fails, how long the others have to say how they ended
+
+
 def run_warm(group: Group, config: dict[str, Any]) -> dict[str, Any]:
-    """Train on a claimed group; raises when any worker fails (the group is then killed)."""
+    """Train on a claimed group; raises ``WarmGroupError`` when any worker fails (the group
+    is then killed), with the failures of every rank that ended within ``FAILURE_GRACE_S``
+    of the first: a rank killed by a signal often takes its peers' collectives down with it,
+    and whichever Ray reports first need not be the cause."""
     import ray
 
     def on_term(signum: int, frame: Any) -> None:  # `ray job stop`: a cancelled job
@@ -263,17 +280,32 @@ def run_warm(group: Group, config: dict[str, Any]) -> dict[str, Any]:
     try:
         master = ray.get(group.actors[0].rendezvous.remote())
         world = len(group.actors)
-        pending = [
+        refs = [
             a.run.remote(group.holder, r, world, master, config) for r, a in enumerate(group.actors)
         ]
-        first = pending[0]
+        pending = list(refs)
+        failures: dict[int, BaseException] = {}  # by rank
         result: dict[str, Any] | None = None
-        while pending:
+        while pending and not failures:
             done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
             for ref in done:
-                value = ray.get(ref)  # a worker's exception or death raises here
-                if ref == first:
+                try:
+                    value = ray.get(ref)  # a worker's exception or death raises here
+                except ray.exceptions.RayError as e:
+                    failures[refs.index(ref)] = e
+                    continue
+                if ref == refs[0]:
                     result = value
+        if failures:
+            done = []
+            if pending:
+                done, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    failures[refs.index(ref)] = e
+            raise WarmGroupError(dict(sorted(failures.items())))
         group.release()
         assert result is not None
         return result

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from workers import deaths
 from workers.run_dir import RunDir
 
 from ..auth import revoke_worker_tokens
@@ -80,8 +81,11 @@ def _reconcile(
         else:
             end("failed", result.get("error") or "no result")
     elif state == "FAILED":
+        # A driver killed by a signal (or with its supervisor, by Ray's memory monitor)
+        # leaves no result and a log that just stops: Ray's report of its exit says why.
+        died = deaths.driver_death(info.message, info.driver_exit_code)
         error = _result(job).get("error") or _log_tail(storage, job) or info.message
-        end("failed", error or "Ray job failed")
+        end("failed", deaths.first(died, error) or "Ray job failed")
     elif state == "STOPPED":
         if job.stop_reason:
             end("stopped_early", job.stop_reason)
