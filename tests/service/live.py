@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -60,6 +62,14 @@ class LiveService:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+def run_dir(live: LiveService, job_id: int) -> Path:
+    """The job's run directory (found by the owner record the launch writes into it)."""
+    for owner in live.settings.run_root.glob("*/nestor-job.json"):
+        if json.loads(owner.read_text())["job_id"] == job_id:
+            return owner.parent
+    raise AssertionError(f"no run directory for job {job_id}")
 
 
 def wait_for(fn, timeout=180.0, every=0.5):

@@ -10,7 +10,6 @@ import os
 import signal
 import textwrap
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 from service.client import NestorError
 
 from ..helpers import read_jsonl
-from .live import wait_for
+from .live import run_dir, wait_for
 
 MODULE = f"nestor_user_{uuid.uuid4().hex[:8]}"  # importable only from the package
 
@@ -88,13 +87,6 @@ SPEC = {
     "eval_every": 10,
     "checkpoint_every": 5,
 }
-
-
-def run_dir(live, job_id: int) -> Path:
-    for owner in live.settings.run_root.glob("*/nestor-job.json"):
-        if json.loads(owner.read_text())["job_id"] == job_id:
-            return owner.parent
-    raise AssertionError(f"no run directory for job {job_id}")
 
 
 @pytest.fixture(scope="module")

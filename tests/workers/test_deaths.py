@@ -207,3 +207,35 @@ def test_a_rank_on_this_host_is_checked_against_the_kernels_log():
     starts = {1: {"rank": 1, "pid": 2**22 + 7, "host": socket.gethostname(), "time": 0.0}}
     gone = RAY_KILLED.replace("pid: 25772", f"pid: {2**22 + 7}")
     assert deaths.of_failure(died(gone), starts) == f"worker rank 1 {SIGKILL_LINE}"
+
+
+class Rank:
+    """A warm worker's calls (``workers.pool.WarmWorker``) for ``run_warm``: rank 0 raises
+    at once, as a peer's broken collective does; rank 1 is SIGKILLed a moment later."""
+
+    def ping(self, holder):
+        return True
+
+    def release(self, holder):
+        return None
+
+    def rendezvous(self):
+        return "127.0.0.1", 0
+
+    def run(self, holder, rank, world, master, config):
+        if rank == 0:
+            raise RuntimeError("Gloo: Connection reset by peer")
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_warm_group_reports_the_killed_rank_whose_peer_failed_first(ray_session):
+    """The driver hears of rank 0's error first; the killed rank 1 is still named, since
+    ``run_warm`` gives the others ``FAILURE_GRACE_S`` to say how they ended."""
+    from workers.pool import Group, run_warm
+
+    actors = [ray_session.remote(num_cpus=0, max_restarts=0)(Rank).remote() for _ in range(2)]
+    with pytest.raises(WarmGroupError) as failed:
+        run_warm(Group(actors, "holder"), {})
+    assert sorted(failed.value.worker_failures) == [0, 1]
+    assert deaths.of_failure(failed.value, {}) == f"worker rank 1 {SIGKILL_LINE}"
