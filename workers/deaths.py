@@ -20,11 +20,12 @@ What says more, most exact first:
   (root, no ``dmesg_restrict``, the same pid namespace): ``worker rank 1 killed by the
   kernel's OOM killer (signal 9, SIGKILL): out of memory, the process held 9.5 GB``.
 - **A Ray process that ended without a word of its own** (Ray's "unexpectedly exits", a
-  ``WorkerCrashedError``) and none of the above: a SIGKILL, the only signal that neither
-  Python nor Ray can note (SIGTERM and SIGINT end in Python's exit path, the fatal ones
-  in faulthandler's report). Inferred, and the line gives both of its usual senders:
-  ``worker rank 1 killed by signal 9 (SIGKILL: the kernel's OOM killer or someone's kill
-  -9)``. (``os._exit`` and an unhandled SIGHUP or SIGUSR1 would read the same.)
+  ``WorkerCrashedError``) and none of the above: read as a SIGKILL, the usual cause and
+  the one signal no process can catch (SIGTERM and SIGINT go through Python's and Ray's
+  exit paths, which Ray reports otherwise): ``worker rank 1 killed by signal 9 (SIGKILL:
+  the kernel's OOM killer or someone's kill -9)``. An inference: to Ray a crash in native
+  code (SIGSEGV, SIGBUS), ``os._exit`` or an uncaught SIGHUP looks the same, and only a
+  death record tells them apart.
 
 Death records: a parent that waits for a job's process may note the signal that ended it
 under the Ray session's ``nestor-deaths/`` (``record``); ``signal_of`` reads it back.
