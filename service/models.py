@@ -179,3 +179,45 @@ class Package(Base):
     files: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{name, size}], by name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+
+
+class Webhook(Base):
+    """A user's HTTP endpoint told about their jobs' and sweeps' ends (service/webhooks.py).
+    Its signing secret is derived from the service's signing key and ``nonce`` and shown
+    once: a copy of the database alone does not reveal it."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str]] = mapped_column(JSON)  # the event names it is sent
+    format: Mapped[str] = mapped_column(String(10))  # "json" | "slack"
+    nonce: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)  # False once deleted
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the outbox row written in the transaction of the change
+    it tells of, then sent (and retried) by the deliverer; its history in the API."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(
+        ForeignKey("webhooks.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[str] = mapped_column(String(50))  # "job.failed", "ping", ...
+    subject: Mapped[str | None] = mapped_column(String(100))  # "job 12", "sweep 3"
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)  # the subject as it was then
+    body: Mapped[str | None] = mapped_column(Text)  # what is sent, made at the first attempt
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
