@@ -19,7 +19,7 @@ from prometheus_client import (
 from sqlalchemy import func, select
 
 from . import dashboard
-from .api import jobs, outputs, packages, sweeps, users
+from .api import jobs, outputs, packages, sweeps, users, webhooks
 from .auth import ensure_admin_token
 from .db import MAX_OVERFLOW, POOL_SIZE, Database, upgrade
 from .deps import ReadDep
@@ -31,6 +31,7 @@ from .ray_cluster import RayCluster
 from .settings import Settings
 from .storage import RunStorage
 from .streams import StreamHub
+from .webhook_sender import WebhookSender
 
 
 def create_app(
@@ -62,6 +63,9 @@ def create_app(
 
                 app.state.scheduler = Scheduler(settings, app.state.db, cluster)
                 app.state.scheduler.start()
+                # Webhooks are sent where the scheduler runs: one sender per database.
+                app.state.webhooks = WebhookSender(settings, app.state.db, app.state.signing_key)
+                app.state.webhooks.start()
             if announce:
                 where = token_file or "NESTOR_ADMIN_TOKEN"
                 ray = ""
@@ -86,6 +90,8 @@ def create_app(
                 gc.freeze()
             yield
         finally:
+            if app.state.webhooks is not None:
+                app.state.webhooks.stop()
             if scheduler and getattr(app.state, "scheduler", None) is not None:
                 app.state.scheduler.stop()
             if held is not None:
@@ -100,6 +106,7 @@ def create_app(
     app.state.settings = settings
     app.state.db = Database(settings.db_url)
     app.state.scheduler = None
+    app.state.webhooks = None  # the webhook sender, beside the scheduler
     app.state.storage = RunStorage(settings.run_root)
     app.state.signing_key = outputs.signing_key(settings.home_dir)
     app.state.streams = StreamHub(
@@ -159,6 +166,7 @@ def create_app(
     app.include_router(outputs.router)
     app.include_router(sweeps.router)
     app.include_router(packages.router)
+    app.include_router(webhooks.router)
     for router in (users.users, users.tokens, users.me, users.audit):
         app.include_router(router)
     dashboard.mount(app)

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from . import webhooks
 from .auth import revoke_worker_tokens
 from .models import TERMINAL, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
@@ -71,9 +72,10 @@ def transition(
     unclaimed: bool = False,
     reached_target_at_step: int | None = None,
 ) -> bool:
-    """Move ``job`` to ``status`` with an event; False (and no change) if the move is not
-    allowed or the row changed under us. A compare-and-set on the status (``unclaimed``:
-    and on no Ray submission yet), so the API and the scheduler never both win a race.
+    """Move ``job`` to ``status`` with an event and the deliveries it owes its owner's
+    webhooks; False (and no change) if the move is not allowed or the row changed under us.
+    A compare-and-set on the status (``unclaimed``: and on no Ray submission yet), so the
+    API and the scheduler never both win a race.
     An attempt ends with the job or with its return to the queue: its worker tokens are
     revoked, and a requeued job has no Ray submission until it is claimed again."""
     if status not in TRANSITIONS.get(job.status, set()):
@@ -99,6 +101,7 @@ def transition(
         db.refresh(job)
         return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
+    webhooks.job_changed(db, job, status, reason, reached_target_at_step)  # the outbox
     if status in TERMINAL or status == "queued":  # the attempt's workers' tokens end with it
         revoke_worker_tokens(db, job.id)
     db.commit()

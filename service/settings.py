@@ -89,6 +89,22 @@ class Settings(BaseSettings):
     optuna_url: str | None = Field(
         None, description="Optuna storage for sweep early stopping; default HOME/optuna.db"
     )
+    webhook_timeout_seconds: float = Field(
+        10, gt=0, le=300, description="a webhook delivery's connect and read timeout"
+    )
+    webhook_retry_base_seconds: float = Field(
+        10,
+        gt=0,
+        le=86_400,
+        description="a failed webhook delivery is tried again after this, doubled after each "
+        "further failure (10 s, 20 s, 40 s, ...)",
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="attempts before a webhook delivery is marked failed"
+    )
+    webhook_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often the webhook sender looks for due deliveries"
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -6,6 +6,7 @@ import copy
 import itertools
 import math
 import random
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from workers import TrainSpec
 
+from . import webhooks
 from .capacity import Capacity, refusal
 from .jobs import cancel_job, create_job
 from .models import TERMINAL, Event, Job, Sweep, utcnow
@@ -279,5 +281,6 @@ def update_sweep_status(db: Session, sweep: Sweep) -> None:
     ).rowcount
     if ended:
         db.add(Event(sweep_id=sweep.id, status=status, reason="all trials ended"))
+        webhooks.sweep_changed(db, sweep, status, Counter(statuses))
     db.commit()
     db.refresh(sweep)
