@@ -168,6 +168,32 @@ class Client:
     def audit(self, since_id: int = 0, limit: int = 100) -> list[dict]:
         return self._call("GET", "/v1/audit", params={"since_id": since_id, "limit": limit})
 
+    # ------------------------------------------------------------------ webhooks
+    def create_webhook(
+        self, url: str, events: list[str] | None = None, format: str = "json"
+    ) -> dict:
+        """Be told of your jobs' and sweeps' ``events`` (default: all) at ``url``; the
+        answer's ``secret`` (shown once) verifies each delivery's Nestor-Signature."""
+        body: dict[str, Any] = {"url": url, "format": format}
+        if events:
+            body["events"] = events
+        return self._call("POST", "/v1/webhooks", json=body)
+
+    def webhooks(self, all_users: bool = False) -> dict:
+        """Your webhooks: {"data": [...], "count"} (``all_users``: everyone's, admins)."""
+        return self._call("GET", "/v1/webhooks", params={"all": str(all_users).lower()})
+
+    def delete_webhook(self, webhook_id: int) -> dict:
+        return self._call("DELETE", f"/v1/webhooks/{webhook_id}")
+
+    def webhook_deliveries(self, webhook_id: int, limit: int = 100) -> dict:
+        """A webhook's deliveries, newest first: status, attempts, last answer or error."""
+        return self._call("GET", f"/v1/webhooks/{webhook_id}/deliveries", params={"limit": limit})
+
+    def ping_webhook(self, webhook_id: int) -> dict:
+        """Queue a "ping" delivery; returns it."""
+        return self._call("POST", f"/v1/webhooks/{webhook_id}/ping")
+
     # ------------------------------------------------------------------ outputs
     def logs(self, job_id: int, since: int = 0, limit: int = 1000) -> dict:
         """One page of the job's log: {"lines", "first", "next", "dropped", "notice",

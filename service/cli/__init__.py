@@ -2,7 +2,7 @@
 
 Commands by what they talk to: `train` (local training, no service), `process` (the
 service's own process and database: serve, stop, db) and `api` (a running service over its
-REST API). Errors become one line and exit status 2 in `errors`.
+REST API; `webhooks` too). Errors become one line and exit status 2 in `errors`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import httpx
 
-from . import api, process, train
+from . import api, process, train, webhooks
 from .errors import fail
 
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nestor`` parser; each command sets ``func``, its ``cmd_*(args) -> int``."""
     parser = argparse.ArgumentParser(prog="nestor", description="Nestor: large-batch training")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, process, api):  # the order of `nestor --help`
+    for module in (train, process, api, webhooks):  # the order of `nestor --help`
         module.register(sub)
     return parser
 
