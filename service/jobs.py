@@ -78,7 +78,8 @@ def transition(
     API and the scheduler never both win a race.
     An attempt ends with the job or with its return to the queue: its worker tokens are
     revoked, and a requeued job has no Ray submission until it is claimed again."""
-    if status not in TRANSITIONS.get(job.status, set()):
+    was = job.status  # the update below sets the session's copy to the new one
+    if status not in TRANSITIONS.get(was, set()):
         return False
     now: datetime = utcnow()
     values: dict[str, Any] = {"status": status}
@@ -101,7 +102,7 @@ def transition(
         db.refresh(job)
         return False
     db.add(Event(job_id=job.id, status=status, reason=reason))
-    webhooks.job_changed(db, job, status, reason, reached_target_at_step)  # the outbox
+    webhooks.job_changed(db, job, was, status, reason, reached_target_at_step)  # the outbox
     if status in TERMINAL or status == "queued":  # the attempt's workers' tokens end with it
         revoke_worker_tokens(db, job.id)
     db.commit()

@@ -71,14 +71,19 @@ def job_events(old: str, new: str, reached_target_at_step: int | None) -> list[s
 
 
 def job_changed(
-    db: Session, job: Job, status: str, reason: str | None, reached_target_at_step: int | None
+    db: Session,
+    job: Job,
+    was: str,
+    status: str,
+    reason: str | None,
+    reached_target_at_step: int | None,
 ) -> None:
-    """Add the deliveries ``job``'s move to ``status`` owes its owner's webhooks to the
-    caller's transaction (``job`` still has its old status); jobs.transition calls this."""
+    """Add the deliveries ``job``'s move from ``was`` to ``status`` owes its owner's
+    webhooks to the caller's transaction; jobs.transition calls this."""
     reached = (
         reached_target_at_step if reached_target_at_step is not None else job.reached_target_at_step
     )
-    events = job_events(job.status, status, reached)
+    events = job_events(was, status, reached)
     if not events or job.owner_id is None:
         return
     snapshot = {
