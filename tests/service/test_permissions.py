@@ -193,6 +193,11 @@ ALLOWED = {
     ("GET", "/v1/users"): 200,
     ("POST", "/v1/users"): 201,
     ("PATCH", "/v1/users/{user_id}"): 404,
+    ("GET", "/v1/webhooks"): 200,
+    ("POST", "/v1/webhooks"): 201,
+    ("DELETE", "/v1/webhooks/{webhook_id}"): 404,  # another's is a 404 too (test_webhooks)
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): 404,
+    ("POST", "/v1/webhooks/{webhook_id}/ping"): 404,
 }
 
 
@@ -213,6 +218,7 @@ def request_for(client, method: str, path: str, ids: dict, caller: str) -> dict:
         .replace("{package_id}", "sha256:" + "0" * 64)
         .replace("{token_id}", "999999")
         .replace("{user_id}", "999999")
+        .replace("{webhook_id}", "999999")
     )
     body: dict = {}
     if (method, path) == ("POST", "/v1/jobs"):
@@ -221,6 +227,8 @@ def request_for(client, method: str, path: str, ids: dict, caller: str) -> dict:
         body = {"json": {"name": "x", "base": SPEC, "space": {"seed": [2]}}}
     elif (method, path) == ("POST", "/v1/users"):
         body = {"json": {"name": f"user{unique}"}}
+    elif (method, path) == ("POST", "/v1/webhooks"):
+        body = {"json": {"url": "https://hooks.example.com/nestor"}}
     elif (method, path) == ("PATCH", "/v1/users/{user_id}"):
         body = {"json": {"disabled": True}}
     elif (method, path) == ("POST", "/v1/tokens"):
