@@ -414,3 +414,36 @@ def test_retry_delays_double_from_the_base():
     from service.webhook_sender import retry_delay
 
     assert [retry_delay(n, 10) for n in range(1, 9)] == [10, 20, 40, 80, 160, 320, 640, 1280]
+
+
+def test_the_cli_adds_lists_pings_shows_deliveries_and_removes(api_server, receiver, capsys):
+    from service.cli import main
+
+    from .conftest import ADMIN
+
+    live, _ = api_server
+    where = ["--url", live.url, "--token", ADMIN]
+    assert main(["webhooks", "add", receiver.url, "--events", "job.failed", "--slack", *where]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert secret.startswith("whsec_")
+    assert main(["webhooks", "list", *where]) == 0
+    listed = capsys.readouterr().out
+    assert receiver.url in listed and "slack" in listed and "job.failed" in listed
+    webhook_id = int(listed.split()[0])
+    assert main(["webhooks", "ping", str(webhook_id), *where]) == 0
+    assert "ping queued" in capsys.readouterr().out
+    app = live.app
+    sender = WebhookSender(app.state.settings, app.state.db, app.state.signing_key)
+    sender.run_once()
+    (got,) = receiver.wait_for(1)
+    assert json.loads(got["body"]) == {"text": f"Nestor: ping for webhook {webhook_id}"}
+    assert verify(secret, got["headers"]["Nestor-Signature"], got["body"])
+    assert main(["webhooks", "deliveries", str(webhook_id), *where]) == 0
+    shown = capsys.readouterr().out
+    assert "ping" in shown and "delivered" in shown and "1 attempts  HTTP 200" in shown
+    assert main(["webhooks", "rm", str(webhook_id), *where]) == 0
+    assert "removed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["webhooks", "rm", str(webhook_id), *where])
+    assert "404" in capsys.readouterr().err
+    sender.stop()
