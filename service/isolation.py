@@ -137,9 +137,13 @@ def prepare_job(
     init_files: list[str],
 ) -> Sandbox | None:
     """Ready the node for the job (its run directory its own, Ray's directory open to its
-    uid) and return the sandbox its processes start in; None when isolation is off."""
-    if not isolation.on:
+    uid) and return the sandbox its processes start in: a plain one (which only records
+    how they end) when isolation is off, None on an external cluster (whose nodes may keep
+    Nestor elsewhere)."""
+    if not cluster.embedded:
         return None
+    if not isolation.on:
+        return Sandbox(hide=(), rw=(), plain=True)
     uid = job_uid(submission_id) if isolation.mode == "uid" else None
     datasets = settings.home_dir / "datasets"
     datasets.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,10 @@
-"""A job's processes in a sandbox: what they can see, and as whom they run.
+"""A job's processes in a sandbox: what they can see, and as whom they run; and how they
+ended.
 
 Ray starts every process of a job (its supervisor and driver, each Train worker) through the
-job's runtime environment, whose ``py_executable`` is this module's command
+job's runtime environment, whose ``py_executable`` is this file's command
 (``Sandbox.py_executable()``). Started as ``python workers/sandbox.py OPTIONS -- ARGS``, it
-execs, in order:
+starts, in order:
 
 1. ``bwrap`` (bubblewrap): a mount namespace in which the machine is read-only, the paths in
    ``hide`` are empty (the service's home, which holds its database, keys and tokens, every
@@ -17,6 +18,11 @@ execs, in order:
    processes cannot read another's (each job has its own uid).
 3. the real Python with ``ARGS`` (the virtualenv's, when Ray built one for ``pip``).
 
+It stays their parent and waits: a signal that ends the process (a ``kill -9``, the
+kernel's OOM killer, Ray's memory monitor) is recorded in the Ray session's
+``nestor-deaths/`` for the driver to name in the job's error (``workers.deaths``). With
+``--plain`` (isolation off) it only runs the Python, waits and records.
+
 The environment loses every ``NESTOR_*`` variable but the job's own (``keep_env``): the
 service's admin token or database URL never reach a job even if the service was started
 with them. What a job still holds: its worker token (a file in its run directory), and
@@ -28,10 +34,13 @@ This module imports nothing but the standard library: it runs before every worke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -54,11 +63,15 @@ class Sandbox:
     uid: int | None = None  # run as this uid and gid (the service is root)
     user: str = "nestor-job"  # USER and LOGNAME inside
     keep_env: tuple[str, ...] = ()  # the NESTOR_* variables the job keeps
+    plain: bool = False  # no sandbox: only wait for the process and record its death
 
     def argv(self) -> list[str]:
         """This module's command line, without the Python to run after ``--``."""
         # The file, not the module: run as a script it imports no package, only the stdlib.
-        args = [sys.executable, str(Path(__file__).resolve()), "--user", self.user]
+        args = [sys.executable, str(Path(__file__).resolve())]
+        if self.plain:
+            return [*args, "--plain", "--"]
+        args += ["--user", self.user]
         if self.uid is not None:
             args += ["--uid", str(self.uid)]
         if self.ray_dir:
@@ -242,8 +255,38 @@ def bwrap_argv(
     return [*argv, "/bin/sh", "-c", 'umask 077 && exec "$@"', "sh", python, *options.args]
 
 
+def session_dir(args: Sequence[str]) -> str | None:
+    """The Ray session directory a Ray worker's arguments name (``--temp-dir``,
+    ``--session-name``), or None."""
+    found: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        for flag in ("--temp-dir", "--session-name"):
+            if arg.startswith(flag + "="):
+                found[flag] = arg.split("=", 1)[1]
+            elif arg == flag and i + 1 < len(args):
+                found[flag] = args[i + 1]
+    if len(found) < 2:
+        return None
+    return os.path.join(found["--temp-dir"], found["--session-name"])
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when this process dies (Ray's kill of the process it started
+    then ends the job's process too)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run the job's process (in its sandbox unless ``--plain``) and wait for it: a signal
+    that ends it is recorded for the driver to name (``workers.deaths``), and this process
+    exits as it did."""
+    import subprocess
+
     parser = argparse.ArgumentParser(description="run a job's process in its sandbox")
+    parser.add_argument("--plain", action="store_true", help="no sandbox: only wait and record")
     parser.add_argument("--user", default="nestor-job")
     parser.add_argument("--uid", type=int)
     parser.add_argument("--ray-dir")
@@ -257,8 +300,50 @@ def main(argv: Sequence[str] | None = None) -> None:
         options.args = options.args[1:]
     venv = os.environ.get("VIRTUAL_ENV")
     python = os.path.join(venv, "bin", "python") if venv else sys.executable
-    command = bwrap_argv(options, os.getcwd(), python, dict(os.environ))
-    os.execvp(command[0], command)
+    status = None
+    if options.plain:
+        command = [python, *options.args]
+    else:
+        command = bwrap_argv(options, os.getcwd(), python, dict(os.environ))
+        status, write_end = os.pipe()  # bwrap says its child's pid here
+        command = [command[0], "--json-status-fd", str(write_end), *command[1:]]
+    child = subprocess.Popen(
+        command, pass_fds=() if status is None else (write_end,), preexec_fn=_die_with_parent
+    )
+    if status is not None:
+        os.close(write_end)
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(number, lambda number, _: child.send_signal(number))
+    code = child.wait()
+    pid, number = child.pid, (-code if code < 0 else None)
+    if status is not None:
+        with os.fdopen(status) as lines:
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    pid = int(json.loads(line).get("child-pid", pid))
+        if 128 < code <= 128 + 64:  # bwrap's exit for a child a signal ended
+            number = code - 128
+    if number is not None and (session := session_dir(options.args)):
+        record(session, pid, number)
+    if code < 0:  # end as it ended (SIGKILL has no handler to reset)
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+def record(session: str, pid: int, number: int) -> None:
+    """``workers.deaths.record``, loaded from its file: this one runs as a script, outside
+    the package (whose import would cost every process of a job pydantic's)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "nestor_deaths", os.path.join(NESTOR_ROOT, "workers", "deaths.py")
+    )
+    assert spec is not None and spec.loader is not None
+    deaths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deaths)
+    deaths.record(session, pid, number)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ def job_runtime_env(
     """Ray's runtime environment for a job: Nestor's home for the workers, the job's code
     package as its working directory (Ray uploads the stored zip to the cluster and unpacks
     it on every node, so no node needs a shared code directory), its pip requirements; and
-    in a ``sandbox``, the command every process of the job starts through (no warm workers
-    then: a worker kept for the next job would carry this job's sandbox into it)."""
+    the command every process of the job starts through (``sandbox``; no warm workers in a
+    real one: a worker kept for the next job would carry this job's sandbox into it)."""
     env_vars = {
         HOME_VARIABLE: str(settings.home_dir),
         "NESTOR_MAX_LOG_BYTES": str(settings.max_log_bytes),
-        "NESTOR_WARM_WORKERS": str(settings.warm_workers if sandbox is None else 0),
+        "NESTOR_WARM_WORKERS": str(0 if sandbox and not sandbox.plain else settings.warm_workers),
         "NESTOR_WARM_IDLE_SECONDS": str(settings.warm_idle_seconds),
     }
     env: dict[str, Any] = {"env_vars": env_vars}
