@@ -155,7 +155,7 @@ def prepare_job(
         open_ray_dir(cluster.temp_dir)
         # Ray's job manager (root) would make the driver's log as root, which the job's
         # supervisor then cannot open.
-        logs = cluster.temp_dir / "session_latest" / "logs"
+        logs = cluster.temp_dir.joinpath("session_latest", "logs")  # Ray's, not a run's
         if logs.is_dir():
             driver_log = logs / f"job-driver-{submission_id}.log"
             driver_log.touch()
