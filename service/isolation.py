@@ -148,7 +148,6 @@ def prepare_job(
     datasets = settings.home_dir / "datasets"
     datasets.mkdir(parents=True, exist_ok=True)
     if uid is not None:
-        secure_home(settings)
         _own(run_dir, uid)
         for path in init_files:  # another job's files, private to its uid: readable here
             os.chmod(path, os.stat(path).st_mode | 0o444)
