@@ -32,7 +32,8 @@ class AdamW(NestorOptimizer):
     compiled fused path.
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad),
-    ``step``: 8 (12) bytes per fp32 parameter.
+    ``step``: 8 (12) bytes per fp32 parameter; ``state_precision="bf16"`` halves it,
+    ``"int8"`` quarters it (block-wise, scales included: ``optimizers.lowbit``).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class AdamW(NestorOptimizer):
         max_grad_norm: float = 0.0,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_precision: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -55,6 +57,7 @@ class AdamW(NestorOptimizer):
             amsgrad=amsgrad,
             foreach=foreach,
             fused=fused,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults, betas=2, max_grad_norm=max_grad_norm)
 
@@ -63,6 +66,13 @@ class AdamW(NestorOptimizer):
     ) -> None:
         amsgrad = group["amsgrad"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+        if group["state_precision"] != "fp32":
+            _, buckets = self._advance(index, params, keys, fused=False)
+            for step, bucket in buckets.items():
+                self._step_decoded(
+                    bucket, keys, step, _decoded_adamw, **adam_scalars(group, step, clip)
+                )
+            return
         impl = choose_impl(params, group["foreach"], group["fused"])
         runs, buckets = self._advance(index, params, keys, fused=impl == "fused")
         for step, buffers in runs:  # one compiled call per run of the flat buffers
@@ -80,6 +90,12 @@ class AdamW(NestorOptimizer):
                 views=self._flat_views,
                 **adam_scalars(group, step, clip),
             )
+
+
+def _decoded_adamw(param: Tensor, states: list[Tensor], **scalars: Any) -> None:
+    """One tensor's update over its decoded (fp32) state: the reference path's math."""
+    maxes = [states[2]] if len(states) == 3 else None
+    _single_tensor_adamw([param], [param.grad], [states[0]], [states[1]], maxes, **scalars)
 
 
 def _adamw(

@@ -47,6 +47,8 @@ class Adan(NestorOptimizer):
         max_grad_norm: clip all gradients by their global L2 norm (0 turns it off).
         foreach: use the multi-tensor (torch._foreach_*) path.
         fused: use compiled kernels (torch.compile). None picks the best available.
+        state_precision: "fp32", "bf16" (8 bytes per parameter) or "int8" (block-wise,
+            about 4.06 bytes per parameter with its scales); see ``optimizers.lowbit``.
 
     State per parameter (fp32 for bf16/fp16 parameters): ``exp_avg`` (m), ``exp_avg_diff`` (v),
     ``exp_avg_sq`` (n), ``neg_pre_grad`` (-g_{t-1}) and ``step``: 16 bytes per fp32 parameter.
@@ -69,6 +71,7 @@ class Adan(NestorOptimizer):
         max_grad_norm: float = 0.0,
         foreach: bool | None = None,
         fused: bool | None = None,
+        state_precision: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -78,6 +81,7 @@ class Adan(NestorOptimizer):
             no_prox=no_prox,
             foreach=foreach,
             fused=fused,
+            state_precision=state_precision,
         )
         super().__init__(params, defaults, betas=3, max_grad_norm=max_grad_norm)
 
@@ -113,6 +117,14 @@ class Adan(NestorOptimizer):
     def _step_group(
         self, index: int, group: dict[str, Any], params: list[Tensor], clip: Tensor | None
     ) -> None:
+        if group["state_precision"] != "fp32":
+            _, buckets = self._advance(index, params, _STATE_KEYS, fused=False)
+            for step, bucket in buckets.items():
+                hyper = _hyper(group, step, clip)
+                self._step_decoded(
+                    bucket, _STATE_KEYS, step, _decoded_adan, first=step == 1, **hyper
+                )
+            return
         impl = choose_impl(params, group["foreach"], group["fused"])
         runs, buckets = self._advance(index, params, _STATE_KEYS, fused=impl == "fused")
         for step, buffers in runs:  # one compiled call per run of the flat buffers
@@ -155,6 +167,13 @@ def _hyper(group: dict[str, Any], step: int, clip: Tensor | None) -> dict[str, A
         no_prox=group["no_prox"],
         clip=clip,
     )
+
+
+def _decoded_adan(param: Tensor, states: list[Tensor], *, first: bool, **hyper: Any) -> None:
+    """One tensor's update over its decoded (fp32) state: the reference path's math."""
+    if first:
+        _first_gradient([states[3]], [param.grad], hyper["clip"])
+    _single_tensor_adan([param], [param.grad], *([s] for s in states), **hyper)
 
 
 def _first_gradient(neg_pre_grads: list[Tensor], grads: list[Tensor], clip: Tensor | None) -> None:

@@ -35,7 +35,8 @@ class LAMB(NestorOptimizer):
         & \theta_t = \theta_{t-1} - \text{lr}\; r_t\, u_t
         \end{aligned}
 
-    State per parameter: ``exp_avg``, ``exp_avg_sq``, ``step`` (8 bytes per fp32 parameter).
+    State per parameter: ``exp_avg``, ``exp_avg_sq``, ``step`` (8 bytes per fp32 parameter;
+    ``state_precision`` "bf16" 4, "int8" about 2: ``optimizers.lowbit``).
     """
 
     def __init__(
@@ -47,8 +48,16 @@ class LAMB(NestorOptimizer):
         weight_decay: float = 0.01,
         max_grad_norm: float = 0.0,
         foreach: bool | None = None,
+        state_precision: str = "fp32",
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            state_precision=state_precision,
+        )
         super().__init__(params, defaults, betas=2, max_grad_norm=max_grad_norm)
         self.norm_fn: NormFn = local_norms
 
@@ -57,7 +66,15 @@ class LAMB(NestorOptimizer):
     ) -> None:
         impl = choose_impl(params, group["foreach"], fused=False)
         kernel = _multi_tensor_lamb if impl == "foreach" else _single_tensor_lamb
-        _, buckets = self._advance(index, params, ("exp_avg", "exp_avg_sq"), fused=False)
+        keys = ("exp_avg", "exp_avg_sq")
+        _, buckets = self._advance(index, params, keys, fused=False)
+        if group["state_precision"] != "fp32":
+            for step, bucket in buckets.items():
+                scalars = adam_scalars(group, step, clip)
+                self._step_decoded(
+                    bucket, keys, step, _decoded_lamb, norm_fn=self.norm_fn, **scalars
+                )
+            return
         for step, bucket in buckets.items():
             states = [self.state[p] for p in bucket]
             kernel(
@@ -68,6 +85,11 @@ class LAMB(NestorOptimizer):
                 norm_fn=self.norm_fn,
                 **adam_scalars(group, step, clip),
             )
+
+
+def _decoded_lamb(param: Tensor, states: list[Tensor], **kwargs: Any) -> None:
+    """One tensor's update over its decoded (fp32) state: the reference path's math."""
+    _single_tensor_lamb([param], [param.grad], *([s] for s in states), **kwargs)
 
 
 def _trust_ratio(weight_norm: Tensor, update_norm: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from . import lowbit
 from ._common import state_dtype
 
 _SLOW = "slow_param"
@@ -28,6 +29,9 @@ class Lookahead(Optimizer):
     The inner optimizer's state is kept across synchronisations (the paper's default).
     ``state_dict()`` is an ordinary optimizer state dict: each parameter's entry holds the
     base optimizer's state plus ``slow_param``; it loads into a fresh model and optimizer.
+    When the base optimizer keeps its state in bf16 or int8 (``state_precision``), the slow
+    weights are kept in bf16, rounded stochastically; the weights a synchronisation sets
+    are the exact fp32 average, only the stored copy is rounded.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -60,11 +64,20 @@ class Lookahead(Optimizer):
     def alpha(self) -> float:
         return self.param_groups[0]["lookahead_alpha"]
 
+    @staticmethod
+    def _slow_dtype(group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
+        low = group.get("state_precision", "fp32") != "fp32"
+        return torch.bfloat16 if low else state_dtype(p)
+
     @torch.no_grad()
     def _copy_slow_weights(self, groups: list[dict[str, Any]]) -> None:
         for group in groups:
             for p in group["params"]:
-                self.state[p][_SLOW] = p.detach().to(state_dtype(p), copy=True)
+                dtype = self._slow_dtype(group, p)
+                slow = p.detach().to(state_dtype(p), copy=True)
+                if dtype == torch.bfloat16:
+                    slow = lowbit.to_bf16(slow.float(), 0)
+                self.state[p][_SLOW] = slow
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_sharing_groups", False):  # called by Optimizer.__init__
@@ -86,6 +99,12 @@ class Lookahead(Optimizer):
                 continue
             for p in group["params"]:
                 slow = self.state[p][_SLOW]
+                if slow.dtype == torch.bfloat16:  # phi in fp32, stored rounded
+                    phi = slow.float()
+                    phi.add_(p.float() - phi, alpha=group["lookahead_alpha"])
+                    slow.copy_(lowbit.to_bf16(phi, self.lookahead_step))
+                    p.copy_(phi)  # theta := phi
+                    continue
                 slow.add_(p.to(slow.dtype) - slow, alpha=group["lookahead_alpha"])  # phi
                 p.copy_(slow)  # theta := phi
         return loss
@@ -118,13 +137,18 @@ class Lookahead(Optimizer):
             )
         self.base_optimizer.load_state_dict({**state_dict, "state": base_state})
         self.state = defaultdict(dict)
+        dtypes = {id(p): self._slow_dtype(g, p) for g in self.param_groups for p in g["params"]}
         for i, p in enumerate(params):
             if slow[i].shape != p.shape:
                 raise ValueError(
                     f"Invalid Lookahead state_dict: slow weight {i} has shape "
                     f"{tuple(slow[i].shape)}, parameter has {tuple(p.shape)}"
                 )
-            self.state[p][_SLOW] = slow[i].to(device=p.device, dtype=state_dtype(p), copy=True)
+            dtype = dtypes[id(p)]
+            value = slow[i].to(device=p.device, copy=True)
+            if dtype == torch.bfloat16 and value.dtype != dtype:
+                value = lowbit.to_bf16(value.float(), int(state_dict.get("lookahead_step", 0)))
+            self.state[p][_SLOW] = value.to(dtype)
         self.lookahead_step = int(state_dict.get("lookahead_step", 0))
         # The base optimizer's load replaced the shared group dicts: share the new ones.
         self.param_groups = self.base_optimizer.param_groups

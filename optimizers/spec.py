@@ -12,11 +12,14 @@ Variants are data: ``adanw`` is Adan with ``no_prox=True``, ``amsgrad`` is AdamW
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOOKAHEAD_PREFIX = "lookahead_"
+# Bytes per element of one state buffer in each state_precision (int8: a code, and an fp32
+# scale per block of 256 elements; see optimizers.lowbit, which this must agree with).
+STATE_BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 256}
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ class OptimizerSpec(BaseModel):
     )
     lookahead: LookaheadSpec | None = Field(None, description="wrap in Lookahead")
     fused: bool | None = Field(None, description="compiled kernels; None = best available")
+    state_precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="how the optimizer state is stored: fp32, bf16 (half the bytes) or "
+        "block-wise int8 (a quarter, scales included; tensors under 4,096 elements stay fp32)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -124,10 +132,13 @@ class OptimizerSpec(BaseModel):
             return self.lookahead
         return LookaheadSpec() if self.name.startswith(LOOKAHEAD_PREFIX) else None
 
-    def state_bytes_per_param(self) -> int:
-        """fp32 bytes of optimizer state per parameter (Lookahead adds a slow copy)."""
-        extra = 4 if self.lookahead_spec else 0
-        return name_entry(self.base_name).state_bytes_per_param + extra
+    def state_bytes_per_param(self) -> float:
+        """Bytes of optimizer state per parameter at ``state_precision`` for tensors large
+        enough to be quantized (Lookahead adds a slow copy, bf16 below fp32)."""
+        buffers = name_entry(self.base_name).state_bytes_per_param // 4
+        per_buffer = STATE_BYTES_PER_ELEMENT[self.state_precision]
+        extra = 0 if not self.lookahead_spec else 4 if self.state_precision == "fp32" else 2
+        return buffers * per_buffer + extra
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the base optimizer class, fixed variants included."""
@@ -143,6 +154,8 @@ class OptimizerSpec(BaseModel):
             kwargs["max_grad_norm"] = self.max_grad_norm
         if self.fused is not None and entry.fusable:
             kwargs["fused"] = self.fused
+        if self.state_precision != "fp32":
+            kwargs["state_precision"] = self.state_precision
         return kwargs
 
 
