@@ -27,8 +27,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from optimizers import Adan  # noqa: E402
-from optimizers import lowbit  # noqa: E402
+from optimizers import Adan, lowbit  # noqa: E402
 from workers.datasets import pystdlib_chars  # noqa: E402
 from workers.models import char_transformer  # noqa: E402
 
@@ -75,7 +74,7 @@ def main() -> None:
         f"state of {len(params)} tensors ({sum(p.numel() for p in params):,} elements) "
         f"after {step} steps of fp32 Adan on the char transformer\n"
     )
-    print(f"| buffer | code | rounding | rel err | zeroed | update err |")
+    print("| buffer | code | rounding | rel err | zeroed | update err |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for key in (*SIGNED, "exp_avg_sq"):
         signed = key != "exp_avg_sq"
