@@ -57,9 +57,11 @@ PACKAGE_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 def optimizer_label(spec: dict[str, Any]) -> str:
     """A job spec's optimizer in a few characters, for tables and plots: ``adan``,
-    ``lookahead(adamw)``."""
+    ``lookahead(adamw)``, ``adan (int8)`` (state kept below fp32: another cell of a study)."""
     opt = spec["optimizer"]
-    return f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
+    label = f"lookahead({opt['name']})" if opt.get("lookahead") else opt["name"]
+    precision = opt.get("state_precision") or "fp32"
+    return label if precision == "fp32" else f"{label} ({precision})"
 
 
 def finite_json(value: Any, path: str = "") -> Any:

@@ -127,12 +127,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from workers.spec import optimizer_label
 
     jobs = api_errors(lambda: _client(args).jobs(status=args.status, sweep=args.sweep))
-    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<15} {'batch':>6}  name")
+    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<22} {'batch':>6}  name")
     for j in jobs["data"]:
         spec = j["spec"]
         print(
             f"{j['id']:>5}  {j['status']:<13} {j['last_step']:>7}  "
-            f"{optimizer_label(spec):<15} {spec['batch_size']:>6}  {j['name']}"
+            f"{optimizer_label(spec):<22} {spec['batch_size']:>6}  {j['name']}"
         )
     print(f"({jobs['count']} jobs)")
     return 0

@@ -16,6 +16,9 @@ const CHARTS = [
   { id: "mfu", title: "MFU (per worker, of the device's dense peak)", keys: ["mfu"], optional: true,
     yaxis: { tickformat: ".0%", rangemode: "tozero" } },
   { id: "phases", title: "step time by part (s, host)", keys: ["data_time", "compute_time", "optimizer_time"] },
+  // Its title names the state's precision (fp32, bf16, int8): set once the spec is read.
+  { id: "state_per_param", title: "optimizer state, bytes per parameter", keys: ["opt_state_bytes_per_param"],
+    optional: true, yaxis: { rangemode: "tozero" } },
   { id: "state", title: "optimizer state bytes (this rank)", keys: ["opt_state_bytes"], yaxis: { rangemode: "tozero" } },
 ];
 const MAX_POINTS = 2000;
@@ -72,6 +75,9 @@ start(async (main) => {
   // Retrying a job that runs a code package also needs "code" (the service checks both).
   const mayRetry = can(who, "retry", job.owner) && (!job.spec.code || hasScope(who, "code"));
   document.title = `Nestor — #${job.id} ${job.name}`;
+  const precision = job.spec.optimizer.state_precision || "fp32";
+  CHARTS.find((c) => c.id === "state_per_param").title =
+    `optimizer state (${precision}), bytes per parameter`;
   const statusSlot = el("span", { id: "status" }, badge(job.status));
   const cancelBtn = el("button", {
     id: "cancel", class: "danger", type: "button", hidden: !can(who, "cancel", job.owner),

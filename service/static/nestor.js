@@ -166,9 +166,12 @@ export function fmtTime(iso) {
   return new Date(parseTime(iso)).toLocaleString();
 }
 
+// The same label as workers.spec.optimizer_label: "adan", "lookahead(adamw)", "adan (int8)".
 export function optimizerLabel(spec) {
   const opt = (spec && spec.optimizer) || {};
-  return opt.lookahead ? `lookahead(${opt.name})` : opt.name || "?";
+  const label = opt.lookahead ? `lookahead(${opt.name})` : opt.name || "?";
+  const precision = opt.state_precision || "fp32";
+  return precision === "fp32" ? label : `${label} (${precision})`;
 }
 
 // ---- sign-in ------------------------------------------------------------------------------

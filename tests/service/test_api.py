@@ -261,6 +261,7 @@ def test_non_finite_numbers_in_a_spec_are_422_on_every_database(client, raw, loc
         ({"name": "lamb", "eps": 2.0}, "eps"),
         ({"name": "adan", "max_grad_norm": 1e9}, "max_grad_norm"),
         ({"name": "adan", "lookahead": {"k": 10**9}}, "lookahead"),
+        ({"name": "adan", "state_precision": "int4"}, "state_precision"),
     ],
 )
 def test_hyperparameters_have_upper_bounds(client, optimizer, field):

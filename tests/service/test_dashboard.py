@@ -542,3 +542,34 @@ def test_job_page_shows_mfu_tflops_and_tokens_and_hides_what_a_job_does_not_repo
         "return Math.abs(drawn - d.clientWidth) <= 1; }"
     )
     assert errors == []
+
+
+def test_job_page_names_the_optimizer_states_precision_and_charts_its_bytes_per_parameter(
+    api_server, page
+):
+    """A job whose optimizer keeps int8 state: the summary and the jobs list say so, and the
+    state chart plots the bytes per parameter it reported, titled with the precision."""
+    live, client = api_server
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    spec = {**TINY, "num_workers": 1, "optimizer": {**TINY["optimizer"], "state_precision": "int8"}}
+    job = client.submit(spec, name="int8-state")
+    stored = client.job(job["id"])["spec"]["optimizer"]
+    assert stored["state_precision"] == "int8"
+    points = [
+        {"step": s, "values": {"opt_state_bytes_per_param": 4.06, "opt_state_bytes": 4.06e6}}
+        for s in (1, 2, 3)
+    ]
+    ingest_as_admin(live, job["id"], points, status="running")
+    sign_in(page, base_url(api_server) + f"/jobs/{job['id']}")
+    page.wait_for_function("document.body.dataset.drawn === 'true'")
+    expect(page.locator("dl.summary")).to_contain_text("adan (int8)")
+    card = page.locator("#card-state_per_param")
+    expect(card).to_be_visible()
+    expect(card).to_contain_text("optimizer state (int8), bytes per parameter")
+    assert points_in(page, "chart-state_per_param") == 3
+
+    # The home page's list shows the precision beside the optimizer's name.
+    page.goto(base_url(api_server) + "/")
+    expect(page.locator("tr", has_text="int8-state")).to_contain_text("adan (int8)")
+    assert errors == []
