@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.run_dir import RunDir
+from workers.spec import optimizer_label
 
 from .errors import fail
 from .specs import load_spec_file
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             fail(str(e))
         where = f" on {', '.join(dict.fromkeys(devices))} ({backend})"
     print(
-        f"nestor: training {spec.describe()} with {spec.optimizer.name}, "
+        f"nestor: training {spec.describe()} with {optimizer_label(spec.model_dump())}, "
         f"batch {spec.batch_size} over {spec.num_workers} worker(s){where}, "
         f"ZeRO-{spec.zero_stage}; output in {run_dir}",
         file=sys.stderr,
