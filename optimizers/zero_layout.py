@@ -7,6 +7,13 @@ contiguous slice of ``bucket.numel // world_size`` elements, which may cut a par
 Buckets are the unit of communication (one reduce-scatter and one all-gather each), so stage 2
 can send a bucket as soon as backward has produced its gradients.
 
+With ``align`` > 1 (block-wise int8 state: ``align`` is ``lowbit.BLOCK``) every parameter
+starts at a multiple of ``align`` and every bucket is padded to a multiple of
+``world_size * align``, so every rank's chunk starts on a block boundary: no block of the
+state straddles a chunk edge or a parameter edge, and a shard's blocks are exactly its
+parameters' own blocks (the plain optimizer's, with zeros after a short last block). The
+padding between parameters is part of no parameter, like the padding at a bucket's end.
+
 A ``Layout`` is every class's buckets over one world size: rank r's shard k is its chunk of
 the k-th bucket, counted class by class. ``reshard`` says which pieces a rank of one layout
 copies from each rank of another (a checkpoint restored at another world size).
@@ -31,7 +38,7 @@ class Bucket:
     """A run of whole parameters, padded so that every rank's chunk has the same size."""
 
     start: int  # first element in the flat buffer
-    numel: int  # padded: a multiple of the world size
+    numel: int  # padded: a multiple of the world size (times the alignment)
     segments: tuple[Segment, ...]
 
     def chunk(self, world_size: int) -> int:
@@ -54,20 +61,38 @@ class Bucket:
                 out.append((seg.index, a - lo, a - seg.offset, b - a))
         return out
 
+    def gaps(self) -> list[tuple[int, int]]:
+        """[lo, hi) of the flat buffer in this bucket that no parameter holds: the padding
+        after each parameter (only the last one's unless the layout is aligned)."""
+        ends = [seg.offset for seg in self.segments[1:]] + [self.start + self.numel]
+        return [
+            (s.offset + s.numel, e)
+            for s, e in zip(self.segments, ends, strict=True)
+            if s.offset + s.numel < e
+        ]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
 
 def plan_buckets(
-    numels: list[int], indices: list[int], world_size: int, bucket_numel: int
+    numels: list[int], indices: list[int], world_size: int, bucket_numel: int, align: int = 1
 ) -> tuple[list[Bucket], int]:
     """Cut parameters of ``numels`` (with global ``indices``) into padded buckets.
 
     Returns the buckets and the flat buffer's total (padded) size. A parameter larger than
     ``bucket_numel`` gets a bucket of its own; otherwise parameters are added in order until
-    the bucket holds at least ``bucket_numel`` elements.
+    the bucket holds at least ``bucket_numel`` elements. With ``align`` every parameter
+    starts at a multiple of it and every bucket's size is a multiple of
+    ``world_size * align`` (so every rank's chunk starts at a multiple of ``align``).
     """
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size}")
     if bucket_numel < 1:
         raise ValueError(f"Invalid bucket_numel: {bucket_numel}")
+    if align < 1:
+        raise ValueError(f"Invalid align: {align}")
     buckets: list[Bucket] = []
     start = 0
     current: list[Segment] = []
@@ -75,12 +100,13 @@ def plan_buckets(
 
     def close() -> None:
         nonlocal start, current, filled
-        padded = -(-filled // world_size) * world_size
+        padded = _round_up(filled, world_size * align)
         buckets.append(Bucket(start, padded, tuple(current)))
         start += padded
         current, filled = [], 0
 
     for index, numel in zip(indices, numels, strict=True):
+        filled = _round_up(filled, align)
         current.append(Segment(index, start + filled, numel))
         filled += numel
         if filled >= bucket_numel:

@@ -53,6 +53,11 @@ class GradientBucketer:
             for ci, c in enumerate(classes)
             for bi, b in enumerate(c.buckets)
         }
+        self._gaps = {  # padding, relative to the bucket's start
+            (ci, bi): [(lo - b.start, hi - b.start) for lo, hi in b.gaps()]
+            for ci, c in enumerate(classes)
+            for bi, b in enumerate(c.buckets)
+        }
         self._free: list[list[Tensor]] = [[] for _ in classes]
         self._owned_buffers = [0] * len(classes)
         self.restart()
@@ -123,10 +128,11 @@ class GradientBucketer:
         key = (ci, bi)
         bucket = self.classes[ci].buckets[bi]
         if key not in self._staging:
-            # Gradients will overwrite every segment: only the padding needs zeros now.
+            # Gradients will overwrite every segment: only the padding needs zeros now
+            # (after the last parameter, and between parameters in an aligned layout).
             staging = self._take_buffer(ci)[: bucket.numel]
-            last = bucket.segments[-1]
-            staging[last.offset + last.numel - bucket.start :].zero_()
+            for lo, hi in self._gaps[key]:
+                staging[lo:hi].zero_()
             self._staging[key] = staging
             self._arrived[key] = set()
         at = seg.offset - bucket.start

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import lowbit
 from ..registry import create_optimizer, param_groups_weight_decay, shard_hooks
 from ..spec import OptimizerSpec
 from ..zero_layout import Bucket, Layout, plan_buckets
@@ -41,6 +42,7 @@ class FlatClass:
     group: int
     dtype: torch.dtype
     device: torch.device
+    state_format: str  # of the inner optimizer's state buffers: "fp32", "bf16" or "int8"
     indices: list[int]
     buckets: list[Bucket]
     flat_param: Tensor
@@ -126,18 +128,25 @@ class ZeroOptimizer(Optimizer):
         self._classes: list[FlatClass] = []
         keys: dict[tuple, list[int]] = {}
         for i, p in enumerate(self.params):
-            keys.setdefault((group_of[id(p)], p.dtype, p.device), []).append(i)
+            # Under int8 a shard must be all codes or all fp32: the parameter's size, not
+            # the shard's, decides (lowbit.tensor_format), so the two go in separate classes.
+            fmt = lowbit.tensor_format(spec.state_precision, p.numel())
+            keys.setdefault((group_of[id(p)], p.dtype, p.device, fmt), []).append(i)
         # Classes sorted by group, so shards come in the inner optimizer's parameter order.
-        for (gi, dtype, device), indices in sorted(
+        for (gi, dtype, device, fmt), indices in sorted(
             keys.items(), key=lambda kv: (kv[0][0], kv[1][0])
         ):
             numels = [self.params[i].numel() for i in indices]
             per_elem = torch.empty((), dtype=dtype).element_size()
             buckets, total = plan_buckets(
-                numels, indices, self._plan_world, max(1, bucket_bytes // per_elem)
+                numels,
+                indices,
+                self._plan_world,
+                max(1, bucket_bytes // per_elem),
+                align=lowbit.BLOCK if fmt == "int8" else 1,  # chunks of whole blocks
             )
             flat = torch.zeros(total, dtype=dtype, device=device)
-            self._classes.append(FlatClass(gi, dtype, device, indices, buckets, flat))
+            self._classes.append(FlatClass(gi, dtype, device, fmt, indices, buckets, flat))
         self._bind_parameters()
 
         inner_groups = []
@@ -149,6 +158,9 @@ class ZeroOptimizer(Optimizer):
         self.inner = create_optimizer(inner_groups, inner_spec)
         self._hooks = shard_hooks(self.inner)
         self._hooks.bind_norms(self._whole_parameter_norms)
+        if spec.state_precision == "int8":  # a shard's size says nothing of its parameters'
+            for c in self._classes:
+                self._hooks.base.pin_state_format(c.shards, c.state_format)
         self._seg_of = {
             s.data_ptr(): ids
             for c in self._classes
@@ -231,7 +243,8 @@ class ZeroOptimizer(Optimizer):
                 for indices, options in zip(plain_groups, group_options, strict=True)
             ),
             classes=tuple(
-                ParamClass(c.group, c.dtype, c.device, tuple(c.indices)) for c in self._classes
+                ParamClass(c.group, c.dtype, c.device, c.state_format, tuple(c.indices))
+                for c in self._classes
             ),
             shards=tuple(shards),
             inner=self.inner,

@@ -56,6 +56,9 @@ class ParamClass:
     group: int  # index into ShardView.groups
     dtype: torch.dtype
     device: torch.device
+    # Of the base optimizer's state buffers: "fp32", "bf16", or "int8" (then the layout is
+    # aligned to lowbit.BLOCK: a shard's blocks are its parameters' own).
+    state_format: str
     indices: tuple[int, ...]  # into ShardView.params, in buffer order
 
 
