@@ -56,6 +56,50 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, nestor_h
     assert status[0] == {**status[0], "status": "running", "resumed_from_step": 8}
 
 
+def test_an_int8_state_job_resumes_exactly_and_reports_its_bytes_per_parameter(
+    tmp_path, nestor_home
+):
+    """A job whose Adan keeps int8 state (ZeRO-2, 2 workers): resumed from its step-8
+    checkpoint it ends bit for bit where the uninterrupted run did, both downloadable
+    optimizer.pt files hold the same codes and scales, and it reports the state's bytes per
+    parameter as measured from the tensors (int8 for tensors >= 4096 elements, fp32 below)."""
+    optimizer = {**BASE["optimizer"], "state_precision": "int8"}
+    spec = TrainSpec.model_validate({**BASE, "optimizer": optimizer})
+    full = run_local(spec, tmp_path / "full")
+    assert full["status"] == "succeeded"
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step-00000008", resumed_dir / "step-00000008"
+    )
+    resumed = run_local(spec, tmp_path / "resumed")
+    assert resumed["params_sha256"] == full["params_sha256"]
+    a, b = (
+        torch.load(tmp_path / d / "optimizer.pt", weights_only=True) for d in ("full", "resumed")
+    )
+    dtypes = {v.dtype for e in a["state"].values() for v in e.values() if v.ndim}
+    assert {torch.int8, torch.uint8, torch.float32} <= dtypes
+    for i, entry in a["state"].items():
+        for key, v in entry.items():
+            assert torch.equal(v, b["state"][i][key]), (i, key)
+
+    from workers.contract import Data
+    from workers.models import mnist1d_mlp  # the job's model: what its state should cost
+
+    sizes = [
+        p.numel()
+        for p in mnist1d_mlp(
+            Data(train=[(torch.zeros(40), 0)], val=[], num_classes=10)
+        ).parameters()
+    ]
+    expected = sum(n * (4 * (1 + 4 / 256) if n >= 4096 else 16) for n in sizes) / sum(sizes)
+    reported = [
+        r["opt_state_bytes_per_param"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    ]
+    assert reported and all(v == pytest.approx(expected, rel=0.02) for v in reported)
+    assert expected < 16 / 3  # a saving, not only a figure
+
+
 def test_non_finite_loss_fails_the_job_with_a_clear_error(tmp_path, nestor_home):
     spec = TrainSpec.model_validate(
         {
