@@ -22,6 +22,7 @@ from ._common import (
     state_dtype,
 )
 from ._fused import FlatStore, FlatViews
+from ._lowbit_kernels import encodable, entry_keys
 
 Runs = list[tuple[int, list[Tensor]]]  # (step, the flat buffers' slices) per run
 Buckets = dict[int, list[Tensor]]  # parameters stepped per tensor, by step count
@@ -111,19 +112,60 @@ class NestorOptimizer(Optimizer):
         group's flat buffers (fused; one step count per run) and the rest per tensor,
         bucketed by step count, with zeroed state ``keys`` made on first use."""
         group = self.param_groups[index]
-        if group["state_precision"] != "fp32":
-            fused = False  # low-bit state is stepped per tensor (_step_decoded)
-            for p in params:
-                entry = self.state[p]
-                if len(entry) == 0:
-                    entry["step"] = torch.tensor(0.0)
-                    fmt = self.state_format(group, p)
-                    for key in keys:
-                        entry.update(lowbit.zeros(p, key, fmt, state_dtype(p)))
-        flat = self._flat.bind(index, params, self.state, keys) if fused else None
+        precision = group["state_precision"]
+        if precision == "fp32":
+            flat = self._flat.bind(index, params, self.state, keys) if fused else None
+            runs = flat.advance() if flat is not None else []
+            rest = flat.outside if flat is not None else params
+            return runs, advance_steps(self.state, rest, keys) if rest else {}
+        for p in params:
+            entry = self.state[p]
+            if len(entry) == 0:
+                entry["step"] = torch.tensor(0.0)
+                fmt = self.state_format(group, p)
+                for key in keys:
+                    entry.update(lowbit.zeros(p, key, fmt, state_dtype(p)))
+        # The flat buffers hold the tensors whose state is in the group's format (under
+        # int8 not the small ones, whose state stays fp32).
+        candidates = [p for p in params if self.state_format(group, p) == precision]
+        flat = None
+        if fused and candidates:
+            flat = self._flat.bind(index, candidates, self.state, keys, precision)
         runs = flat.advance() if flat is not None else []
-        rest = flat.outside if flat is not None else params
+        members = {id(p) for p in flat.members} if flat is not None else set()
+        rest = [p for p in params if id(p) not in members]
         return runs, advance_steps(self.state, rest, keys) if rest else {}
+
+    def _lowbit_split(
+        self, bucket: list[Tensor], keys: tuple[str, ...], fused: bool
+    ) -> tuple[list[list[Tensor]], list[Tensor], list[Tensor]]:
+        """Where each tensor of a low-bit group's ``bucket`` (stepped per tensor) is
+        stepped: (by the compiled encoded kernel, one list per format; by the fp32 paths
+        (its state is fp32); by ``_step_decoded``). Without ``fused`` everything takes the
+        readable path."""
+        if not fused:
+            return [], [], bucket
+        kernel: dict[str, list[Tensor]] = {}
+        fp32, decoded = [], []
+        for p in bucket:
+            entry = self.state[p]
+            fmt = lowbit.state_format(entry, keys[0])
+            if fmt == "fp32":
+                fp32.append(p)
+            elif encodable(p, [entry[k] for k in entry_keys(keys, fmt)]):
+                kernel.setdefault(fmt, []).append(p)
+            else:
+                decoded.append(p)
+        return list(kernel.values()), fp32, decoded
+
+    def _encoded_lists(self, bucket: list[Tensor], keys: tuple[str, ...]) -> list[list[Tensor]]:
+        """The tensor lists an encoded kernel takes for ``bucket`` (one format): parameters,
+        gradients, then each state entry (buffers, then int8 scales)."""
+        fmt = lowbit.state_format(self.state[bucket[0]], keys[0])
+        states = [self.state[p] for p in bucket]
+        return [bucket, [p.grad for p in bucket]] + [
+            [s[k] for s in states] for k in entry_keys(keys, fmt)
+        ]
 
     def _step_decoded(
         self,

@@ -19,7 +19,9 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
+from . import lowbit
 from ._common import state_dtype
+from ._lowbit_kernels import entry_keys
 
 # Below this many elements a tensor outside the flat buffers is stepped by the foreach path:
 # a compiled call costs more Python overhead than the tensor's own update.
@@ -104,7 +106,9 @@ class Flat:
     entries: list[dict] = field(default_factory=list)  # each member's state entry
     ptrs: list[list[int]] = field(default_factory=list)  # where members' params, grads start
     views: list[list[Tensor]] = field(default_factory=list)  # each member's, per buffer
-    keys: tuple[str, ...] = ()  # the state keys in buffers 2.., then "step"
+    keys: tuple[str, ...] = ()  # the state entries in buffers 2.., then "step"
+    fmt: str = "fp32"  # the state's format (lowbit): int8 adds a buffer of scales per key
+    ends: list[int] = field(default_factory=list)  # where each member's extent ends
     runs: list[Run] = field(default_factory=list)
     expected: list[Tensor] = field(default_factory=list)  # entries' tensors, member by key
 
@@ -132,15 +136,22 @@ class Flat:
                     view.copy_(old) if old is not None else view.zero_()
                     entry[key] = view
         bounds: list[list] = []  # [step, first offset, end offset]
-        for entry, offset, p in zip(self.entries, self.offsets, self.members, strict=True):
+        for entry, offset, end in zip(self.entries, self.offsets, self.ends, strict=True):
             step = float(entry["step"]) if "step" in entry else 0.0
             if bounds and bounds[-1][0] == step:
-                bounds[-1][2] = offset + p.numel()
+                bounds[-1][2] = end
             else:
-                bounds.append([step, offset, offset + p.numel()])
+                bounds.append([step, offset, end])
         whole = len(bounds) == 1
+        # Scale buffers hold one entry per BLOCK elements (members start on block bounds).
+        per = [lowbit.BLOCK if lowbit.is_scale(k) else 1 for k in ("", "", *state_keys)]
         self.runs = [
-            Run(torch.tensor(step), self.buffers if whole else [b[lo:hi] for b in self.buffers])
+            Run(
+                torch.tensor(step),
+                self.buffers
+                if whole
+                else [b[lo // d : hi // d] for b, d in zip(self.buffers, per, strict=True)],
+            )
             for step, lo, hi in bounds
         ]
         i = 0
@@ -180,19 +191,26 @@ class FlatStore:
         self._flats: dict[int, Flat] = {}  # by parameter group index
 
     def bind(
-        self, index: int, params: list[Tensor], state: dict[Tensor, dict], keys: tuple[str, ...]
+        self,
+        index: int,
+        params: list[Tensor],
+        state: dict[Tensor, dict],
+        keys: tuple[str, ...],
+        fmt: str = "fp32",
     ) -> Flat | None:
         """The flat buffers of group ``index``'s ``params`` (those with gradients this step),
         made or refreshed; state entries still empty are created here (zeroed views and a
-        ``step`` of 0). None when no parameter can be moved."""
+        ``step`` of 0). None when no parameter can be moved. ``fmt`` is the state's format
+        (``lowbit``): bf16 buffers, or int8/uint8 codes and a buffer of block scales per key,
+        each member starting on a block boundary so that no block straddles two members."""
         flat = self._flats.get(index)
         if (
             flat is None
-            or flat.keys[:-1] != keys
+            or flat.keys[:-1] != entry_keys(keys, fmt)
             or len(flat.params) != len(params)
             or any(a is not b for a, b in zip(flat.params, params, strict=True))
         ):
-            flat = self._make(index, params, state, keys)
+            flat = self._make(index, params, state, keys, fmt)
             if flat is None:
                 return None
         members = flat.members
@@ -213,7 +231,7 @@ class FlatStore:
                     # Given new data of another dtype, device or shape (model.half(), a
                     # resize): make the buffers again rather than copy it back into the old.
                     flat.params = []
-                    return self.bind(index, params, state, keys)
+                    return self.bind(index, params, state, keys, fmt)
                 if j == 0:
                     torch._foreach_copy_(views, [members[i].detach() for i in moved])
                     for i, view in zip(moved, views, strict=True):
@@ -230,7 +248,12 @@ class FlatStore:
         return flat
 
     def _make(
-        self, index: int, params: list[Tensor], state: dict[Tensor, dict], keys: tuple[str, ...]
+        self,
+        index: int,
+        params: list[Tensor],
+        state: dict[Tensor, dict],
+        keys: tuple[str, ...],
+        fmt: str,
     ) -> Flat | None:
         old = self._flats.pop(index, None)
         homed = {id(p) for p in old.members} if old is not None else set()
@@ -254,22 +277,38 @@ class FlatStore:
                     if p.grad is not None:
                         p.grad = p.grad.clone()
                     entry = state.get(p, {})
-                    for key in (*keys, "step"):
+                    for key in old.keys:
                         if key in entry:
                             entry[key] = entry[key].clone()
         if not members:
             return None
+        align = lowbit.BLOCK if fmt == "int8" else 1
         offsets = [0]
         for p in members:
-            offsets.append(offsets[-1] + p.numel())
+            offsets.append(offsets[-1] + -(-p.numel() // align) * align)
         total = offsets.pop()
-        dtypes = [like.dtype, like.dtype] + [state_dtype(like)] * len(keys)
-        buffers = [_staggered(total, dtype, like.device, j) for j, dtype in enumerate(dtypes)]
+        names = entry_keys(keys, fmt)
+        dtypes = [like.dtype, like.dtype] + [_buffer_dtype(key, fmt, like) for key in names]
+        # Low-bit state is for memory: its buffers are staggered only where the padding is
+        # small beside them (1/64), not a small model's whole state again.
+        share = None if fmt == "fp32" else 1 / 64
+        buffers = [
+            _staggered(total, dtype, like.device, j, share) for j, dtype in enumerate(dtypes)
+        ]
+        if fmt != "fp32":  # padding between members stays zero: it is stepped, and encoded
+            for j, key in enumerate(names, start=2):
+                if lowbit.is_scale(key):
+                    buffers[j] = torch.zeros(total // align, device=like.device)
+            for b in buffers:
+                b.zero_()
         outside = [p for p in params if id(p) not in chosen]
-        flat = Flat(list(params), members, outside, buffers, offsets, keys=(*keys, "step"))
+        flat = Flat(
+            list(params), members, outside, buffers, offsets, keys=(*names, "step"), fmt=fmt
+        )
+        flat.ends = [*offsets[1:], total]
         flat.views = [
-            [b[o : o + p.numel()].view(p.shape) for p, o in zip(members, offsets, strict=True)]
-            for b in buffers
+            [_member_view(b, o, p, key) for p, o in zip(members, offsets, strict=True)]
+            for b, key in zip(buffers, ("", "", *names), strict=True)
         ]
         flat.ptrs = [[b.data_ptr() + o * b.element_size() for o in offsets] for b in buffers[:2]]
         self._flats[index] = flat
@@ -280,15 +319,39 @@ class FlatStore:
 STAGGER_BYTES = 1 << 16
 
 
-def _staggered(numel: int, dtype: torch.dtype, device: torch.device, index: int) -> Tensor:
+def _staggered(
+    numel: int, dtype: torch.dtype, device: torch.device, index: int, share: float | None = None
+) -> Tensor:
     """An uninitialised 1-D buffer starting ``index * STAGGER_BYTES`` into its allocation.
 
     Large allocations come from the system page-aligned and at similar addresses modulo large
     powers of two, so the six streams of an Adan step would hit the same memory banks. On
     this machine's CPU that made a 16M-parameter step 2.0-2.3x fused AdamW's; staggered, 1.6x
-    (bench/optimizers.py). The padding costs at most a few hundred KiB per group."""
+    (bench/optimizers.py). The padding costs at most a few hundred KiB per group; with
+    ``share``, none where it would exceed that share of the buffer."""
     pad = index * STAGGER_BYTES // torch.empty((), dtype=dtype).element_size()
+    if share is not None and pad > share * numel:
+        pad = 0
     return torch.empty(pad + numel, dtype=dtype, device=device)[pad:]
+
+
+def _buffer_dtype(key: str, fmt: str, like: Tensor) -> torch.dtype:
+    """The dtype of state entry ``key``'s flat buffer in format ``fmt`` (see lowbit.zeros)."""
+    if fmt == "fp32":
+        return state_dtype(like)
+    if fmt == "bf16":
+        return torch.bfloat16
+    if lowbit.is_scale(key):
+        return torch.float32
+    return torch.uint8 if key in lowbit.NON_NEGATIVE else torch.int8
+
+
+def _member_view(buffer: Tensor, offset: int, p: Tensor, key: str) -> Tensor:
+    """Member ``p``'s part of ``buffer``: of p's shape, or its block scales."""
+    if lowbit.is_scale(key):
+        first = offset // lowbit.BLOCK
+        return buffer[first : first + lowbit.num_blocks(p.numel())]
+    return buffer[offset : offset + p.numel()].view(p.shape)
 
 
 def _changed(param: Tensor, view: Tensor) -> bool:

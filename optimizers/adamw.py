@@ -12,6 +12,7 @@ from torch import Tensor
 from ._base import NestorOptimizer
 from ._common import adam_scalars, choose_impl
 from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._lowbit_kernels import EncodedKernel, run_encoded
 
 
 class AdamW(NestorOptimizer):
@@ -66,19 +67,24 @@ class AdamW(NestorOptimizer):
     ) -> None:
         amsgrad = group["amsgrad"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        if group["state_precision"] != "fp32":
-            _, buckets = self._advance(index, params, keys, fused=False)
-            for step, bucket in buckets.items():
-                self._step_decoded(
-                    bucket, keys, step, _decoded_adamw, **adam_scalars(group, step, clip)
-                )
-            return
         impl = choose_impl(params, group["foreach"], group["fused"])
         runs, buckets = self._advance(index, params, keys, fused=impl == "fused")
+        low_bit = group["state_precision"] != "fp32"
         for step, buffers in runs:  # one compiled call per run of the flat buffers
+            if low_bit:
+                _encoded_adamw([[b] for b in buffers], step, **adam_scalars(group, step, clip))
+                continue
             flat_lists = [[b] for b in buffers] + ([] if amsgrad else [None])
             _fused_adamw(*flat_lists, **adam_scalars(group, step, clip))
         for step, bucket in buckets.items():
+            if low_bit:
+                scalars = adam_scalars(group, step, clip)
+                kernel, bucket, decoded = self._lowbit_split(bucket, keys, impl == "fused")
+                for same_format in kernel:
+                    _encoded_adamw(self._encoded_lists(same_format, keys), step, **scalars)
+                self._step_decoded(decoded, keys, step, _decoded_adamw, **scalars)
+                if not bucket:  # the rest keeps fp32 state: the fp32 paths below
+                    continue
             states = [self.state[p] for p in bucket]
             _adamw(
                 impl,
@@ -259,18 +265,64 @@ def _fused_adamw(
 ) -> None:
     """The same update as compiled kernels, one pass over memory per tensor."""
     hp = hyperparams(
-        [
-            beta1,
-            beta2,
-            lr / bias_correction1,
-            math.sqrt(bias_correction2),
-            eps,
-            1 - lr * weight_decay,
-            1.0 if clip is None else clip,
-        ],
+        _kernel_scalars(
+            beta1, beta2, bias_correction1, bias_correction2, lr, weight_decay, eps, clip
+        ),
         like=exp_avgs[0],
     )
     if max_exp_avg_sqs is None:
         _ADAMW_FUSED([params, grads, exp_avgs, exp_avg_sqs], hp, views)
     else:
         _AMSGRAD_FUSED([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], hp, views)
+
+
+def _kernel_scalars(
+    beta1: float,
+    beta2: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    clip: Tensor | None,
+) -> list[float | Tensor]:
+    """``_adamw_kernel``'s (and ``_amsgrad_kernel``'s) hyperparameter vector, in its order."""
+    return [
+        beta1,
+        beta2,
+        lr / bias_correction1,
+        math.sqrt(bias_correction2),
+        eps,
+        1 - lr * weight_decay,
+        1.0 if clip is None else clip,
+    ]
+
+
+def _encoded_adamw_kernel(param: Tensor, grad: Tensor, *buffers_and_hp: Tensor) -> None:
+    """One tensor's AdamW update over bf16 or int8 state (see ``_lowbit_kernels``)."""
+    *buffers, hp = buffers_and_hp
+    run_encoded(_adamw_kernel, ("exp_avg", "exp_avg_sq"), param, grad, buffers, hp)
+
+
+def _encoded_amsgrad_kernel(param: Tensor, grad: Tensor, *buffers_and_hp: Tensor) -> None:
+    """One tensor's AMSGrad update over bf16 or int8 state."""
+    *buffers, hp = buffers_and_hp
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    run_encoded(_amsgrad_kernel, keys, param, grad, buffers, hp)
+
+
+_ADAMW_ENCODED = EncodedKernel(_encoded_adamw_kernel)
+_AMSGRAD_ENCODED = EncodedKernel(_encoded_amsgrad_kernel)
+
+
+def _encoded_adamw(lists: list[list[Tensor]], step: int, **scalars: Any) -> None:
+    """The update over low-bit state, compiled (``lists``: params, grads, then each state
+    entry; AMSGrad when there are three buffers). Int8 moves 12 bytes per fp32 parameter
+    (14 with AMSGrad), bf16 16 (20), against 28 (36) with fp32 state."""
+    hp = hyperparams(
+        [*_kernel_scalars(**scalars), float(step)],
+        like=torch.empty(0, device=lists[0][0].device, dtype=torch.float32),
+    )
+    n_states = len(lists) - 2
+    amsgrad = n_states in (3, 6)  # bf16: one list per buffer; int8: a scale list each
+    (_AMSGRAD_ENCODED if amsgrad else _ADAMW_ENCODED)(lists, hp)

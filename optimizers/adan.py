@@ -12,6 +12,7 @@ from torch import Tensor
 from ._base import NestorOptimizer
 from ._common import choose_impl
 from ._fused import FlatViews, FusedKernel, hyperparams, split_for_fused
+from ._lowbit_kernels import EncodedKernel, run_encoded
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
@@ -117,22 +118,28 @@ class Adan(NestorOptimizer):
     def _step_group(
         self, index: int, group: dict[str, Any], params: list[Tensor], clip: Tensor | None
     ) -> None:
-        if group["state_precision"] != "fp32":
-            _, buckets = self._advance(index, params, _STATE_KEYS, fused=False)
-            for step, bucket in buckets.items():
-                hyper = _hyper(group, step, clip)
-                self._step_decoded(
-                    bucket, _STATE_KEYS, step, _decoded_adan, first=step == 1, **hyper
-                )
-            return
         impl = choose_impl(params, group["foreach"], group["fused"])
         runs, buckets = self._advance(index, params, _STATE_KEYS, fused=impl == "fused")
+        low_bit = group["state_precision"] != "fp32"
         for step, buffers in runs:  # one compiled call per run of the flat buffers
             param, grad, *states = buffers
+            if low_bit:
+                _encoded_adan([[b] for b in buffers], step, **_hyper(group, step, clip))
+                continue
             if step == 1:
                 _first_gradient([states[3]], [grad], clip)
             _fused_adan([param], [grad], *([s] for s in states), **_hyper(group, step, clip))
         for step, bucket in buckets.items():
+            if low_bit:
+                hyper = _hyper(group, step, clip)
+                kernel, bucket, decoded = self._lowbit_split(bucket, _STATE_KEYS, impl == "fused")
+                for same_format in kernel:
+                    _encoded_adan(self._encoded_lists(same_format, _STATE_KEYS), step, **hyper)
+                self._step_decoded(
+                    decoded, _STATE_KEYS, step, _decoded_adan, first=step == 1, **hyper
+                )
+                if not bucket:  # the rest keeps fp32 state: the fp32 paths below
+                    continue
             states = [self.state[p] for p in bucket]
             grads = [p.grad for p in bucket]
             neg_pre_grads = [s["neg_pre_grad"] for s in states]
@@ -349,20 +356,83 @@ def _fused_adan(
 ) -> None:
     """The same update as compiled kernels: one pass over memory per tensor (44 bytes per
     fp32 parameter: read p, g, m, v, n, -g_prev; write p, m, v, n, -g_prev)."""
-    wd = lr * weight_decay
-    hp = hyperparams(
-        [
-            beta1,
-            beta2,
-            beta3,
-            lr / bias_correction1,
-            lr * beta2 / bias_correction2,
-            math.sqrt(bias_correction3),
-            eps,
-            1 - wd if no_prox else 1.0,
-            1.0 if no_prox else 1 + wd,
-            1.0 if clip is None else clip,
-        ],
-        like=exp_avgs[0],
+    scalars = _kernel_scalars(
+        beta1=beta1,
+        beta2=beta2,
+        beta3=beta3,
+        bias_correction1=bias_correction1,
+        bias_correction2=bias_correction2,
+        bias_correction3=bias_correction3,
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+        no_prox=no_prox,
+        clip=clip,
     )
+    hp = hyperparams(scalars, like=exp_avgs[0])
     _ADAN_FUSED([params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads], hp, views)
+
+
+def _kernel_scalars(
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    bias_correction3: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    no_prox: bool,
+    clip: Tensor | None,
+) -> list[float | Tensor]:
+    """``_adan_kernel``'s hyperparameter vector, in its order."""
+    wd = lr * weight_decay
+    return [
+        beta1,
+        beta2,
+        beta3,
+        lr / bias_correction1,
+        lr * beta2 / bias_correction2,
+        math.sqrt(bias_correction3),
+        eps,
+        1 - wd if no_prox else 1.0,
+        1.0 if no_prox else 1 + wd,
+        1.0 if clip is None else clip,
+    ]
+
+
+def _adan_first_kernel(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    exp_avg_diff: Tensor,
+    neg_pre_grad: Tensor,
+    hp: Tensor,
+) -> None:
+    """``_adan_kernel`` with g_0 := g_1 inside: hp is its ten values and ``first`` (1 at
+    step 1), so that a low-bit first step does not round -g_1 through the codes."""
+    clip, first = hp[9], hp[10]
+    grad0 = -(grad.to(neg_pre_grad.dtype) * clip)
+    neg_pre_grad.copy_(torch.where(first > 0, grad0, neg_pre_grad))
+    _adan_kernel(param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad, hp[:10])
+
+
+def _encoded_adan_kernel(param: Tensor, grad: Tensor, *buffers_and_hp: Tensor) -> None:
+    """One tensor's update over bf16 or int8 state (see ``_lowbit_kernels``)."""
+    *buffers, hp = buffers_and_hp
+    run_encoded(_adan_first_kernel, _STATE_KEYS, param, grad, buffers, hp)
+
+
+_ADAN_ENCODED = EncodedKernel(_encoded_adan_kernel)
+
+
+def _encoded_adan(lists: list[list[Tensor]], step: int, **hyper: Any) -> None:
+    """The update over low-bit state, compiled (``lists``: params, grads, then each state
+    entry). It moves 2 bytes per element for each int8 buffer read and written (bf16: 4),
+    plus the parameters and gradients: 20 bytes per fp32 parameter under int8, 28 under
+    bf16, against 44 with fp32 state."""
+    values = [*_kernel_scalars(**hyper), 1.0 if step == 1 else 0.0, float(step)]
+    like = torch.empty(0, device=lists[0][0].device, dtype=torch.float32)
+    _ADAN_ENCODED(lists, hyperparams(values, like=like))
