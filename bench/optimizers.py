@@ -59,6 +59,16 @@ built is at hand; --out to bring the figures back as JSON):
 Without a GPU, --device cuda exits with status 2 and one line saying why.
 --before TREE adds the fused Adan of another checkout (git worktree add TREE REV) to the
 same rounds, for before/after figures from one run.
+
+Low-bit state (--lowbit, instead of the tables above): Nestor's Adan fused with fp32, bf16
+and int8 state, torch's fused AdamW, Nestor's AdamW with int8 state, and the 8-bit AdamWs
+of torchao (torchao.optim.AdamW8bit) and bitsandbytes (bnb.optim.AdamW8bit), each skipped
+with a line saying why where it is not importable. Columns: the median step time over
+interleaved rounds, its ratio to fp32 fused Adan, and the optimizer state's bytes per
+parameter as allocated: every storage under the optimizer's state (inner tensors of
+tensor subclasses, scales and code maps included, each storage once), step counts not.
+
+    python bench/optimizers.py --lowbit --layout all --gpt2-scale 0.5 --rounds 5 --steps 2
 """
 
 from __future__ import annotations
@@ -306,6 +316,109 @@ def contenders(shapes: list[Shape], device: torch.device, peers: Peers) -> Conte
     return runners
 
 
+NESTOR_ADAN_FP32 = "Nestor Adan fp32 fused"
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of ``opt``'s state as allocated: each storage reached from its state tensors
+    (a tensor subclass's inner tensors included) counted once; step counts left out."""
+    seen: dict[tuple[str, int], int] = {}
+
+    def visit(t: torch.Tensor) -> None:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                visit(getattr(t, name))
+            return
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+
+    for entry in opt.state.values():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                visit(value)
+    return sum(seen.values())
+
+
+def lowbit_contenders(
+    shapes: list[Shape], device: torch.device, skipped: list[str]
+) -> dict[str, torch.optim.Optimizer]:
+    """The low-bit table's optimizers, each with its own parameters, first step taken."""
+    kw = dict(lr=1e-3, weight_decay=0.02)
+
+    def problem(seed: int) -> list[torch.nn.Parameter]:
+        return make_problem(shapes, seed, device)
+
+    makers: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+        NESTOR_ADAN_FP32: lambda ps: Adan(ps, fused=True, **kw),
+        "Nestor Adan bf16 fused": lambda ps: Adan(ps, fused=True, state_precision="bf16", **kw),
+        "Nestor Adan int8 fused": lambda ps: Adan(ps, fused=True, state_precision="int8", **kw),
+        TORCH_ADAMW: lambda ps: torch.optim.AdamW(ps, fused=True, **kw),
+        "Nestor AdamW int8 fused": lambda ps: AdamW(ps, fused=True, state_precision="int8", **kw),
+    }
+    try:
+        from torchao.optim import AdamW8bit as AoAdamW8bit
+
+        makers["torchao AdamW8bit"] = lambda ps: AoAdamW8bit(ps, **kw)
+    except ImportError as exc:
+        skipped.append(f"torchao AdamW8bit: skipped, torchao is not importable ({exc})")
+    try:
+        import bitsandbytes as bnb
+
+        makers["bnb AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, **kw)
+    except ImportError as exc:
+        skipped.append(f"bnb AdamW8bit: skipped, bitsandbytes is not importable ({exc})")
+    opts = {}
+    for i, (name, make) in enumerate(makers.items()):
+        try:
+            opt = make(problem(10 + i))
+            opt.step()  # state and compiles outside the timed rounds
+        except (RuntimeError, NotImplementedError) as exc:
+            skipped.append(f"{name}: skipped, its first step failed ({exc})")
+            continue
+        opts[name] = opt
+    return opts
+
+
+def measure_lowbit(
+    shapes: list[Shape], device: torch.device, rounds: int, steps: int, skipped: list[str]
+) -> list[dict]:
+    """One row per low-bit contender: median step time over interleaved rounds, its ratio
+    to fp32 fused Adan, and state bytes per parameter measured from the tensors."""
+    opts = lowbit_contenders(shapes, device, skipped)
+    numel = sum(math.prod(s) for s in shapes)
+    cuda = device.type == "cuda"
+    if cuda:
+        for opt in opts.values():
+            for _ in range(CUDA_WARMUP_STEPS):
+                opt.step()
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            times[name].append(seconds_per_step(opt.step, steps, cuda))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base = median[NESTOR_ADAN_FP32]
+    return [
+        dict(
+            name=name,
+            ms=median[name] * 1e3,
+            vs_adan=median[name] / base,
+            bytes_per_param=state_bytes(opt) / numel,
+        )
+        for name, opt in opts.items()
+    ]
+
+
+def print_lowbit_table(rows: list[dict]) -> None:
+    print("| contender                | step ms | vs fp32 Adan | state B/param |")
+    print("|--------------------------|---------|--------------|---------------|")
+    for r in rows:
+        print(
+            f"| {r['name']:24} | {r['ms']:7.1f} | {r['vs_adan']:11.2f}x "
+            f"| {r['bytes_per_param']:13.2f} |"
+        )
+
+
 def seconds_per_step(fn: Callable[[], None], n: int, cuda: bool) -> float:
     """Mean time of n back-to-back steps: CUDA events on a GPU, the wall clock on the CPU."""
     if not cuda:
@@ -503,6 +616,11 @@ def parse_args() -> argparse.Namespace:
         help="tensors in the host-time table (tiny ones: what a step costs the CPU; 0: skip)",
     )
     parser.add_argument("--out", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--lowbit",
+        action="store_true",
+        help="the low-bit state table (fp32/bf16/int8 Adan, 8-bit AdamWs) instead",
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     # An explicit option wins over --quick, which wins over the device's default.
@@ -606,6 +724,9 @@ def main() -> None:
         )
     for line in peers.skipped:
         print(line)
+    if args.lowbit:
+        main_lowbit(args, device)
+        return
 
     layouts = []
     for layout in args.layouts:
@@ -653,6 +774,33 @@ def main() -> None:
                 meta, layouts=layouts, host=host, skipped=peers.skipped, first_step=first_step
             )
             json.dump(result, f, indent=2)
+        print(f"\nwrote {args.out}")
+
+
+def main_lowbit(args: argparse.Namespace, device: torch.device) -> None:
+    """The low-bit state table, one per layout (see the module docstring)."""
+    layouts = []
+    for layout in args.layouts:
+        shapes = layout_shapes(layout, args.numel, args.gpt2_scale)
+        numel = sum(math.prod(s) for s in shapes)
+        skipped: list[str] = []
+        rows = measure_lowbit(shapes, device, args.rounds, args.steps, skipped)
+        if layout == "gpt2":
+            scaled = "" if args.gpt2_scale == 1 else f", scaled by {args.gpt2_scale:g}"
+            title = f"GPT-2 small shapes{scaled}: {numel:,} parameters as {len(shapes)} tensors"
+        else:
+            title = f"{numel:,} parameters as {len(shapes)} tensor(s)"
+        print(f"\n{title}")
+        for line in skipped:
+            print(line)
+        print_lowbit_table(rows)
+        layouts.append(dict(layout=layout, numel=numel, rows=rows, skipped=skipped))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=str(device), torch=torch.__version__, layouts=layouts), f)
         print(f"\nwrote {args.out}")
 
 
