@@ -251,7 +251,9 @@ def test_bytes_per_parameter_measured_from_the_tensors(
     model = torch.nn.Sequential(
         torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)
     )
-    opt = create_optimizer(model.parameters(), {"name": name, "state_precision": precision})
+    opt = create_optimizer(
+        model.parameters(), {"name": name, "state_precision": precision, "fused": False}
+    )
     model(torch.randn(8, 512)).sum().backward()
     opt.step()
     per_param = state_bytes(opt) / sum(p.numel() for p in model.parameters())
