@@ -25,6 +25,18 @@ from torch import Tensor
 from . import lowbit
 
 CODE_DTYPES = (torch.int8, torch.uint8)
+# Inductor writes an intermediate to memory when many reads depend on it
+# (``realize_reads_threshold``, 4 by default). A decoded state buffer feeds its block's
+# absmax, its codes and the parameter update, so by default three of Adan's four fp32
+# states were written out as full-size temporaries (12 bytes per parameter at the step's
+# peak, and their traffic). Recomputing them from the codes instead keeps them in
+# registers: the kernels then allocate only the new block scales. The operation-count
+# threshold stays at its default: lifting it too inlined so much that compiling an int8
+# AdamW step ran past ten minutes.
+KEEP_IN_REGISTERS = {
+    "realize_reads_threshold": 1 << 30,
+    "realize_acc_reads_threshold": 1 << 30,
+}
 
 
 def entry_keys(keys: tuple[str, ...], fmt: str) -> tuple[str, ...]:
@@ -96,7 +108,9 @@ class EncodedKernel:
 
     def __call__(self, lists: list[list[Tensor]], hp: Tensor) -> None:
         if self._compiled is None:
-            self._compiled = torch.compile(self.kernel, dynamic=True, fullgraph=True)
+            self._compiled = torch.compile(
+                self.kernel, dynamic=True, fullgraph=True, options=KEEP_IN_REGISTERS
+            )
         blocked = lists[2][0].dtype in CODE_DTYPES
         n_states = (len(lists) - 2) // 2 if blocked else len(lists) - 2
         with fx_config.patch(use_duck_shape=False):
