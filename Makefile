@@ -54,6 +54,8 @@ gpu-wheels:
 bench: install
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/optimizers.py
+	$(BIN)/python bench/optimizers.py --lowbit
+	$(BIN)/python bench/state_memory.py
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/restore.py
 	$(BIN)/python bench/throughput.py
