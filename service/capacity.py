@@ -39,20 +39,29 @@ def demand(spec: dict[str, Any]) -> Resources:
     return Resources(workers * CPUS_PER_WORKER, workers if spec.get("use_gpu") else 0)
 
 
+def _number(n: float) -> str:
+    return str(int(n) if float(n).is_integer() else n)
+
+
 def _count(n: float, what: str) -> str:
-    n = int(n) if float(n).is_integer() else n
-    return f"{n} {what}" + ("" if n == 1 else "s")
+    return f"{_number(n)} {what}" + ("" if n == 1 else "s")
 
 
 def shortfall(need: Resources, have: Resources, *, free: bool = False) -> str | None:
-    """Why ``need`` does not fit in ``have`` ("needs 4 CPUs, the cluster has 2"), or None.
-    ``free`` words it as what is free now rather than what the cluster has."""
-    has = "free now" if free else "the cluster has"
+    """Why ``need`` does not fit in ``have`` ("needs 4 CPUs, the cluster has 2 CPUs"), or
+    None. ``free`` words it as what is free now ("needs 4 CPUs, 2 free")."""
     if need.gpus > have.gpus:
+        if free:
+            held = "none" if have.gpus <= 0 else f"{_number(have.gpus)}"
+            return f"needs {_count(need.gpus, 'GPU')} (use_gpu), {held} free"
         held = "none" if have.gpus <= 0 else _count(have.gpus, "GPU")
-        return f"needs {_count(need.gpus, 'GPU')} (use_gpu), {has} {held}"
+        return f"needs {_count(need.gpus, 'GPU')} (use_gpu), the cluster has {held}"
     if need.cpus > have.cpus:
-        return f"needs {_count(need.cpus, 'CPU')}, {has} {_count(max(have.cpus, 0), 'CPU')}"
+        if free:
+            return f"needs {_count(need.cpus, 'CPU')}, {_number(max(have.cpus, 0))} free"
+        return (
+            f"needs {_count(need.cpus, 'CPU')}, the cluster has {_count(max(have.cpus, 0), 'CPU')}"
+        )
     return None
 
 

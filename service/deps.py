@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from .auth import Principal, lookup
-from .capacity import Capacity
+from .capacity import Capacity, Resources
 from .settings import Settings
 
 
@@ -32,9 +32,22 @@ def get_capacity(request: Request) -> Capacity | None:
     return scheduler.capacity
 
 
+def get_cluster(request: Request) -> Resources | None:
+    """The cluster's total resources for the queue's estimates, fixed or not; None without a
+    scheduler (an API alone) or while the cluster cannot be asked."""
+    scheduler = getattr(request.app.state, "scheduler", None)
+    if scheduler is None:
+        return None
+    try:
+        return scheduler.capacity.total
+    except Exception:  # Ray unreachable: the estimates wait, the read does not fail
+        return None
+
+
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CapacityDep = Annotated[Capacity | None, Depends(get_capacity)]
+ClusterDep = Annotated[Resources | None, Depends(get_cluster)]
 _bearer = HTTPBearer(auto_error=False, description="a Nestor API token")
 
 

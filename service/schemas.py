@@ -44,6 +44,25 @@ class JobPublic(BaseModel):
         None, description="why a queued job has not started yet (resources, its sweep)"
     )
     last_step: int
+    progress: float | None = Field(
+        None, description="queued or running: last_step / max_steps, from 0 to 1"
+    )
+    queue_position: int | None = Field(
+        None, description="queued: its place in the queue, 1 being next to start"
+    )
+    steps_per_second: float | None = Field(
+        None, description="running: its rate over its last reported steps"
+    )
+    estimated_start: datetime | None = Field(
+        None,
+        description="queued: when it should start, from the running jobs' rates and "
+        "remaining steps (null when that cannot be known yet)",
+    )
+    estimated_end: datetime | None = Field(
+        None,
+        description="running: when its remaining steps should be done at its rate (a job "
+        "with a stop_at target may end sooner); null until it has a rate",
+    )
     reached_target_at_step: int | None = Field(
         None,
         description="with a stop_at target: the step whose evaluation first reached it "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
@@ -13,9 +14,10 @@ from workers import TrainSpec
 
 from ..audit import record
 from ..auth import Principal
-from ..capacity import Capacity, refusal
+from ..capacity import Capacity, Resources, demand, refusal
 from ..deps import (
     CapacityDep,
+    ClusterDep,
     ReadDep,
     SessionDep,
     SubmitDep,
@@ -24,6 +26,7 @@ from ..deps import (
     wake_scheduler,
 )
 from ..downsample import query_series
+from ..forecast import RATE_WINDOW, Queued, Running, forecast, steps_per_second
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric, User
 from ..packages import missing_package
@@ -45,6 +48,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_ID = 2**31 - 1  # ids and steps are 32-bit in every supported database
 LATEST_KEYS = ["train_loss", "val_loss", "val_accuracy"]
+LIVE = ("queued", "running")
 JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="a job id")]
 
 
@@ -63,15 +67,77 @@ def owner_names(db: Session, ids: set[int | None]) -> dict[int, str]:
     return dict(db.execute(select(User.id, User.name).where(User.id.in_(wanted))).all())
 
 
-def with_latest(db: Session, jobs: list[Job]) -> list[JobPublic]:
+def with_latest(db: Session, jobs: list[Job], cluster: Resources | None = None) -> list[JobPublic]:
+    """The jobs as the API shows them: with their latest metrics, owner, and for queued and
+    running jobs their place, rate and estimated start or end (``cluster``: the cluster's
+    resources, None when unknown)."""
     latest = final_metrics(db, [j.id for j in jobs], LATEST_KEYS)
     names = owner_names(db, {j.owner_id for j in jobs})
+    timing = queue_timing(db, cluster) if any(j.status in LIVE for j in jobs) else {}
     return [
         JobPublic.model_validate(j).model_copy(
-            update={"latest": latest.get(j.id, {}), "owner": names.get(j.owner_id)}
+            update={
+                "latest": latest.get(j.id, {}),
+                "owner": names.get(j.owner_id),
+                **timing.get(j.id, {}),
+            }
         )
         for j in jobs
     ]
+
+
+def queue_timing(db: Session, cluster: Resources | None) -> dict[int, dict]:
+    """Per queued or running job: progress, queue position, steps per second, and the
+    estimated start or end (service/forecast.py), as JobPublic fields."""
+    live = db.scalars(
+        select(Job).where(Job.status.in_(LIVE)).order_by(Job.priority.desc(), Job.id)
+    ).all()
+    now = datetime.now(UTC)
+    running, queued, rates, started = [], [], {}, set()
+    for job in live:
+        try:
+            need, max_steps = demand(job.spec), int(job.spec.get("max_steps", 1))
+        except (TypeError, ValueError):
+            continue
+        if job.status == "running" or job.submission_id is not None:  # handed to Ray
+            rate = job_rate(db, job.id) if job.status == "running" else None
+            rates[job.id] = rate
+            running.append(Running(job.id, need, max_steps - job.last_step, rate))
+            started.add(job.id)
+        else:
+            queued.append(Queued(job.id, need, max_steps, in_sweep=job.sweep_id is not None))
+    plans = forecast(cluster, running, queued)
+
+    def at(seconds: float | None) -> datetime | None:
+        return None if seconds is None else now + timedelta(seconds=seconds)
+
+    timing = {}
+    for job in live:
+        plan = plans.get(job.id)
+        if plan is None:
+            continue
+        max_steps = max(int(job.spec.get("max_steps", 1)), 1)
+        timing[job.id] = {
+            "progress": min(job.last_step / max_steps, 1.0),
+            "queue_position": plan.position,
+            "steps_per_second": rates.get(job.id),
+            "estimated_start": now
+            if job.id in started and job.status == "queued"
+            else at(plan.start_in),
+            "estimated_end": at(plan.end_in),
+        }
+    return timing
+
+
+def job_rate(db: Session, job_id: int) -> float | None:
+    """A running job's steps per second over its last reported training steps."""
+    points = db.execute(
+        select(Metric.step, Metric.time)
+        .where(Metric.job_id == job_id, Metric.key == "train_loss")
+        .order_by(Metric.step.desc())
+        .limit(RATE_WINDOW)
+    ).all()
+    return steps_per_second([(int(s), float(t)) for s, t in points])
 
 
 def refuse_unfit(capacity: Capacity | None, spec: dict, loc: list[str | int]) -> None:
@@ -178,6 +244,7 @@ def submit(
 def list_jobs(
     db: SessionDep,
     token: ReadDep,
+    cluster: ClusterDep,
     status_: Annotated[
         str | None, Query(alias="status", pattern=f"^({'|'.join(STATUSES)})$")
     ] = None,
@@ -196,12 +263,12 @@ def list_jobs(
         query = query.where(Job.sweep_id == sweep)
     count = db.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = db.scalars(query.order_by(Job.id.desc()).offset(skip).limit(limit)).all()
-    return JobList(data=with_latest(db, rows), count=count)
+    return JobList(data=with_latest(db, rows, cluster), count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def show(job_id: JobId, db: SessionDep, _: ReadDep) -> JobPublic:
-    return with_latest(db, [get_job(db, job_id)])[0]
+def show(job_id: JobId, db: SessionDep, _: ReadDep, cluster: ClusterDep) -> JobPublic:
+    return with_latest(db, [get_job(db, job_id)], cluster)[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

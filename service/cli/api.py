@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,19 +124,61 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """The jobs (filtered by --status, --sweep) as a table."""
+    """The jobs (filtered by --status, --sweep) as a table; under each queued job its place,
+    what it waits for and when it should start, under each running job its rate and when it
+    should end."""
     from workers.spec import optimizer_label
 
     jobs = api_errors(lambda: _client(args).jobs(status=args.status, sweep=args.sweep))
-    print(f"{'id':>5}  {'status':<13} {'step':>7}  {'optimizer':<22} {'batch':>6}  name")
+    print(f"{'id':>5}  {'status':<13} {'step':>15}  {'optimizer':<22} {'batch':>6}  name")
+    now = datetime.now(UTC)
     for j in jobs["data"]:
         spec = j["spec"]
+        steps = f"{j['last_step']}/{spec.get('max_steps', '?')}"
         print(
-            f"{j['id']:>5}  {j['status']:<13} {j['last_step']:>7}  "
+            f"{j['id']:>5}  {j['status']:<13} {steps:>15}  "
             f"{optimizer_label(spec):<22} {spec['batch_size']:>6}  {j['name']}"
         )
+        detail = job_timing(j, now)
+        if detail:
+            print(f"{'':>7}{detail}")
     print(f"({jobs['count']} jobs)")
     return 0
+
+
+def job_timing(job: dict[str, Any], now: datetime) -> str | None:
+    """A queued job's place, reason and start, or a running job's rate and end, in words."""
+
+    def within(when: str | None) -> str | None:
+        if not when:
+            return None
+        return duration((datetime.fromisoformat(when) - now).total_seconds())
+
+    if job["status"] == "queued":
+        parts = []
+        if job.get("queue_position"):
+            parts.append(f"#{job['queue_position']} in the queue")
+        start = within(job.get("estimated_start"))
+        parts.append(f"starts in ~{start}" if start else "start not known yet")
+        if job.get("pending_reason"):
+            parts.append(job["pending_reason"])
+        return "waiting: " + "; ".join(parts)
+    if job["status"] == "running":
+        rate, end = job.get("steps_per_second"), within(job.get("estimated_end"))
+        if rate is None or end is None:
+            return "running: no rate yet"
+        return f"running: {rate:.3g} steps/s, ends in ~{end}"
+    return None
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '12 min', '3.5 h' (what an estimate can honestly tell apart)."""
+    seconds = max(seconds, 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -105,7 +105,7 @@ def _consider(
     short = shortfall(need, queue.free, free=True)
     if short is not None:
         _pending(db, job, short)
-        queue.blocked = f"behind job {job.id}, which waits for resources"
+        queue.blocked = f"behind job {job.id} (priority {job.priority}), which waits for resources"
         return
     try:
         launched = launch(db, job)

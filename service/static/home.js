@@ -1,6 +1,6 @@
 // "/": jobs and sweeps with their owners, filtered (status, text, mine only), refreshed every
 // few seconds.
-import { api, badge, el, fmt, fmtTime, notice, optimizerLabel, start } from "./nestor.js";
+import { api, badge, el, fmt, fmtIn, fmtTime, notice, optimizerLabel, start, timing } from "./nestor.js";
 
 const REFRESH_MS = 2000;
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled", "stopped_early"];
@@ -8,9 +8,20 @@ const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled", "
 function progress(job) {
   const total = job.spec.max_steps || 1;
   const pct = Math.min(100, (100 * job.last_step) / total);
-  return el("span", { title: `${job.last_step} / ${total} steps` },
+  return el("span", { title: timing(job) ?? `${job.last_step} / ${total} steps` },
     el("span", { class: "progress" }, el("span", { style: `width:${pct.toFixed(1)}%` })),
-    ` ${job.last_step}/${total}`);
+    ` ${job.last_step}/${total}`, when(job));
+}
+
+// The short form of timing(job): "#2, ~40 s" for a queued job, "~12 min left" running.
+function when(job) {
+  let text = null;
+  if (job.status === "queued" && job.queue_position) {
+    text = `#${job.queue_position}` + (job.estimated_start ? `, starts in ~${fmtIn(job.estimated_start)}` : "");
+  } else if (job.status === "running" && job.estimated_end) {
+    text = `~${fmtIn(job.estimated_end)} left`;
+  }
+  return text ? el("span", { class: "muted when" }, ` ${text}`) : null;
 }
 
 function jobRow(job) {
@@ -18,8 +29,7 @@ function jobRow(job) {
     el("td", {}, el("a", { href: `/jobs/${job.id}` }, `#${job.id}`)),
     el("td", {}, job.name),
     el("td", { class: "owner" }, job.owner ?? "–"),
-    el("td", { title: job.status === "queued" && job.pending_reason ? `waiting: ${job.pending_reason}` : null },
-      badge(job.status)),
+    el("td", { title: timing(job) }, badge(job.status)),
     el("td", {}, optimizerLabel(job.spec)),
     el("td", { class: "num" }, job.spec.batch_size),
     el("td", { class: "num" }, job.spec.num_workers),

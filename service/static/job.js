@@ -1,6 +1,6 @@
 // "/jobs/{id}": spec, status, owner, events, charts, log, artifacts; live over server-sent events
 // while it runs. Cancel, retry and artifact deletion are shown only to a token that may use them.
-import { actionFailed, api, badge, can, el, fmt, fmtTime, hasScope, layout, loadPlotly, me, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents } from "./nestor.js";
+import { actionFailed, api, badge, can, el, fmt, fmtTime, hasScope, layout, loadPlotly, me, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents, timing } from "./nestor.js";
 import { artifactsPanel, logPanel } from "./outputs.js";
 
 const CHARTS = [
@@ -32,6 +32,7 @@ const FIGURES = [
   { key: "samples_per_s", label: "samples / s", show: (v) => compact.format(v) },
 ];
 const LIVE = new Set(["queued", "running"]);
+const TIMING_REFRESH_MS = 5000;
 
 const jobId = Number(location.pathname.split("/").pop());
 
@@ -114,8 +115,7 @@ start(async (main) => {
     summary.replaceChildren(specSummary(job));
     cancelBtn.disabled = !LIVE.has(job.status);
     retryBtn.disabled = LIVE.has(job.status);
-    const why = job.error || job.stop_reason
-      || (job.status === "queued" && job.pending_reason ? `Waiting: ${job.pending_reason}` : null);
+    const why = job.error || job.stop_reason || timing(job);
     message.replaceChildren(why ? notice(job.status === "failed" ? "error" : "empty", why) : "");
   }
   const latest = {}; // key -> {step, value}: the figures' values
@@ -135,6 +135,11 @@ start(async (main) => {
     events.append(el("li", {}, badge(e.status), ` ${fmtTime(e.time)} `, el("span", { class: "muted" }, e.reason || "")));
   }
   showJob(job);
+  // The place in the queue and the estimates move with the queue and the job's rate.
+  const timingTimer = setInterval(() => {
+    if (!LIVE.has(job.status)) { clearInterval(timingTimer); return; }
+    api(`/v1/jobs/${jobId}`).then(showJob).catch(() => {}); // the next tick tries again
+  }, TIMING_REFRESH_MS);
   cancelBtn.addEventListener("click", async () => {
     cancelBtn.disabled = true;
     try { showJob(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" })); } catch (err) {

@@ -166,6 +166,31 @@ export function fmtTime(iso) {
   return new Date(parseTime(iso)).toLocaleString();
 }
 
+// "40 s", "12 min", "3.5 h" from now to an API time (as the CLI's `nestor jobs` says it).
+export function fmtIn(iso) {
+  const seconds = Math.max(0, (parseTime(iso) - Date.now()) / 1000);
+  if (seconds < 90) return `${seconds.toFixed(0)} s`;
+  if (seconds < 90 * 60) return `${(seconds / 60).toFixed(0)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+// Where a queued or running job stands, in words: its place, start and reason, or its rate
+// and end (null for an ended job).
+export function timing(job) {
+  if (job.status === "queued") {
+    const parts = [];
+    if (job.queue_position) parts.push(`#${job.queue_position} in the queue`);
+    parts.push(job.estimated_start ? `starts in ~${fmtIn(job.estimated_start)}` : "start not known yet");
+    if (job.pending_reason) parts.push(job.pending_reason);
+    return `Waiting: ${parts.join("; ")}`;
+  }
+  if (job.status === "running") {
+    if (job.steps_per_second == null || !job.estimated_end) return "Running: no rate yet";
+    return `Running: ${fmt(job.steps_per_second, 3)} steps/s, ends in ~${fmtIn(job.estimated_end)}`;
+  }
+  return null;
+}
+
 // The same label as workers.spec.optimizer_label: "adan", "lookahead(adamw)", "adan (int8)".
 export function optimizerLabel(spec) {
   const opt = (spec && spec.optimizer) || {};

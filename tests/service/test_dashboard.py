@@ -86,6 +86,30 @@ def test_live_run_chart_grows_then_cancel_from_the_page_and_the_list_shows_it(se
     assert client.job(job["id"])["status"] == "running"
     for chart in ("chart-lr", "chart-throughput", "chart-state", "chart-grad_norm"):
         assert points_in(page, chart) > 0, chart
+    # Where it stands: its rate and its estimated end, re-read while it runs.
+    running = re.compile(r"Running: [0-9.]+ steps/s, ends in ~")
+    expect(page.locator("#message")).to_contain_text(running)
+
+    # A job that cannot fit beside it waits; its page and its row say where and why.
+    waiting = client.submit(
+        {**TINY, "num_workers": 4, "micro_batch_size": 64}, name="browser-waits"
+    )
+    try:
+        wait_for(lambda: client.job(waiting["id"])["pending_reason"], timeout=60)
+        page.goto(base_url(service) + f"/jobs/{waiting['id']}")
+        expect(page.locator("#message")).to_contain_text(
+            re.compile(r"Waiting: #1 in the queue; .*needs 4 CPUs, \d+ free")
+        )
+        page.goto(base_url(service) + "/")
+        row = page.locator(f"#jobs-table tr[data-job='{waiting['id']}']")
+        expect(row.locator(".when")).to_contain_text("#1")
+        expect(page.locator(f"#jobs-table tr[data-job='{job['id']}'] .when")).to_contain_text(
+            re.compile(r"~.+ left")
+        )
+    finally:
+        client.cancel(waiting["id"])
+    page.goto(base_url(service) + f"/jobs/{job['id']}")
+    expect(page.locator("#message")).to_contain_text(running)
 
     page.click("#cancel")
     expect(page.locator("#status [data-status]")).to_have_attribute(

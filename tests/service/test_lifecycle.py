@@ -3,6 +3,7 @@ API server restart with no metric point lost."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -29,6 +30,45 @@ def test_cancel_stops_a_running_job(service):
     client.cancel(job["id"])
     done = client.wait(job["id"], timeout=60)
     assert done["status"] == "cancelled"
+
+
+def test_a_steady_jobs_end_and_the_start_of_the_job_behind_it_are_estimated(service):
+    """A 2-worker job on the 4-CPU cluster, a 4-worker job queued behind it: mid-run, the
+    running job's estimated end and the queued job's estimated start are each within 30% of
+    the time then left (plus the scheduler's few seconds) of what happened."""
+    from datetime import datetime
+
+    from service.client import NestorError
+
+    _, client = service
+    first = client.submit({**TINY, "max_steps": 2000, "eval_every": 10_000}, name="steady")
+    wait_for(lambda: client.job(first["id"])["status"] == "running", timeout=180)
+    behind = client.submit({**TINY, "num_workers": 4, "micro_batch_size": 64}, name="behind")
+    try:
+        wait_for(lambda: client.job(first["id"])["last_step"] >= 200, timeout=240)
+        seen = time.time()
+        running, queued = client.job(first["id"]), client.job(behind["id"])
+        assert running["steps_per_second"] > 0 and 0 < running["progress"] < 1
+        assert queued["queue_position"] == 1 and queued["status"] == "queued"
+        end = datetime.fromisoformat(running["estimated_end"]).timestamp()
+        start = datetime.fromisoformat(queued["estimated_start"]).timestamp()
+        assert abs(start - end) < 2  # it starts when the running job frees its CPUs
+        done = client.wait(first["id"], timeout=600)
+        assert done["status"] == "succeeded"
+        wait_for(lambda: client.job(behind["id"])["status"] != "queued", timeout=120)
+        started = datetime.fromisoformat(client.job(behind["id"])["started_at"]).timestamp()
+    finally:
+        with contextlib.suppress(NestorError):  # it may have ended already
+            client.cancel(behind["id"])
+    finished = datetime.fromisoformat(done["finished_at"]).timestamp()
+    left = finished - seen
+    print(
+        f"estimates at step {running['last_step']}: end {end - seen:.1f} s, start "
+        f"{start - seen:.1f} s; it ended after {left:.1f} s, the next started after "
+        f"{started - seen:.1f} s"
+    )
+    assert abs(end - finished) <= 0.3 * left + 3, (end - seen, left)
+    assert abs(start - started) <= 0.3 * left + 6, (start - seen, started - seen)
 
 
 def test_api_restart_mid_job_loses_no_metric_point(service):

@@ -32,7 +32,7 @@ def test_queue_starts_jobs_by_priority_then_fifo_within_capacity(tmp_path):
         # 4 CPUs: high (2), then low-a (1), low-b (1); big waits for capacity.
         assert launched == ["high", "low-a", "low-b"]
         big = s.query(Job).filter(Job.name == "big").one()
-        assert big.pending_reason == "needs 2 CPUs, free now 0 CPUs"
+        assert big.pending_reason == "needs 2 CPUs, 0 free"
         start_queued(s, capacity=scheduler.capacity, launch=record)
         assert launched == ["high", "low-a", "low-b"]
         done = s.query(Job).filter(Job.name == "high").one()
