@@ -189,7 +189,12 @@ class _MicroBatches(TorchDataset):
 
     def __init__(self, train: Any, spec: TrainSpec, rank: int, world: int) -> None:
         self.train, self.spec, self.rank = train, spec, rank
-        self.per_rank = spec.batch_size // world
+        # This rank's share of each global batch, [r B / w, (r + 1) B / w), and where each of
+        # its micro-batches starts in it (all micro_batch_size for a fixed job).
+        self.lo = rank * spec.batch_size // world
+        self.hi = (rank + 1) * spec.batch_size // world
+        sizes = spec.micro_sizes(rank, world)
+        self.bounds = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
         self.n = len(train)
         self._step: tuple[int, torch.Tensor] | None = None
 
@@ -197,17 +202,16 @@ class _MicroBatches(TorchDataset):
         step, j = key
         if self._step is None or self._step[0] != step:
             idx = batch_indices(step, self.spec.batch_size, self.n, self.spec.seed)
-            self._step = (step, idx[self.rank * self.per_rank : (self.rank + 1) * self.per_rank])
-        micro = self.spec.micro_batch_size
-        return fetch(self.train, self._step[1][j * micro : (j + 1) * micro])
+            self._step = (step, idx[self.lo : self.hi])
+        return fetch(self.train, self._step[1][self.bounds[j] : self.bounds[j + 1]])
 
     def __len__(self) -> int:
-        return self.spec.max_steps * self.spec.accumulation_steps
+        return self.spec.max_steps * (len(self.bounds) - 1)
 
 
 class _Keys(Sampler):
-    def __init__(self, start: int, spec: TrainSpec) -> None:
-        self.start, self.stop, self.accum = start, spec.max_steps, spec.accumulation_steps
+    def __init__(self, start: int, spec: TrainSpec, world: int) -> None:
+        self.start, self.stop, self.accum = start, spec.max_steps, spec.accumulation_at(world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return ((s, j) for s in range(self.start, self.stop) for j in range(self.accum))
@@ -232,7 +236,7 @@ def micro_batches(
     return iter(
         DataLoader(
             _MicroBatches(data.train, spec, rank, world),
-            sampler=_Keys(start, spec),
+            sampler=_Keys(start, spec, world),
             batch_size=None,  # each item is already a micro-batch
             num_workers=workers,
             pin_memory=device.type == "cuda",

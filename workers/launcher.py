@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import deaths
+from . import deaths, elastic
 from .logs import capture
 from .reporting import ConsoleReporter, Fanout, HttpReporter, JsonlReporter, Reporter
 from .run_dir import RunDir
@@ -352,7 +352,9 @@ def on_this_machine(spec: TrainSpec, cuda_count: int) -> TrainSpec:
     return spec.model_copy(update={"use_gpu": True})
 
 
-def local_devices(spec: TrainSpec, cuda_count: int) -> tuple[str, list[str]]:
+def local_devices(
+    spec: TrainSpec, cuda_count: int, world: int | None = None
+) -> tuple[str, list[str]]:
     """The process group backend and each rank's device for ``run_local``.
 
     ``use_gpu`` decides, as it does on Ray: one GPU per worker (``cuda:{rank}``) over NCCL,
@@ -360,20 +362,21 @@ def local_devices(spec: TrainSpec, cuda_count: int) -> tuple[str, list[str]]:
     spec is the job's one contract, and what it trains with (its defaults for overlapping
     the all-gather, bf16 autocast's kernels) follows the device it names.
     """
+    world = world or spec.min_workers
     if not spec.use_gpu:
-        return "gloo", ["cpu"] * spec.num_workers
+        return "gloo", ["cpu"] * world
     if cuda_count == 0:
         raise LocalDevicesError(
             "use_gpu is true but torch sees no CUDA device here; set use_gpu to false to "
             "train on the CPU"
         )
-    if spec.num_workers > cuda_count:
+    if world > cuda_count:
         raise LocalDevicesError(
-            f"num_workers={spec.num_workers} but only {cuda_count} CUDA device"
+            f"num_workers={world} but only {cuda_count} CUDA device"
             f"{'s are' if cuda_count != 1 else ' is'} visible (use_gpu: one GPU per worker); "
             "ask for fewer workers, or set use_gpu to false to train on the CPU"
         )
-    return "nccl", [f"cuda:{rank}" for rank in range(spec.num_workers)]
+    return "nccl", [f"cuda:{rank}" for rank in range(world)]
 
 
 def _local_worker(
@@ -422,12 +425,29 @@ def run_local(
     not there). Returns ``result.json``."""
     import torch.multiprocessing as mp
 
-    backend, devices = local_devices(spec, cuda_device_count())
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "init")
-        args = (spec.num_workers, spec.model_dump_json(), str(run_dir), init, code_dir)
-        with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
-            mp.spawn(_local_worker, args=(*args, backend, devices), nprocs=spec.num_workers)
-    return json.loads(RunDir(run_dir).result.read_text())
+    world = first_world(spec, run_dir)
+    while True:
+        backend, devices = local_devices(spec, cuda_device_count(), world)
+        RunDir(run_dir).result.unlink(missing_ok=True)  # a resized segment's
+        with tempfile.TemporaryDirectory() as tmp:
+            init = os.path.join(tmp, "init")
+            args = (world, spec.model_dump_json(), str(run_dir), init, code_dir)
+            with contextlib.suppress(mp.ProcessRaisedException):  # result.json says why
+                mp.spawn(_local_worker, args=(*args, backend, devices), nprocs=world)
+        result = json.loads(RunDir(run_dir).result.read_text())
+        if result.get("status") != "resized":
+            return result
+        world = int(result["next_world_size"])
+
+
+def first_world(spec: TrainSpec, run_dir: Path) -> int:
+    """The size a job starts on: a fixed job's ``num_workers``; an elastic job's from
+    ``resize.json`` (the service's choice, or a lost worker's), within its range, else
+    its ``min``."""
+    if not spec.elastic:
+        return spec.num_workers
+    asked = elastic.read_resize(run_dir)
+    n = asked.num_workers if asked is not None else spec.min_workers
+    return min(max(n, spec.min_workers), spec.max_workers)

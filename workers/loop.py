@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from optimizers import ZeroOptimizer
 
+from . import elastic
 from .contract import Data
 from .data import (
     Objective,
@@ -371,13 +372,24 @@ def setup(
     return data, model, objective
 
 
+def _world(spec: TrainSpec, session: Session) -> dict[str, Any]:
+    """What a status report says of an elastic job's size: the workers it trains on and
+    why (the reason ``resize.json`` gives for this size); nothing for a fixed job."""
+    if not spec.elastic:
+        return {}
+    asked = elastic.read_resize(session.run_dir)
+    reason = asked.reason if asked and asked.num_workers == session.world_size else None
+    return {"world_size": session.world_size, "reason": reason or "started"}
+
+
 def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[str, Any]:
     """Train ``spec`` on this rank; returns the final metrics and the parameters' digest.
     Resumes from the run directory's latest checkpoint when there is one."""
     rank, world, device = session.rank, session.world_size, session.device
-    if world != spec.num_workers:
-        raise ValueError(f"spec asks for {spec.num_workers} workers, running on {world}")
+    spec.check_world(world)
     report = reporter if rank == 0 else None
+    # An elastic job's size asked for (rank 0 reads it each step; 0: as now).
+    resizes = elastic.Watch(session.run_dir) if spec.elastic and rank == 0 else None
 
     resumed = latest_checkpoint(session.run_dir)
     init = None if resumed is not None else init_source(spec, session)
@@ -386,7 +398,7 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     # Parameter elements whose optimizer state this rank keeps (its shards, padding aside):
     # the state's bytes over them is the format's own cost, 16 for fp32 Adan, ~4 for int8.
     held = sum(length for s in opt.shard_view.shards for *_, length in s.pieces)
-    if spec.overlaps_all_gather():
+    if spec.overlaps_all_gather(world):
         opt.overlap_with(model)
     peak_lrs = [g["lr"] for g in opt.param_groups]
     if init is not None and init.get("optimizer"):
@@ -397,23 +409,34 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         step_done = resumed.step
         opt.load_checkpoint(resumed.path)
         load_buffers(model, resumed.model)
-        torch.set_rng_state(torch.load(resumed.rng(rank), weights_only=True)["torch"])
+        if resumed.rng(rank).exists():
+            torch.set_rng_state(torch.load(resumed.rng(rank), weights_only=True)["torch"])
+        else:  # a rank the checkpoint's smaller world did not have
+            torch.manual_seed(spec.seed * 1_000_003 + step_done * 1009 + rank)
         best = json.loads(resumed.complete.read_text())["best"]
         start = step_done
         if report:
             report.resume(step_done)
-            report.status("running", resumed_from_step=step_done)
+            report.status("running", resumed_from_step=step_done, **_world(spec, session))
     elif report:
         if _reported_before(session.run_dir):
             # A restart without a checkpoint: the crashed attempt's points are discarded
             # (here and in the service), and training reports every step again.
             report.resume(0)
-        report.status("running")
+        report.status("running", **_world(spec, session))
 
-    micro, accum = spec.micro_batch_size, spec.accumulation_steps
+    micro, accum = spec.micro_batch_size, spec.accumulation_at(world)
+    # Each micro-batch's loss weight, so that the ranks' average (ZeroOptimizer divides by
+    # the world size) is the global batch's mean: 1 / accum when every micro-batch holds
+    # micro_batch_size samples (a fixed job: the division it always was), else its samples
+    # x world / batch_size (an elastic job on a size that does not divide the batch).
+    sizes = spec.micro_sizes(rank, world)
+    even = sizes == [micro] * accum and micro * accum * world == spec.batch_size
+    weights = [None if even else m * world / spec.batch_size for m in sizes]
     n_train = len(data.train)
     batches = micro_batches(data, spec, rank, world, start, device)
     finite = HostFlag(device)
+    asked_host = torch.zeros((), dtype=torch.float64, pin_memory=device.type == "cuda")
     pace = Pace(spec, data, world, device)
     bad_steps, metrics, reached = 0, {}, None
     for step in range(start, spec.max_steps):
@@ -425,7 +448,10 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
         # This rank's distinct part of the global batch, as `accum` micro-batches. The loss
         # stays on the device; only whether it is finite comes to the host, copied once the
         # last forward pass is done, while the last backward pass is already queued.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # [the loss summed over ranks, the world size asked for]: rank 0 adds the latter,
+        # so one all-reduce tells every rank both.
+        stats = torch.zeros(2, dtype=torch.float64, device=device)
+        loss_sum = stats[0]
         data_time = 0.0
         for i in range(accum):
             t = time.perf_counter()
@@ -434,12 +460,17 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             with pace.counting(y):
                 with autocast(spec, device):
                     loss = objective(model(x), y)
-                loss_sum += loss.detach().double() / accum
+                w = weights[i]
+                loss_sum += loss.detach().double() / accum if w is None else loss.detach() * w
                 if i == accum - 1:
+                    if resizes is not None and (asked := resizes.current()) is not None:
+                        stats[1] = asked.num_workers
                     if world > 1:
-                        dist.all_reduce(loss_sum)
+                        dist.all_reduce(stats)
+                    if spec.elastic:  # on the host with the flag, behind the same event
+                        asked_host.copy_(stats[1], non_blocking=device.type == "cuda")
                     finite.start(loss_sum)
-                (loss / accum).backward()
+                (loss / accum if w is None else loss * w).backward()
         t_compute = time.perf_counter()
 
         if not finite.read():
@@ -496,9 +527,28 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
                 report.metrics(done, metrics)
             if reached is not None:
                 break  # every rank evaluated the same all-reduced metrics: all stop here
+        saved = False
         if spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.max_steps:
             with pace.excluded():
                 save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
+            saved = True
+        asked = int(asked_host) if spec.elastic else 0
+        if asked and done < spec.max_steps:
+            target = min(max(asked, spec.min_workers), spec.max_workers)
+            if target != world:
+                # A planned resize: checkpoint at this step boundary and end the segment;
+                # the next starts here at the new size, so nothing is recomputed.
+                if not saved:
+                    save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
+                opt.close()
+                if report:
+                    report.status("resizing", step=done, world_size=world, next_world_size=target)
+                return {
+                    "status": "resized",
+                    "steps": done,
+                    "world_size": world,
+                    "next_world_size": target,
+                }
 
     # The trained model and optimizer: plain state dicts (load with weights_only=True).
     save_portable(opt, model, session, RunDir(session.run_dir))

@@ -171,6 +171,9 @@ class HttpReporter:
             item = {"status": status, "error": details.get("error")}
             if details.get("reached_target_at_step") is not None:
                 item["reached_target_at_step"] = details["reached_target_at_step"]
+            if details.get("world_size") is not None:  # an elastic job's (new) size
+                item["world_size"] = details["world_size"]
+                item["world_reason"] = details.get("reason")
             self._put(item)
 
     def resume(self, step: int) -> None:

@@ -7,6 +7,8 @@ rename; this module only says where.
       spec.json               the job's TrainSpec as submitted (the service)
       init_from.json          where init_from points (the service, at launch)
       worker_token            the token the job's reports carry (the service, at launch)
+      resize.json             an elastic job's world size and why ({"num_workers", "reason"}:
+                              the service, or the driver when a worker is lost)
       workers.jsonl           one line per worker start: rank, pid, host, node, time
       metrics.jsonl           one object per report, with "step"
       status.jsonl            one object per status change of the run
@@ -93,6 +95,11 @@ class RunDir:
     @property
     def workers(self) -> Path:
         return self.root / "workers.jsonl"
+
+    @property
+    def resize(self) -> Path:
+        """An elastic job's world size to train on, and why (``workers.elastic``)."""
+        return self.root / "resize.json"
 
     @property
     def metrics(self) -> Path:

@@ -324,6 +324,20 @@ def _geometric_steps(resolution: float, step: int) -> frozenset[int]:
     return _cadence(resolution, 1 << max(step - 1, 1).bit_length())
 
 
+class WorkerRange(_Strict):
+    """An elastic job's world size: it starts once ``min`` workers fit, grows up to ``max``
+    as capacity frees, and shrinks (never below ``min``) when a worker is lost or taken."""
+
+    min: int = Field(ge=1, le=256, description="the fewest workers it trains on")
+    max: int = Field(ge=1, le=256, description="the most workers it grows to")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class TrainSpec(_Strict):
     """A training job.
 
@@ -377,7 +391,12 @@ class TrainSpec(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=lambda: OptimizerSpec(name="adan"))
     batch_size: int = Field(1024, ge=1, le=MAX_BATCH_SIZE, description="global batch")
     micro_batch_size: int = Field(256, ge=1, le=MAX_BATCH_SIZE, description="per worker")
-    num_workers: int = Field(1, ge=1, le=256, description="data-parallel workers (ranks)")
+    num_workers: Annotated[int, Field(ge=1, le=256)] | WorkerRange = Field(
+        1,
+        description="data-parallel workers (ranks): a number, or an elastic range "
+        '{"min": 2, "max": 8} (the global batch stays the same at every size; each '
+        "worker's share of it and its micro-batches are recomputed)",
+    )
     zero_stage: int = Field(2, ge=0, le=2, description="0 = plain data parallel")
     overlap_all_gather: bool | None = Field(
         None,
@@ -446,8 +465,20 @@ class TrainSpec(_Strict):
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> TrainSpec:
-        per_step = self.micro_batch_size * self.num_workers
-        if self.batch_size % per_step:
+        if self.elastic and self.batch_size < self.max_workers:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be at least num_workers.max "
+                f"({self.max_workers}): every worker needs a sample of each global batch"
+            )
+        for world in range(self.min_workers, self.max_workers + 1) if self.elastic else ():
+            if self.batch_size // world < self.accumulation_at(world):
+                raise ValueError(
+                    f"batch_size ({self.batch_size}) on {world} workers leaves a worker fewer "
+                    f"samples than micro-batches ({self.accumulation_at(world)} of at most "
+                    f"micro_batch_size {self.micro_batch_size}); raise micro_batch_size"
+                )
+        per_step = self.micro_batch_size * self.min_workers
+        if not self.elastic and self.batch_size % per_step:
             lower = max(per_step, self.batch_size // per_step * per_step)
             upper = (self.batch_size // per_step + 1) * per_step
             raise ValueError(
@@ -476,9 +507,10 @@ class TrainSpec(_Strict):
                 )
         return self
 
-    def overlaps_all_gather(self) -> bool:
-        """Whether the loop overlaps the parameter all-gather with the next forward pass."""
-        if self.zero_stage == 0 or self.num_workers == 1:
+    def overlaps_all_gather(self, world: int | None = None) -> bool:
+        """Whether the loop overlaps the parameter all-gather with the next forward pass
+        (``world``: the workers it runs on, for an elastic job)."""
+        if self.zero_stage == 0 or (world or self.min_workers) == 1:
             return False
         if self.overlap_all_gather is not None:
             return self.overlap_all_gather
@@ -525,8 +557,49 @@ class TrainSpec(_Strict):
         return f"{model} on {data}"
 
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, WorkerRange)
+
+    @property
+    def min_workers(self) -> int:
+        return (
+            self.num_workers.min if isinstance(self.num_workers, WorkerRange) else self.num_workers
+        )
+
+    @property
+    def max_workers(self) -> int:
+        return (
+            self.num_workers.max if isinstance(self.num_workers, WorkerRange) else self.num_workers
+        )
+
+    def check_world(self, world: int) -> None:
+        """Raise unless the job may train on ``world`` workers."""
+        if not self.min_workers <= world <= self.max_workers:
+            asked = (
+                f"{self.min_workers} to {self.max_workers}" if self.elastic else self.num_workers
+            )
+            raise ValueError(f"spec asks for {asked} workers, running on {world}")
+
+    @property
     def accumulation_steps(self) -> int:
-        return self.batch_size // (self.micro_batch_size * self.num_workers)
+        """Micro-batches per worker per step at the spec's own (smallest) world size."""
+        return self.accumulation_at(self.min_workers)
+
+    def accumulation_at(self, world: int) -> int:
+        """Micro-batches per worker per step on ``world`` workers: enough that none holds
+        more than ``micro_batch_size`` samples (every rank runs as many, for its
+        collectives). A fixed job's batch divides evenly: batch / (micro x workers)."""
+        share = -(-self.batch_size // world)  # the largest rank's share
+        return -(-share // self.micro_batch_size)
+
+    def micro_sizes(self, rank: int, world: int) -> list[int]:
+        """The samples of each of ``rank``'s micro-batches on ``world`` workers. Rank r's
+        share of the global batch is samples [r B / w, (r + 1) B / w) (floors), split into
+        ``accumulation_at(world)`` micro-batches as evenly as possible, larger first: a
+        fixed job's are all ``micro_batch_size``."""
+        share = (rank + 1) * self.batch_size // world - rank * self.batch_size // world
+        accum = self.accumulation_at(world)
+        return [share // accum + (1 if j < share % accum else 0) for j in range(accum)]
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The optimizer spec with the job-level settings applied: the lr scaled for the
