@@ -33,10 +33,33 @@ class Capacity:
     fixed: bool
 
 
-def demand(spec: dict[str, Any]) -> Resources:
-    """One CPU per worker, and one GPU per worker with ``use_gpu``."""
-    workers = int(spec.get("num_workers", 1))
+def worker_range(spec: dict[str, Any]) -> tuple[int, int]:
+    """(fewest, most) workers of a stored spec: a fixed job's number twice, an elastic
+    job's ``{"min", "max"}``."""
+    n = spec.get("num_workers", 1)
+    if isinstance(n, dict):
+        return int(n["min"]), int(n["max"])
+    return int(n), int(n)
+
+
+def demand(spec: dict[str, Any], workers: int | None = None) -> Resources:
+    """One CPU per worker, and one GPU per worker with ``use_gpu``: of ``workers``, or the
+    fewest the job starts with."""
+    if workers is None:
+        workers = worker_range(spec)[0]
     return Resources(workers * CPUS_PER_WORKER, workers if spec.get("use_gpu") else 0)
+
+
+def workers_that_fit(spec: dict[str, Any], free: Resources) -> int:
+    """How many of the job's workers ``free`` holds."""
+    n = int(max(free.cpus, 0) // CPUS_PER_WORKER)
+    return min(n, int(max(free.gpus, 0))) if spec.get("use_gpu") else n
+
+
+def held(job: Any) -> Resources:
+    """What a job handed to Ray holds: its workers now, or the size asked of it if more."""
+    workers = max(job.workers or 0, job.target_workers or 0) or None
+    return demand(job.spec, workers)
 
 
 def _number(n: float) -> str:
@@ -75,4 +98,6 @@ def refusal(spec: dict[str, Any], capacity: Capacity | None) -> tuple[str, str] 
         return None
     field = "use_gpu" if need.gpus > capacity.total.gpus else "num_workers"
     value = spec.get(field, False if field == "use_gpu" else 1)
+    if isinstance(value, dict):  # an elastic range: it needs its min
+        field, value = "num_workers.min", value["min"]
     return field, f"{field}={value}: {why}; this cluster cannot grow"

@@ -77,6 +77,10 @@ class Client:
     def cancel(self, job_id: int) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def resize(self, job_id: int, num_workers: int) -> dict:
+        """Ask a running elastic job to go on with ``num_workers`` workers."""
+        return self._call("PATCH", f"/v1/jobs/{job_id}", json={"num_workers": num_workers})
+
     def retry(self, job_id: int) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/retry")
 

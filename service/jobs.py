@@ -157,7 +157,12 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
     store_points(db, job, rows)
     db.commit()
     if batch.status == "running" and job.status == "queued":
-        transition(db, job, "running", "workers started")
+        on = f" on {batch.world_size}" if batch.world_size else ""
+        transition(db, job, "running", f"workers started{on}")
+        if batch.world_size:
+            _set_workers(db, job, batch.world_size, None, said=True)
+    elif batch.status == "running" and batch.world_size and job.status == "running":
+        _set_workers(db, job, batch.world_size, batch.world_reason)
     elif batch.status == "succeeded":
         reached = batch.reached_target_at_step
         transition(
@@ -166,6 +171,25 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
     elif batch.status == "failed":
         transition(db, job, "failed", batch.error or "worker reported failure")
     return len(rows)
+
+
+def _set_workers(
+    db: Session, job: Job, workers: int, reason: str | None, said: bool = False
+) -> None:
+    """An elastic job started a segment on ``workers``: record its size, and an event
+    when it changed (with the reason the job gave: capacity freed, node lost, ...), or
+    when it is the first (unless the caller's own event ``said`` so)."""
+    before = job.workers
+    if before == workers and job.target_workers == workers:
+        return
+    job.workers = workers
+    job.target_workers = workers  # what it holds now, whatever was asked before
+    if before is None and not said:
+        db.add(Event(job_id=job.id, status="running", reason=f"training on {workers} workers"))
+    elif before is not None and before != workers:
+        why = f": {reason}" if reason else ""
+        db.add(Event(job_id=job.id, status="resized", reason=f"{before} -> {workers} workers{why}"))
+    db.commit()
 
 
 _ON_CONFLICT = (

@@ -74,6 +74,12 @@ class Job(Base):
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
     # The step whose evaluation first reached the spec's stop_at target (null: not reached).
     reached_target_at_step: Mapped[int | None] = mapped_column(Integer)
+    # The workers a running job trains on (as its rank 0 last reported), and for an elastic
+    # job the size the service asked for (launch, capacity freed, a resize by hand).
+    workers: Mapped[int | None] = mapped_column(Integer)
+    target_workers: Mapped[int | None] = mapped_column(Integer)
+    # Resized by hand: the scheduler no longer grows it when capacity frees.
+    workers_pinned: Mapped[bool] = mapped_column(Boolean, default=False)
 
     __table_args__ = (Index("ix_jobs_queue", "status", "priority", "id"),)
 

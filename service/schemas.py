@@ -26,6 +26,12 @@ class JobCreate(BaseModel):
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
 
 
+class JobResize(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_workers: int = Field(ge=1, le=256, description="within the job's elastic range")
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -44,6 +50,9 @@ class JobPublic(BaseModel):
         None, description="why a queued job has not started yet (resources, its sweep)"
     )
     last_step: int
+    workers: int | None = Field(
+        None, description="running: the workers it trains on (an elastic job's current size)"
+    )
     progress: float | None = Field(
         None, description="queued or running: last_step / max_steps, from 0 to 1"
     )
@@ -120,6 +129,10 @@ class MetricBatch(BaseModel):
     status: str | None = Field(None, pattern="^(running|succeeded|failed)$")
     error: str | None = Field(None, max_length=20_000)
     resume_from_step: int | None = Field(None, ge=0, le=2**31 - 1)
+    world_size: int | None = Field(
+        None, ge=1, le=256, description="an elastic job's workers, reported when a segment starts"
+    )
+    world_reason: str | None = Field(None, max_length=300, description="why it has that size")
     reached_target_at_step: int | None = Field(
         None, ge=1, le=2**31 - 1, description="with status succeeded: stop_at's step"
     )

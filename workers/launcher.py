@@ -246,6 +246,10 @@ def run_on_ray(
         "console": console,
         "http": http,
     }
+    if spec.elastic:
+        return _elastic_on_ray(
+            spec, run_dir, config, max_failures, cpus_per_worker, placement_strategy
+        )
     if warm and not spec.use_gpu and placement_strategy == "PACK":
         from . import pool
 
@@ -267,14 +271,40 @@ def run_on_ray(
                 if max_failures < 0:
                     return _failed(run_dir, e)
 
+    try:
+        _fit(
+            spec.num_workers,
+            spec,
+            run_dir,
+            config,
+            max_failures,
+            cpus_per_worker,
+            placement_strategy,
+        )
+    except Exception as e:  # Ray's TrainingFailedError: out of retries
+        return _failed(run_dir, e)
+    return json.loads(RunDir(run_dir).result.read_text())
+
+
+def _fit(
+    world: int,
+    spec: TrainSpec,
+    run_dir: Path,
+    config: dict[str, Any],
+    max_failures: int,
+    cpus_per_worker: int,
+    placement_strategy: str,
+) -> None:
+    """One Ray Train run of ``world`` workers; raises when it fails past ``max_failures``
+    restarts of its own group."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    TorchTrainer(
         _ray_train_fn,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=spec.num_workers,
+            num_workers=world,
             use_gpu=spec.use_gpu,
             resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=placement_strategy,
@@ -284,12 +314,65 @@ def run_on_ray(
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray's TrainingFailedError: out of retries
-        return _failed(run_dir, e)
-    return json.loads(RunDir(run_dir).result.read_text())
+    ).fit()
+
+
+def _elastic_on_ray(
+    spec: TrainSpec,
+    run_dir: Path,
+    config: dict[str, Any],
+    max_failures: int,
+    cpus_per_worker: int,
+    placement_strategy: str,
+) -> dict[str, Any]:
+    """An elastic job as segments of fixed size (workers.elastic). A planned resize ends a
+    segment at a step boundary with its checkpoint; a lost worker ends it with an error,
+    and the next segment starts at the size the cluster can hold now (never above ``max``;
+    below ``min`` it waits for Ray to place it) from the last complete checkpoint."""
+    world = first_world(spec, run_dir)
+    failures = 0
+    while True:
+        RunDir(run_dir).result.unlink(missing_ok=True)  # a resized segment's
+        nodes = _alive_nodes()
+        try:
+            _fit(world, spec, run_dir, config, 0, cpus_per_worker, placement_strategy)
+        except Exception as e:
+            failures += 1
+            if failures > max_failures:
+                return _failed(run_dir, e)
+            lost = "node lost" if _alive_nodes() < nodes else "worker lost"
+            fits = min(spec.max_workers, max(_workers_that_fit(spec, cpus_per_worker), 1))
+            after = max(fits, spec.min_workers)
+            print(
+                f"elastic: a segment on {world} workers failed ({lost}: {type(e).__name__}); "
+                f"going on with {after} from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            elastic.write_resize(run_dir, after, lost)
+            world = after
+            continue
+        result = json.loads(RunDir(run_dir).result.read_text())
+        if result.get("status") != "resized":
+            return result
+        world = int(result["next_world_size"])
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def _workers_that_fit(spec: TrainSpec, cpus_per_worker: int) -> int:
+    """Workers the cluster's free resources hold now."""
+    import ray
+
+    free = ray.available_resources()
+    n = int(free.get("CPU", 0) // max(cpus_per_worker, 1))
+    if spec.use_gpu:
+        n = min(n, int(free.get("GPU", 0)))
+    return n
 
 
 def _finished(run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from workers import TrainSpec
 
 from ..audit import record
 from ..auth import Principal
-from ..capacity import Capacity, Resources, demand, refusal
+from ..capacity import Capacity, Resources, demand, held, refusal, shortfall, worker_range
 from ..deps import (
     CapacityDep,
     ClusterDep,
@@ -30,6 +30,7 @@ from ..forecast import RATE_WINDOW, Queued, Running, forecast, steps_per_second
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric, User
 from ..packages import missing_package
+from ..scheduler.queue import ask_resize
 from ..schemas import (
     NAME_MAX,
     EventPublic,
@@ -37,6 +38,7 @@ from ..schemas import (
     JobCreate,
     JobList,
     JobPublic,
+    JobResize,
     MetricBatch,
     MetricsPublic,
     Series,
@@ -284,6 +286,50 @@ def cancel(job_id: JobId, db: SessionDep, token: SubmitDep) -> Job:
     record(db, token, "job.cancel", f"job {job_id}")
     db.commit()
     return job
+
+
+@router.patch("/{job_id}", response_model=JobPublic)
+def resize(
+    job_id: JobId, body: JobResize, db: SessionDep, token: SubmitDep, cluster: ClusterDep
+) -> JobPublic:
+    """Resize a running elastic job (its owner or an admin): it checkpoints at its next step
+    boundary and goes on with ``num_workers`` workers, the global batch unchanged. 422 when
+    the number is outside the job's range (or the job is not elastic), 409 when it is not
+    running or the cluster has no room for the workers it would add."""
+    job = get_job(db, job_id)
+    require_owner(token, job.owner_id, f"job {job_id}")
+    lo, hi = worker_range(job.spec)
+    n = body.num_workers
+    if lo == hi:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"num_workers={n}: job {job_id} has a fixed size ({lo}); only a job submitted "
+            'with a range ("num_workers": {"min": ..., "max": ...}) can be resized',
+        )
+    if not lo <= n <= hi:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"num_workers={n}: outside job {job_id}'s range, {lo} to {hi}",
+        )
+    if job.status != "running" or job.run_dir is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} is {job.status}; only a running job resizes"
+        )
+    now = max(job.workers or 0, job.target_workers or 0)
+    if cluster is not None and n > now:
+        others = db.scalars(
+            select(Job).where(Job.status.in_(LIVE), Job.submission_id.is_not(None))
+        ).all()
+        used = sum((held(j) for j in others), Resources())
+        short = shortfall(demand(job.spec, n - now), cluster - used, free=True)
+        if short is not None:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"num_workers={n}: adding {n - now} workers {short}"
+            )
+    ask_resize(db, job, n, f"resized by {token.user_name}", pin=True)
+    record(db, token, "job.resize", f"job {job_id}", f"{now} -> {n} workers")
+    db.commit()
+    return with_latest(db, [job], cluster)[0]
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     _command(sub, "show", cmd_show, "show one job").add_argument("id", type=int)
     _command(sub, "cancel", cmd_cancel, "cancel a job").add_argument("id", type=int)
+    resize = _command(sub, "resize", cmd_resize, "resize a running elastic job")
+    resize.add_argument("id", type=int)
+    resize.add_argument("workers", type=int, help="within the job's num_workers range")
 
     p = _command(sub, "sweep", cmd_sweep, "create a sweep from a JSON file")
     p.add_argument("file", help="sweep JSON (see examples/)")
@@ -165,9 +168,10 @@ def job_timing(job: dict[str, Any], now: datetime) -> str | None:
         return "waiting: " + "; ".join(parts)
     if job["status"] == "running":
         rate, end = job.get("steps_per_second"), within(job.get("estimated_end"))
+        on = f" on {job['workers']} workers" if job.get("workers") else ""
         if rate is None or end is None:
-            return "running: no rate yet"
-        return f"running: {rate:.3g} steps/s, ends in ~{end}"
+            return f"running{on}: no rate yet"
+        return f"running{on}: {rate:.3g} steps/s, ends in ~{end}"
     return None
 
 
@@ -184,6 +188,18 @@ def duration(seconds: float) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     """One job as JSON."""
     return _api_call(lambda: _client(args).job(args.id))
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """Ask a running elastic job to go on with N workers from its next step boundary."""
+    job = api_errors(lambda: _client(args).resize(args.id, args.workers))
+    print(
+        f"nestor: job {job['id']} will go on with {args.workers} workers from its next step "
+        f"(now {job.get('workers') or '?'}); its events say when",
+        file=sys.stderr,
+    )
+    print(json.dumps(job, indent=1))
+    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from workers.elastic import write_resize
 from workers.run_dir import RunDir
 from workers.sandbox import Sandbox
 from workers.spec import HOME_VARIABLE
@@ -125,6 +126,8 @@ def launch(
     if isinstance(reads, str):
         transition(db, job, "failed", reads)
         return False
+    if job.target_workers:  # elastic: the size the queue found room for
+        write_resize(run_dir, job.target_workers, f"started on {job.target_workers}")
     token_file = RunDir(run_dir).worker_token
     revoke_worker_tokens(db, job.id)  # an earlier attempt's token ends with it
     token = create_token(db, f"worker for job {job.id}", "worker", job_id=job.id, submission_id=sid)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from ..capacity import Capacity, Resources, demand, shortfall
+from workers.elastic import write_resize
+
+from ..capacity import Capacity, Resources, demand, held, shortfall, worker_range, workers_that_fit
 from ..jobs import transition
 from ..models import Job, Sweep
 from .each import each
@@ -20,8 +23,8 @@ log = logging.getLogger("nestor.scheduler")
 
 def _demand_or_none(job: Job) -> Resources | None:
     try:
-        return demand(job.spec)
-    except (TypeError, ValueError):
+        return held(job)
+    except (TypeError, ValueError, KeyError):
         log.warning("job %s has an unreadable spec; counting no resources for it", job.id)
         return None
 
@@ -77,6 +80,45 @@ def start_queued(
             raise
 
     each(db, queued, "scheduling", consider)
+    if queue.blocked is None:  # no job waits for what is free: elastic jobs may grow
+        grow(db, queue)
+
+
+def grow(db: Session, queue: _Queue) -> None:
+    """Running elastic jobs below their max take what is free, highest priority first,
+    each asked (``resize.json``) to grow at its next step boundary."""
+    running = db.scalars(
+        select(Job)
+        .where(Job.status == "running", Job.submission_id.is_not(None))
+        .order_by(Job.priority.desc(), Job.id)
+    ).all()
+    for job in running:
+        try:
+            lo, hi = worker_range(job.spec)
+        except (TypeError, ValueError, KeyError):
+            continue
+        now = job.workers or 0
+        if hi == lo or job.workers_pinned or not now or now >= hi or job.run_dir is None:
+            continue
+        if job.target_workers not in (None, now):  # a resize asked for is under way
+            continue
+        extra = min(hi - now, workers_that_fit(job.spec, queue.free))
+        if extra <= 0:
+            continue
+        ask_resize(db, job, now + extra, "capacity freed")
+        queue.free = queue.free - demand(job.spec, extra)
+
+
+def ask_resize(db: Session, job: Job, workers: int, reason: str, pin: bool = False) -> None:
+    """Ask a running elastic job to train on ``workers`` from its next step boundary
+    (``pin``: a resize by hand, which the scheduler then leaves alone)."""
+    write_resize(Path(job.run_dir), workers, reason)
+    values: dict = {"target_workers": workers}
+    if pin:
+        values["workers_pinned"] = True
+    db.execute(update(Job).where(Job.id == job.id).values(**values))
+    db.commit()
+    log.info("job %s asked to train on %d workers (%s)", job.id, workers, reason)
 
 
 def _consider(
@@ -107,6 +149,12 @@ def _consider(
         _pending(db, job, short)
         queue.blocked = f"behind job {job.id} (priority {job.priority}), which waits for resources"
         return
+    lo, hi = worker_range(job.spec)
+    if hi > lo:  # elastic: as many as fit now, from its min up to its max
+        size = min(hi, workers_that_fit(job.spec, queue.free))
+        db.execute(update(Job).where(Job.id == job.id).values(target_workers=size, workers=None))
+        db.commit()
+        need = demand(job.spec, size)
     try:
         launched = launch(db, job)
     except Exception as e:

@@ -1,6 +1,6 @@
 // "/": jobs and sweeps with their owners, filtered (status, text, mine only), refreshed every
 // few seconds.
-import { api, badge, el, fmt, fmtIn, fmtTime, notice, optimizerLabel, start, timing } from "./nestor.js";
+import { api, badge, el, fmt, fmtIn, fmtTime, notice, optimizerLabel, start, timing, workersLabel } from "./nestor.js";
 
 const REFRESH_MS = 2000;
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled", "stopped_early"];
@@ -32,7 +32,7 @@ function jobRow(job) {
     el("td", { title: timing(job) }, badge(job.status)),
     el("td", {}, optimizerLabel(job.spec)),
     el("td", { class: "num" }, job.spec.batch_size),
-    el("td", { class: "num" }, job.spec.num_workers),
+    el("td", { class: "num" }, workersLabel(job)),
     el("td", {}, progress(job)),
     el("td", { class: "num" }, fmt(job.latest.train_loss)),
     el("td", { class: "num" }, fmt(job.latest.val_accuracy)),

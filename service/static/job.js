@@ -1,6 +1,6 @@
 // "/jobs/{id}": spec, status, owner, events, charts, log, artifacts; live over server-sent events
 // while it runs. Cancel, retry and artifact deletion are shown only to a token that may use them.
-import { actionFailed, api, badge, can, el, fmt, fmtTime, hasScope, layout, loadPlotly, me, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents, timing } from "./nestor.js";
+import { actionFailed, api, badge, can, el, fmt, fmtTime, hasScope, layout, loadPlotly, me, notice, optimizerLabel, parseTime, PLOT_CONFIG, start, streamEvents, timing, workersLabel } from "./nestor.js";
 import { artifactsPanel, logPanel } from "./outputs.js";
 
 const CHARTS = [
@@ -49,7 +49,7 @@ function specSummary(job) {
     el("div", {}, el("dt", { class: "muted" }, "submitted by"), el("dd", { id: "owner" }, job.owner ?? "–")),
     ...[["model", factoryLabel(s.model)], ["dataset", factoryLabel(s.dataset)], ...code,
       ["optimizer", optimizerLabel(s)],
-      ["lr", fmt(s.optimizer.lr)], ["batch size", s.batch_size], ["workers", s.num_workers],
+      ["lr", fmt(s.optimizer.lr)], ["batch size", s.batch_size], ["workers", workersLabel(job)],
       ["ZeRO stage", s.zero_stage], ["steps", `${job.last_step} / ${s.max_steps}`],
       ["started", fmtTime(job.started_at)], ["finished", fmtTime(job.finished_at)]]
       .map(([k, v]) => el("div", {}, el("dt", { class: "muted" }, k), el("dd", {}, v))));
@@ -84,6 +84,15 @@ start(async (main) => {
     id: "cancel", class: "danger", type: "button", hidden: !can(who, "cancel", job.owner),
   }, "Cancel job");
   const retryBtn = el("button", { id: "retry", type: "button", hidden: !mayRetry }, "Retry");
+  // An elastic job's size, changed by hand while it runs (its owner or an admin).
+  const range = typeof job.spec.num_workers === "object" ? job.spec.num_workers : null;
+  const resizeInput = el("input", {
+    id: "resize-workers", type: "number", min: range?.min, max: range?.max, step: 1,
+    value: job.workers ?? range?.min, "aria-label": "workers",
+  });
+  const resizeBtn = el("button", { id: "resize", type: "button" }, "Resize");
+  const resizeForm = el("span", { class: "resize", hidden: !range || !can(who, "cancel", job.owner) },
+    resizeInput, resizeBtn);
   const message = el("div", { id: "message" });
   const summary = el("div", { id: "summary" }, specSummary(job));
   const events = el("ol", { class: "events", id: "events" });
@@ -95,7 +104,7 @@ start(async (main) => {
   const artifacts = artifactsPanel(jobId, { deletable: can(who, "delete", job.owner) });
   main.replaceChildren(
     el("h1", {}, `#${job.id} ${job.name} `, statusSlot),
-    el("div", { class: "actions" }, cancelBtn, retryBtn,
+    el("div", { class: "actions" }, cancelBtn, retryBtn, resizeForm,
       job.sweep_id ? el("a", { href: `/sweeps/${job.sweep_id}` }, `part of sweep #${job.sweep_id}`) : null),
     message,
     figures,
@@ -114,6 +123,7 @@ start(async (main) => {
     statusSlot.replaceChildren(badge(job.status));
     summary.replaceChildren(specSummary(job));
     cancelBtn.disabled = !LIVE.has(job.status);
+    resizeBtn.disabled = job.status !== "running";
     retryBtn.disabled = LIVE.has(job.status);
     const why = job.error || job.stop_reason || timing(job);
     message.replaceChildren(why ? notice(job.status === "failed" ? "error" : "empty", why) : "");
@@ -145,6 +155,16 @@ start(async (main) => {
     try { showJob(await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" })); } catch (err) {
       showJob(job);
       message.replaceChildren(actionFailed("Cancel", err));
+    }
+  });
+  resizeBtn.addEventListener("click", async () => {
+    resizeBtn.disabled = true;
+    try {
+      showJob(await api(`/v1/jobs/${jobId}`, { method: "PATCH", body: { num_workers: Number(resizeInput.value) } }));
+      message.replaceChildren(notice("empty", `Asked to go on with ${resizeInput.value} workers from the next step.`));
+    } catch (err) {
+      showJob(job);
+      message.replaceChildren(actionFailed("Resize", err));
     }
   });
   retryBtn.addEventListener("click", async () => {

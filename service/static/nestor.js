@@ -166,6 +166,13 @@ export function fmtTime(iso) {
   return new Date(parseTime(iso)).toLocaleString();
 }
 
+// A job's workers: "2", or an elastic job's "3 of 2–4" (its size now, of its range).
+export function workersLabel(job) {
+  const n = job.spec.num_workers;
+  if (n === null || typeof n !== "object") return String(n);
+  return `${job.workers ?? "–"} of ${n.min}–${n.max}`;
+}
+
 // "40 s", "12 min", "3.5 h" from now to an API time (as the CLI's `nestor jobs` says it).
 export function fmtIn(iso) {
   const seconds = Math.max(0, (parseTime(iso) - Date.now()) / 1000);
@@ -185,8 +192,9 @@ export function timing(job) {
     return `Waiting: ${parts.join("; ")}`;
   }
   if (job.status === "running") {
-    if (job.steps_per_second == null || !job.estimated_end) return "Running: no rate yet";
-    return `Running: ${fmt(job.steps_per_second, 3)} steps/s, ends in ~${fmtIn(job.estimated_end)}`;
+    const on = job.workers ? ` on ${job.workers} workers` : "";
+    if (job.steps_per_second == null || !job.estimated_end) return `Running${on}: no rate yet`;
+    return `Running${on}: ${fmt(job.steps_per_second, 3)} steps/s, ends in ~${fmtIn(job.estimated_end)}`;
   }
   return null;
 }
