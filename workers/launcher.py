@@ -340,9 +340,11 @@ def _elastic_on_ray(
             failures += 1
             if failures > max_failures:
                 return _failed(run_dir, e)
-            lost = "node lost" if _alive_nodes() < nodes else "worker lost"
             fits = min(spec.max_workers, max(_workers_that_fit(spec, cpus_per_worker), 1))
-            after = max(fits, spec.min_workers)
+            after = _placeable(
+                spec, max(fits, spec.min_workers), cpus_per_worker, placement_strategy
+            )
+            lost = "node lost" if _alive_nodes() < nodes or _node_gone(run_dir) else "worker lost"
             print(
                 f"elastic: a segment on {world} workers failed ({lost}: {type(e).__name__}); "
                 f"going on with {after} from the last checkpoint",
@@ -356,6 +358,52 @@ def _elastic_on_ray(
         if result.get("status") != "resized":
             return result
         world = int(result["next_world_size"])
+
+
+def _placeable(spec: TrainSpec, world: int, cpus_per_worker: int, strategy: str) -> int:
+    """The most workers, from ``world`` down to the job's ``min``, that Ray can place now:
+    each size is tried as a placement group, given ``PLACE_WAIT`` seconds. After a node
+    is lost, Ray may count its resources until it notices the node is gone; a size it
+    cannot place then is not waited for."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
+    while world > spec.min_workers:
+        group = placement_group([bundle] * world, strategy=strategy)
+        try:
+            ray.get(group.ready(), timeout=PLACE_WAIT)
+            return world
+        except GetTimeoutError:
+            world -= 1
+        finally:
+            remove_placement_group(group)
+    return spec.min_workers  # Ray Train waits for these
+
+
+PLACE_WAIT = 10.0  # seconds a size is given to be placed after a worker is lost
+
+
+def _node_gone(run_dir: Path) -> bool:
+    """Whether a node the failed segment's workers ran on is gone: dead to Ray, or its
+    node manager no longer answering (Ray notices a killed node only after its health
+    checks time out)."""
+    import ray
+
+    ran_on = {row.get("node") for row in worker_starts(run_dir).values()}
+    for node in ray.nodes():
+        if node.get("NodeID") not in ran_on:
+            continue
+        if not node.get("Alive"):
+            return True
+        try:
+            address = (node["NodeManagerAddress"], int(node["NodeManagerPort"]))
+            with socket.create_connection(address, timeout=2.0):
+                pass
+        except (OSError, KeyError, ValueError):
+            return True
+    return False
 
 
 def _alive_nodes() -> int:

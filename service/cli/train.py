@@ -89,9 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         except LocalDevicesError as e:
             fail(str(e))
         where = f" on {', '.join(dict.fromkeys(devices))} ({backend})"
+    workers = f"{spec.min_workers}-{spec.max_workers}" if spec.elastic else str(spec.num_workers)
     print(
         f"nestor: training {spec.describe()} with {optimizer_label(spec.model_dump())}, "
-        f"batch {spec.batch_size} over {spec.num_workers} worker(s){where}, "
+        f"batch {spec.batch_size} over {workers} worker(s){where}, "
         f"ZeRO-{spec.zero_stage}; output in {run_dir}",
         file=sys.stderr,
     )

@@ -77,3 +77,29 @@ def test_an_elastic_job_grows_shrinks_and_regrows_and_loses_no_step(service, cap
     assert done["last_step"] > 0
     for event in client.events(job["id"]):  # the timeline, for the record
         print(event["time"], event["status"], event["reason"])
+
+
+def test_a_lost_node_shrinks_an_elastic_job_and_its_return_regrows_it(service, ray_cluster):
+    """The session's worker node (2 of the 4 CPUs) killed mid-job: the job goes on at 2
+    workers from its last checkpoint, and grows back to 4 when a node joins again."""
+    _, client = service
+    job = client.submit({**ELASTIC, "checkpoint_every": 200}, name="elastic-node")
+    wait_for(lambda: client.job(job["id"])["workers"] == 4, timeout=180)
+    wait_for(lambda: client.job(job["id"])["last_step"] >= 250, timeout=180)
+    ray_cluster.kill_node()
+    try:
+        wait_for(lambda: client.job(job["id"])["workers"] == 2, timeout=240)
+        assert client.job(job["id"])["status"] == "running"
+    finally:
+        ray_cluster.add_node(num_cpus=2)  # the session's other tests need it back
+    wait_for(lambda: client.job(job["id"])["workers"] == 4, timeout=240)
+    reasons = resized(client, job["id"])
+    assert reasons[0] == "4 -> 2 workers: node lost", reasons
+    assert reasons[1] == "2 -> 4 workers: capacity freed", reasons
+    client.cancel(job["id"])
+    done = client.wait(job["id"], timeout=120)
+    # Steps after the last checkpoint before the loss ran again: each is stored once.
+    steps = client.metrics(job["id"], keys=["train_loss"], max_points=100_000)["series"]
+    assert steps["train_loss"]["step"] == list(range(1, done["last_step"] + 1))
+    for event in client.events(job["id"]):
+        print(event["time"], event["status"], event["reason"])
