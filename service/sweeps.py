@@ -226,10 +226,13 @@ def create_sweep(
     db.add(Event(sweep_id=row.id, status="running", reason=f"{len(trials)} trials"))
     for i, (varied, spec) in enumerate(trials):
         name = f"{sweep.name}/{i}: " + ", ".join(f"{k}={compact(v)}" for k, v in varied.items())
+        stored_spec = spec.model_dump(mode="json")
+        if stored_spec.get("preemptible") is None:  # a sweep's trials give way by default
+            stored_spec["preemptible"] = True
         create_job(
             db,
             name[:200],
-            spec.model_dump(mode="json"),
+            stored_spec,
             sweep.priority,
             sweep_id=row.id,
             owner_id=owner_id,

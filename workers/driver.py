@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             spec, run_dir, ray_address="auto", max_failures=failures, http=http, warm=True
         )
         print(json.dumps({k: result.get(k) for k in ("status", "params_sha256", "error")}))
-    return 0 if result["status"] == "succeeded" else 1
+    # Suspended (preempted, to resume later) is not a failure of the Ray job.
+    return 0 if result["status"] in ("succeeded", "suspended") else 1
 
 
 if __name__ == "__main__":

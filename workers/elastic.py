@@ -2,7 +2,9 @@
 
 ``RUN/resize.json`` holds ``{"num_workers": N, "reason": "..."}``: written by the service (at
 launch, when capacity frees, a resize by hand, a preemption) or by the job's driver (a lost
-worker), always whole (a temporary file renamed over it). Rank 0 reads it at every step;
+worker), always whole (a temporary file renamed over it). ``N = 0`` suspends a preemptible
+job: it checkpoints at its next step boundary and ends as ``suspended``, and the service
+queues it again, to resume from there. Rank 0 reads it at every step;
 the ranks agree on it through the step's loss all-reduce; when it differs from the size they
 train on they checkpoint at that step boundary and end the segment as ``resized``, and the
 driver starts the next segment at the new size from that checkpoint. A job's optimization
@@ -35,13 +37,14 @@ def write_resize(run_dir: Path, num_workers: int, reason: str) -> None:
 
 
 def read_resize(run_dir: Path) -> Resize | None:
-    """The size asked for, or None when none is (or the file is not a valid request)."""
+    """The size asked for (0: suspend), or None when none is (or the file is not a valid
+    request)."""
     try:
         data = json.loads(RunDir(run_dir).resize.read_text())
         n = int(data["num_workers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return Resize(n, str(data.get("reason") or "resized")) if n >= 1 else None
+    return Resize(n, str(data.get("reason") or "resized")) if n >= 0 else None
 
 
 class Watch:

@@ -389,7 +389,8 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
     spec.check_world(world)
     report = reporter if rank == 0 else None
     # An elastic job's size asked for (rank 0 reads it each step; 0: as now).
-    resizes = elastic.Watch(session.run_dir) if spec.elastic and rank == 0 else None
+    watched = spec.elastic or bool(spec.preemptible)
+    resizes = elastic.Watch(session.run_dir) if watched and rank == 0 else None
 
     resumed = latest_checkpoint(session.run_dir)
     init = None if resumed is not None else init_source(spec, session)
@@ -464,10 +465,10 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
                 loss_sum += loss.detach().double() / accum if w is None else loss.detach() * w
                 if i == accum - 1:
                     if resizes is not None and (asked := resizes.current()) is not None:
-                        stats[1] = asked.num_workers
+                        stats[1] = asked.num_workers or -1  # -1: suspend
                     if world > 1:
                         dist.all_reduce(stats)
-                    if spec.elastic:  # on the host with the flag, behind the same event
+                    if watched:  # on the host with the flag, behind the same event
                         asked_host.copy_(stats[1], non_blocking=device.type == "cuda")
                     finite.start(loss_sum)
                 (loss / accum if w is None else loss * w).backward()
@@ -532,8 +533,17 @@ def train(spec: TrainSpec, session: Session, reporter: Reporter | None) -> dict[
             with pace.excluded():
                 save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
             saved = True
-        asked = int(asked_host) if spec.elastic else 0
-        if asked and done < spec.max_steps:
+        asked = int(asked_host) if watched else 0
+        if asked < 0 and done < spec.max_steps:
+            # Preempted: checkpoint at this step boundary and give the workers back; the
+            # service queues the job again and it resumes here.
+            if not saved:
+                save_checkpoint(opt, model, session, done, best, spec.keep_checkpoints)
+            opt.close()
+            if report:
+                report.status("suspended", step=done)
+            return {"status": "suspended", "steps": done, "world_size": world}
+        if asked > 0 and spec.elastic and done < spec.max_steps:
             target = min(max(asked, spec.min_workers), spec.max_workers)
             if target != world:
                 # A planned resize: checkpoint at this step boundary and end the segment;

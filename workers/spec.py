@@ -440,6 +440,13 @@ class TrainSpec(_Strict):
     keep_checkpoints: int = Field(
         2, ge=1, le=1000, description="the newest checkpoints kept (older ones are deleted)"
     )
+    preemptible: bool | None = Field(
+        None,
+        description="a queued job of higher priority that cannot fit may take this job's "
+        "workers: an elastic job shrinks to its min, and below it (or a fixed job) it "
+        "checkpoints at its next step and returns to the queue, to resume there; default: "
+        "true for a sweep's trials, false otherwise",
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -14,7 +14,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from workers.elastic import write_resize
@@ -26,7 +26,7 @@ from .. import run_dirs
 from ..auth import create_token, revoke_worker_tokens
 from ..isolation import Isolation, prepare_job
 from ..jobs import transition
-from ..models import Job
+from ..models import Event, Job
 from ..packages import ray_working_dir
 from ..ray_cluster import RayCluster
 from ..ray_jobs import RayJobs
@@ -45,6 +45,21 @@ def submission_id(job: Job) -> str:
     if created.tzinfo is not None:  # PostgreSQL answers in the session's time zone
         created = created.astimezone(UTC).replace(tzinfo=None)
     return f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
+
+
+PREEMPTED = "preempted"  # the prefix of the event that queues a preempted job again
+
+
+def attempt_id(db: Session, job: Job, base: str) -> str:
+    """The Ray submission id of this launch: the job's own, or after each preemption a new
+    one (``-r1``, ``-r2``: Ray keeps the finished attempt's record under the old one). The
+    run directory stays the job's own, so every attempt resumes from its checkpoints."""
+    resumes = db.scalar(
+        select(func.count())
+        .select_from(Event)
+        .where(Event.job_id == job.id, Event.reason.like(f"{PREEMPTED}%"))
+    )
+    return f"{base}-r{resumes}" if resumes else base
 
 
 def job_runtime_env(
@@ -107,9 +122,10 @@ def launch(
     """Claim the queued job (compare-and-set, so a cancel that came first wins), then
     hand it to ``ray``, its processes in their sandbox where ``isolation`` is on. False if
     it was no longer ours to start."""
-    sid = submission_id(job)
+    base = submission_id(job)
+    sid = attempt_id(db, job, base)
     try:
-        run_dir = run_dirs.prepare(settings.run_root, job.id, sid, job.spec)
+        run_dir = run_dirs.prepare(settings.run_root, job.id, base, job.spec)
     except run_dirs.RunDirTaken as e:
         transition(db, job, "failed", str(e), unclaimed=True)
         return False
@@ -126,6 +142,9 @@ def launch(
     if isinstance(reads, str):
         transition(db, job, "failed", reads)
         return False
+    if sid != base:  # resuming after a preemption: its request and result are done with
+        RunDir(run_dir).resize.unlink(missing_ok=True)
+        RunDir(run_dir).result.unlink(missing_ok=True)
     if job.target_workers:  # elastic: the size the queue found room for
         write_resize(run_dir, job.target_workers, f"started on {job.target_workers}")
     token_file = RunDir(run_dir).worker_token

@@ -84,6 +84,59 @@ def start_queued(
         grow(db, queue)
 
 
+def preempt(db: Session, job: Job, need: Resources, free: Resources) -> str | None:
+    """Make room for ``job`` (waiting for ``need``, with ``free`` free now) by taking workers
+    from running preemptible jobs of lower priority, the lowest first, then the newest:
+    an elastic one shrinks to its min; a fixed one, or an elastic one whose min is not
+    enough, is suspended (it checkpoints and returns to the queue). Nothing is asked unless
+    it frees enough; what earlier passes asked and is under way counts. Returns who gives
+    way ("job 7 (to 1), job 9 (suspended)"), or None."""
+    victims = db.scalars(
+        select(Job)
+        .where(
+            Job.status == "running",
+            Job.submission_id.is_not(None),
+            Job.priority < job.priority,
+            Job.id != job.id,
+        )
+        .order_by(Job.priority, Job.id.desc())
+    ).all()
+    plan: list[tuple[Job, int]] = []  # (job, workers to ask of it: 0 suspends)
+    coming, under_way = free, []
+    for victim in victims:
+        if not victim.spec.get("preemptible") or victim.run_dir is None:
+            continue
+        try:
+            lo, hi = worker_range(victim.spec)
+        except (TypeError, ValueError, KeyError):
+            continue
+        now = victim.workers or victim.target_workers or lo
+        asked = victim.target_workers
+        if asked is not None and asked < now:  # giving way already
+            coming = coming + demand(victim.spec, now - asked)
+            under_way.append(f"job {victim.id}")
+            continue
+        if coming.covers(need):
+            break
+        if hi > lo and now > lo:  # shrink to its min first
+            plan.append((victim, lo))
+            coming = coming + demand(victim.spec, now - lo)
+            if coming.covers(need):
+                break
+            plan[-1] = (victim, 0)
+            coming = coming + demand(victim.spec, lo)
+        else:
+            plan.append((victim, 0))
+            coming = coming + demand(victim.spec, now)
+    if not coming.covers(need) or not (plan or under_way):
+        return None
+    words = list(under_way)
+    for victim, workers in plan:
+        ask_resize(db, victim, workers, f"preempted by job {job.id}")
+        words.append(f"job {victim.id} ({'suspended' if workers == 0 else f'to {workers}'})")
+    return ", ".join(words)
+
+
 def grow(db: Session, queue: _Queue) -> None:
     """Running elastic jobs below their max take what is free, highest priority first,
     each asked (``resize.json``) to grow at its next step boundary."""
@@ -146,6 +199,9 @@ def _consider(
         return  # other jobs may go ahead
     short = shortfall(need, queue.free, free=True)
     if short is not None:
+        taken = preempt(db, job, need, queue.free)
+        if taken:
+            short += f"; taking workers from {taken}"
         _pending(db, job, short)
         queue.blocked = f"behind job {job.id} (priority {job.priority}), which waits for resources"
         return

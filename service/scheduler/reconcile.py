@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from workers import deaths
+from workers.elastic import read_resize
 from workers.run_dir import RunDir
 
 from ..auth import revoke_worker_tokens
@@ -75,7 +76,9 @@ def _reconcile(
         transition(db, job, "running", "Ray job started")
     elif state == "SUCCEEDED":
         result = _result(job)
-        if result.get("status") == "succeeded":
+        if result.get("status") == "suspended":
+            _suspended(db, job, result, backfill_with=backfill_with)
+        elif result.get("status") == "succeeded":
             reached = result.get("reached_target_at_step")
             end("succeeded", finished_reason(job, reached), reached)
         else:
@@ -93,6 +96,25 @@ def _reconcile(
             end("cancelled", "cancelled by user")
         else:
             end("failed", "stopped outside Nestor")
+
+
+def _suspended(
+    db: Session, job: Job, result: dict[str, Any], *, backfill_with: Sessions | None
+) -> None:
+    """A preempted job checkpointed and gave its workers back: it goes back to the queue
+    with its progress and resumes from that step when it starts again."""
+    if backfill_with is not None and job.run_dir:
+        backfill(backfill_with, job.id, RunDir(Path(job.run_dir)).metrics)
+        db.refresh(job)
+    if job.cancel_requested:
+        finish(db, job, "cancelled", "cancelled by user", backfill_with=None)
+        return
+    asked = read_resize(Path(job.run_dir or ""))
+    why = asked.reason if asked is not None else "preempted"
+    step = result.get("steps")
+    transition(db, job, "queued", f"{why}: back in the queue at step {step}, resumes there")
+    db.execute(update(Job).where(Job.id == job.id).values(workers=None, target_workers=None))
+    db.commit()
 
 
 def _lost(db: Session, job: Job, *, backfill_with: Sessions | None) -> None:

@@ -103,3 +103,38 @@ def test_a_lost_node_shrinks_an_elastic_job_and_its_return_regrows_it(service, r
     assert steps["train_loss"]["step"] == list(range(1, done["last_step"] + 1))
     for event in client.events(job["id"]):
         print(event["time"], event["status"], event["reason"])
+
+
+def test_a_higher_priority_job_preempts_lower_ones_which_resume_with_every_step(service):
+    """The cluster full with two preemptible jobs (an elastic one on 2 workers, a fixed one
+    on 2): a job of priority 10 needing 3 workers suspends the fixed one (it checkpoints and
+    goes back to the queue) and shrinks the elastic one to its min; it runs; the suspended
+    job then resumes where it stopped and finishes with every step once."""
+    _, client = service
+    elastic = client.submit(
+        {**ELASTIC, "num_workers": {"min": 1, "max": 2}, "preemptible": True}, name="gives-1"
+    )
+    wait_for(lambda: client.job(elastic["id"])["workers"] == 2, timeout=180)
+    fixed = client.submit(
+        {**TINY, "max_steps": 3000, "eval_every": 100_000, "preemptible": True},
+        name="suspended",
+    )
+    wait_for(lambda: client.job(fixed["id"])["last_step"] >= 100, timeout=180)
+    urgent = client.submit(
+        {**TINY, "num_workers": 3, "batch_size": 192, "micro_batch_size": 64, "max_steps": 50},
+        name="urgent",
+        priority=10,
+    )
+    assert client.wait(urgent["id"], timeout=300)["status"] == "succeeded"
+    assert f"2 -> 1 workers: preempted by job {urgent['id']}" in resized(client, elastic["id"])
+    done = client.wait(fixed["id"], timeout=300)
+    assert done["status"] == "succeeded", done
+    events = client.events(fixed["id"])
+    back = [e for e in events if e["status"] == "queued" and "preempted" in (e["reason"] or "")]
+    assert len(back) == 1, events
+    assert back[0]["reason"].startswith(f"preempted by job {urgent['id']}: back in the queue at")
+    steps = client.metrics(fixed["id"], keys=["train_loss"], max_points=100_000)["series"]
+    assert steps["train_loss"]["step"] == list(range(1, 3001))
+    client.cancel(elastic["id"])
+    for event in events:
+        print(event["time"], event["status"], event["reason"])
