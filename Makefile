@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python bench/state_memory.py
 	$(BIN)/python bench/zero.py
 	$(BIN)/python bench/restore.py
+	$(BIN)/python bench/elastic.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/service.py
