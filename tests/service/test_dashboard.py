@@ -597,3 +597,47 @@ def test_job_page_names_the_optimizer_states_precision_and_charts_its_bytes_per_
     page.goto(base_url(api_server) + "/")
     expect(page.locator("tr", has_text="int8-state")).to_contain_text("adan (int8)")
     assert errors == []
+
+
+def test_an_elastic_jobs_page_shows_its_size_and_resizes_it(api_server, page, tmp_path):
+    """The API alone: the test plays the job's workers. A running elastic job's page shows
+    "2 of 1–3" workers and a Resize control; asking for 3 writes the request the job's rank
+    0 reads, and an out-of-range number is refused with the API's reason."""
+    from workers.elastic import read_resize
+
+    live, client = api_server
+    job = client.submit({**TINY, "num_workers": {"min": 1, "max": 3}}, name="elastic-page")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with live.app.state.db.sessions() as db:  # what the scheduler records at launch
+        db.get(Job, job["id"]).run_dir = str(run_dir)
+        db.commit()
+    r = httpx.post(
+        f"{live.url}/v1/jobs/{job['id']}/ingest",
+        json={
+            "points": [{"step": 1, "values": {"train_loss": 2.0}}],
+            "status": "running",
+            "world_size": 2,
+            "world_reason": "started on 2",
+        },
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+
+    sign_in(page, base_url(api_server) + f"/jobs/{job['id']}")
+    expect(page.locator("#summary")).to_contain_text("2 of 1–3")
+    expect(page.locator("#resize")).to_be_enabled()
+    page.fill("#resize-workers", "3")
+    page.click("#resize")
+    expect(page.locator("#message")).to_contain_text("Asked to go on with 3 workers")
+    asked = read_resize(run_dir)
+    assert (asked.num_workers, asked.reason) == (3, "resized by admin")
+    page.fill("#resize-workers", "7")
+    page.click("#resize")
+    expect(page.locator("#message")).to_contain_text("outside job")
+
+    page.goto(base_url(api_server) + "/")
+    row = page.locator(f"#jobs-table tr[data-job='{job['id']}']")
+    expect(row).to_contain_text("2 of 1–3")
+    client.cancel(job["id"])
