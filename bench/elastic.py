@@ -14,7 +14,9 @@ On a private local Ray (2 logical CPUs per worker slot, this machine's cores), t
 
 Each event is timed from the decision (the request written, the kill) to the first metric
 row of a step after it at the new size (``metrics.jsonl``'s times), and the steps computed
-twice are counted.
+twice are counted. The elastic job is then preempted (asked for 0 workers: it checkpoints
+and ends as suspended) and resumed on 2 as the service would relaunch it, and its timeline
+is printed: each segment's size, why, and the steps per second it trained at.
 
     python bench/elastic.py [--steps 1500]
 """
@@ -125,33 +127,85 @@ def restart(run: Path, at_least: int) -> dict:
     }
 
 
+def timeline(run: Path, t0: float) -> list[str]:
+    """One job's life from status.jsonl: each segment's start (its size and why), the
+    steps per second it trained at (from metrics.jsonl's times), and how it ended."""
+    status = rows(RunDir(run).status)
+    metrics = rows(RunDir(run).metrics)
+    lines = []
+    for i, row in enumerate(status):
+        t = row["time"] - t0
+        if row["status"] == "running":
+            end = next((r["time"] for r in status[i + 1 :] if r["status"] != "running"), 1e18)
+            seg = [m for m in metrics if row["time"] <= m["time"] <= end]
+            rate = (
+                (seg[-1]["step"] - seg[0]["step"]) / (seg[-1]["time"] - seg[0]["time"])
+                if len(seg) > 1 and seg[-1]["time"] > seg[0]["time"]
+                else float("nan")
+            )
+            start = row.get("resumed_from_step", 0)
+            lines.append(
+                f"| {t:6.1f} | trains on {row.get('world_size')} ({row.get('reason')}) | "
+                f"{row.get('world_size')} | from {start} | {rate:.0f} |"
+            )
+        elif row["status"] == "resizing":
+            lines.append(
+                f"| {t:6.1f} | checkpoint, resize to {row['next_world_size']} | "
+                f"{row['world_size']} | at {row['step']} | |"
+            )
+        elif row["status"] == "suspended":
+            lines.append(
+                f"| {t:6.1f} | preempted: checkpoint, workers given back | 0 | at {row['step']} | |"
+            )
+        elif row["status"] in ("succeeded", "failed"):
+            lines.append(f"| {t:6.1f} | {row['status']} | | | |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=1500)
     args = parser.parse_args()
     connect_ray(None, log_to_driver=False, num_cpus=2)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
+        # One elastic, preemptible job: 2 -> 1 -> 2, preempted, resumed on 2, to the end.
         run = Path(tmp) / "elastic"
         run.mkdir()
-        write_resize(run, 2, "bench: start on 2")
+        t0 = time.time()
+        write_resize(run, 2, "started on 2")
         spec = TrainSpec.model_validate(
-            {**BASE, "num_workers": {"min": 1, "max": 2}, "max_steps": args.steps}
+            {
+                **BASE,
+                "num_workers": {"min": 1, "max": 2},
+                "max_steps": args.steps,
+                "preemptible": True,
+            }
         )
         job = start(spec, run, failures=0)
         results["planned shrink 2 -> 1"] = planned(run, 1, at_least=150)
         results["planned grow 1 -> 2"] = planned(run, 2, at_least=last_step(run) + 150)
-        write_resize(run, 0, "bench: done")  # suspend: ends the job at the next step
+        wait(lambda: last_step(run) >= results["planned grow 1 -> 2"]["resized_at"] + 150)
+        write_resize(run, 0, "preempted by another job")
         job.join(timeout=300)
+        write_resize(run, 2, "resumed on 2")  # as the service relaunches it
+        job = start(spec, run, failures=0)
+        job.join(timeout=600)
+        lines = timeline(run, t0)
 
         run = Path(tmp) / "fixed"
-        fixed = TrainSpec.model_validate({**BASE, "num_workers": 2, "max_steps": args.steps})
+        fixed = TrainSpec.model_validate({**BASE, "num_workers": 2, "max_steps": 100_000})
         job = start(fixed.model_copy(update={"preemptible": True}), run, failures=3)
         results["plain restart, rank 1 killed"] = restart(run, at_least=250)
         wait(lambda: last_step(run) >= results["plain restart, rank 1 killed"]["decided_at"] + 20)
         write_resize(run, 0, "bench: done")
         job.join(timeout=300)
 
+    print("One elastic, preemptible job of", args.steps, "steps:\n")
+    print("| seconds | event | workers | step | steps/s |")
+    print("|---:|---|---:|---|---:|")
+    print("\n".join(lines))
+    print()
     print(
         "| event | decided at step | new size from step | steps computed twice | "
         "seconds to the first step |"

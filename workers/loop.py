@@ -329,7 +329,7 @@ class Pace:
         now = time.perf_counter()
         seconds, steps = now - self.mark, self.steps
         self.steps, self.mark = 0, now
-        per_step = self.spec.accumulation_steps * self.world  # micro-batches in a step
+        per_step = self.spec.accumulation_at(self.world) * self.world  # micro-batches
         tokens = self.tokens_per_micro
         return throughput_metrics(
             step_flops=(self.micro_flops or 0) * per_step,

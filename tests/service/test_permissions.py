@@ -154,6 +154,7 @@ def refused(caller: str, scope: str, owned: bool) -> int | None:
 
 OWNED = {  # routes that change a resource: only its owner (or an admin) may
     ("POST", "/v1/jobs/{job_id}/cancel"),
+    ("PATCH", "/v1/jobs/{job_id}"),
     ("POST", "/v1/jobs/{job_id}/retry"),
     ("DELETE", "/v1/jobs/{job_id}/artifacts"),
     ("POST", "/v1/sweeps/{sweep_id}/cancel"),
@@ -169,6 +170,7 @@ ALLOWED = {
     ("GET", "/v1/jobs"): 200,
     ("POST", "/v1/jobs"): 201,
     ("GET", "/v1/jobs/{job_id}"): 200,
+    ("PATCH", "/v1/jobs/{job_id}"): 422,  # a fixed-size job cannot be resized
     ("GET", "/v1/jobs/{job_id}/artifacts"): 200,
     ("DELETE", "/v1/jobs/{job_id}/artifacts"): 409,  # the job has not ended
     ("GET", "/v1/jobs/{job_id}/artifacts/{name}"): 404,  # nor left a model
@@ -229,6 +231,8 @@ def request_for(client, method: str, path: str, ids: dict, caller: str) -> dict:
         body = {"json": {"name": f"user{unique}"}}
     elif (method, path) == ("POST", "/v1/webhooks"):
         body = {"json": {"url": "https://hooks.example.com/nestor"}}
+    elif (method, path) == ("PATCH", "/v1/jobs/{job_id}"):
+        body = {"json": {"num_workers": 2}}
     elif (method, path) == ("PATCH", "/v1/users/{user_id}"):
         body = {"json": {"disabled": True}}
     elif (method, path) == ("POST", "/v1/tokens"):
