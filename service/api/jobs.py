@@ -98,10 +98,12 @@ def queue_timing(db: Session, cluster: Resources | None) -> dict[int, dict]:
     running, queued, rates, started = [], [], {}, set()
     for job in live:
         try:
-            need, max_steps = demand(job.spec), int(job.spec.get("max_steps", 1))
-        except (TypeError, ValueError):
+            handed = job.status == "running" or job.submission_id is not None
+            need = held(job) if handed else demand(job.spec)  # an elastic job: its size
+            max_steps = int(job.spec.get("max_steps", 1))
+        except (TypeError, ValueError, KeyError):
             continue
-        if job.status == "running" or job.submission_id is not None:  # handed to Ray
+        if handed:  # handed to Ray
             rate = job_rate(db, job.id) if job.status == "running" else None
             rates[job.id] = rate
             running.append(Running(job.id, need, max_steps - job.last_step, rate))
