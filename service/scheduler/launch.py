@@ -24,6 +24,7 @@ from workers.spec import HOME_VARIABLE
 
 from .. import run_dirs
 from ..auth import create_token, revoke_worker_tokens
+from ..capacity import worker_range
 from ..isolation import Isolation, prepare_job
 from ..jobs import transition
 from ..models import Event, Job
@@ -45,6 +46,12 @@ def submission_id(job: Job) -> str:
     if created.tzinfo is not None:  # PostgreSQL answers in the session's time zone
         created = created.astimezone(UTC).replace(tzinfo=None)
     return f"nestor-job-{job.id}-{created:%Y%m%d%H%M%S%f}"
+
+
+def fixed_size(job: Job) -> dict[str, int]:
+    """A fixed job's workers, recorded at launch (an elastic job reports its own)."""
+    lo, hi = worker_range(job.spec)
+    return {"workers": lo} if lo == hi else {}
 
 
 PREEMPTED = "preempted"  # the prefix of the event that queues a preempted job again
@@ -132,7 +139,7 @@ def launch(
     claimed = db.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == "queued", Job.submission_id.is_(None))
-        .values(submission_id=sid, run_dir=str(run_dir), pending_reason=None)
+        .values(submission_id=sid, run_dir=str(run_dir), pending_reason=None, **fixed_size(job))
     ).rowcount
     db.commit()
     if not claimed:  # cancelled (or claimed elsewhere) meanwhile: launch nothing

@@ -18,6 +18,7 @@ def test_job_runs_to_success_with_metrics_and_events(service):
     job = client.submit(TINY, name="tiny")
     done = client.wait(job["id"], timeout=240)
     assert done["status"] == "succeeded", done
+    assert done["workers"] == 2  # a fixed job's size, recorded at launch
     losses = client.metrics(job["id"], keys=["train_loss"])["series"]["train_loss"]
     assert losses["step"] == list(range(1, 21))
     assert [e["status"] for e in client.events(job["id"])] == ["queued", "running", "succeeded"]
