@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
 from pydantic import ValidationError
@@ -81,14 +83,34 @@ def with_latest(db: Session, jobs: list[Job], cluster: Resources | None = None) 
             update={
                 "latest": latest.get(j.id, {}),
                 "owner": names.get(j.owner_id),
-                **timing.get(j.id, {}),
+                **(timing.get(j.id, {}) if j.status in LIVE else {}),
             }
         )
         for j in jobs
     ]
 
 
+TIMING_TTL = 1.0  # seconds the queue's estimates are reused across requests
+_timing: dict[Any, tuple[float, dict[int, dict]]] = {}
+_timing_lock = threading.Lock()
+
+
 def queue_timing(db: Session, cluster: Resources | None) -> dict[int, dict]:
+    """The queue's estimates (``_queue_timing``), computed at most once a second per
+    database and cluster size: forty open job lists cost one computation, not forty."""
+    key = (str(db.get_bind().url), cluster)
+    now = time.monotonic()
+    with _timing_lock:
+        hit = _timing.get(key)
+        if hit is not None and now - hit[0] < TIMING_TTL:
+            return hit[1]
+    value = _queue_timing(db, cluster)
+    with _timing_lock:
+        _timing[key] = (now, value)
+    return value
+
+
+def _queue_timing(db: Session, cluster: Resources | None) -> dict[int, dict]:
     """Per queued or running job: progress, queue position, steps per second, and the
     estimated start or end (service/forecast.py), as JobPublic fields."""
     live = db.scalars(

@@ -168,7 +168,8 @@ def job_timing(job: dict[str, Any], now: datetime) -> str | None:
         return "waiting: " + "; ".join(parts)
     if job["status"] == "running":
         rate, end = job.get("steps_per_second"), within(job.get("estimated_end"))
-        on = f" on {job['workers']} workers" if job.get("workers") else ""
+        n = job.get("workers")
+        on = f" on {n} worker{'' if n == 1 else 's'}" if n else ""
         if rate is None or end is None:
             return f"running{on}: no rate yet"
         return f"running{on}: {rate:.3g} steps/s, ends in ~{end}"

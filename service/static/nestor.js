@@ -192,7 +192,7 @@ export function timing(job) {
     return `Waiting: ${parts.join("; ")}`;
   }
   if (job.status === "running") {
-    const on = job.workers ? ` on ${job.workers} workers` : "";
+    const on = job.workers ? ` on ${job.workers} worker${job.workers === 1 ? "" : "s"}` : "";
     if (job.steps_per_second == null || !job.estimated_end) return `Running${on}: no rate yet`;
     return `Running${on}: ${fmt(job.steps_per_second, 3)} steps/s, ends in ~${fmtIn(job.estimated_end)}`;
   }

@@ -87,7 +87,7 @@ def test_live_run_chart_grows_then_cancel_from_the_page_and_the_list_shows_it(se
     for chart in ("chart-lr", "chart-throughput", "chart-state", "chart-grad_norm"):
         assert points_in(page, chart) > 0, chart
     # Where it stands: its rate and its estimated end, re-read while it runs.
-    running = re.compile(r"Running: [0-9.]+ steps/s, ends in ~")
+    running = re.compile(r"Running on 1 worker: [0-9.]+ steps/s, ends in ~")
     expect(page.locator("#message")).to_contain_text(running)
 
     # A job that cannot fit beside it waits; its page and its row say where and why.

@@ -163,4 +163,8 @@ def test_nestor_jobs_says_where_each_job_stands():
     }
     assert job_timing(running, now) == "running: 2.5 steps/s, ends in ~12 min"
     assert job_timing({**running, "steps_per_second": None}, now) == "running: no rate yet"
+    assert job_timing({**running, "workers": 1}, now) == (
+        "running on 1 worker: 2.5 steps/s, ends in ~12 min"
+    )
+    assert job_timing({**running, "workers": 3}, now).startswith("running on 3 workers: ")
     assert job_timing({"status": "succeeded"}, now) is None
