@@ -32,7 +32,7 @@ from ..forecast import RATE_WINDOW, Queued, Running, forecast, steps_per_second
 from ..jobs import cancel_job, create_job, final_metrics, ingest
 from ..models import STATUSES, Event, Job, Metric, User
 from ..packages import missing_package
-from ..scheduler.queue import ask_resize
+from ..scheduler.queue import ask_resize, handed_jobs
 from ..schemas import (
     NAME_MAX,
     EventPublic,
@@ -341,10 +341,7 @@ def resize(
         )
     now = max(job.workers or 0, job.target_workers or 0)
     if cluster is not None and n > now:
-        others = db.scalars(
-            select(Job).where(Job.status.in_(LIVE), Job.submission_id.is_not(None))
-        ).all()
-        used = sum((held(j) for j in others), Resources())
+        used = sum((held(j) for j in handed_jobs(db)), Resources())
         short = shortfall(demand(job.spec, n - now), cluster - used, free=True)
         if short is not None:
             raise HTTPException(

@@ -46,6 +46,15 @@ class _Queue:
             self.active[job.sweep_id] = self.active.get(job.sweep_id, 0) + 1
 
 
+def handed_jobs(db: Session) -> list[Job]:
+    """The jobs handed to Ray (queued and claimed, or running): what holds the cluster."""
+    return list(
+        db.scalars(
+            select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
+        )
+    )
+
+
 def start_queued(
     db: Session, *, capacity: Capacity, launch: Callable[[Session, Job], bool]
 ) -> None:
@@ -56,10 +65,7 @@ def start_queued(
     the cluster at all (it may grow) waits aside and the jobs after it still start. Every
     waiting job says why in ``pending_reason``."""
     queue = _Queue(free=capacity.total)
-    handed = db.scalars(
-        select(Job).where(Job.status.in_(("queued", "running")), Job.submission_id.is_not(None))
-    ).all()
-    for j in handed:
+    for j in handed_jobs(db):
         queue.take(j, _demand_or_none(j))
     queue.limits = {
         sweep.id: sweep.spec.get("max_concurrent", 1)

@@ -103,9 +103,7 @@ def _suspended(
 ) -> None:
     """A preempted job checkpointed and gave its workers back: it goes back to the queue
     with its progress and resumes from that step when it starts again."""
-    if backfill_with is not None and job.run_dir:
-        backfill(backfill_with, job.id, RunDir(Path(job.run_dir)).metrics)
-        db.refresh(job)
+    _backfill(db, job, backfill_with)
     if job.cancel_requested:
         finish(db, job, "cancelled", "cancelled by user", backfill_with=None)
         return
@@ -171,9 +169,15 @@ def finish(
 ) -> None:
     """End a job: backfill any metric points the live path missed (in sessions from
     ``backfill_with``; None: no backfill), then the status."""
-    if backfill_with is not None and job.run_dir:
-        backfill(backfill_with, job.id, RunDir(Path(job.run_dir)).metrics)
-        db.refresh(job)
+    _backfill(db, job, backfill_with)
     if job.status == "queued":
         transition(db, job, "running", "Ray job started")
     transition(db, job, status, reason, reached_target_at_step=reached_target_at_step)
+
+
+def _backfill(db: Session, job: Job, backfill_with: Sessions | None) -> None:
+    """Store the metric points of the job's run directory that the live path missed (in
+    sessions from ``backfill_with``; None: none), and re-read the job."""
+    if backfill_with is not None and job.run_dir:
+        backfill(backfill_with, job.id, RunDir(Path(job.run_dir)).metrics)
+        db.refresh(job)
