@@ -1,84 +1,76 @@
 """Downsampling of metric series for charts: at most N points, each bucket's extremes kept.
 
-The step range is cut into ``max_points // 2`` buckets of equal width and, in each, the first
-point holding the bucket's minimum and the first holding its maximum are kept, so spikes
-survive and a million points become a few thousand. ``min_max_downsample`` is the readable
-NumPy definition; ``query_series`` computes the same points inside the database (two grouped
-scans over the job's index, no rows shipped to Python beyond the result), which is what keeps
-a million-point job page fast. NaN / NULL points are dropped by both once a series is
-downsampled; a series short enough to be returned whole keeps them.
+The window's steps are cut into buckets of a power-of-two width w, aligned at multiples of w:
+the narrowest for which the buckets the window touches number at most ``max_points // 2``.
+In each bucket, the first point holding its minimum and the first holding its maximum are
+kept, so spikes survive and a million points become a few thousand. Aligned buckets also
+keep a live chart still: a point arriving at the end changes the last bucket only, never the
+ones before it (until the width doubles). ``min_max_downsample`` is the readable NumPy
+definition; ``query_series`` computes the same points from the series' stored summaries
+(``service.summaries``): a window at width w reads fewer than 8 summary rows per bucket
+shown, plus at most 15 per level at its edges, however long the series is. NaN / NULL
+points are dropped by both once a series is downsampled; a series short enough to be
+returned whole keeps them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from .models import Metric
+from .summaries import BITS, LEVELS, Pieces, Store, cover
 
 
 def bucket_width(first: int, last: int, max_points: int) -> int:
+    """The narrowest power of two w such that steps first..last touch at most
+    ``max_points // 2`` buckets [k*w, (k+1)*w)."""
     buckets = max(1, max_points // 2)
-    return -(-(last - first + 1) // buckets)  # ceil: at most `buckets` buckets
+    w = 1
+    while last // w - first // w + 1 > buckets:
+        w *= 2
+    return w
+
+
+def _extremes(pieces: Pieces, width: int) -> tuple[list[int], list[float]]:
+    made = pieces.aggregate(pieces.group // width)
+    points = dict(zip(made.lo_step.tolist(), made.lo.tolist(), strict=True))
+    points.update(zip(made.hi_step.tolist(), made.hi.tolist(), strict=True))
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
 
 
 def min_max_downsample(
     steps: np.ndarray, values: np.ndarray, max_points: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference: steps ascending, NaN for missing values."""
-    n = len(steps)
-    if n <= max_points:
+    """The reference: steps ascending and distinct, NaN for missing values."""
+    if len(steps) <= max_points:
         return steps, values
     width = bucket_width(int(steps[0]), int(steps[-1]), max_points)
-    bucket = (steps - steps[0]) // width
-    keep = []
-    for b in np.unique(bucket):
-        idx = np.flatnonzero((bucket == b) & ~np.isnan(values))
-        if len(idx):
-            keep.append(idx[np.argmin(values[idx])])  # argmin/argmax: the first one
-            keep.append(idx[np.argmax(values[idx])])
-    idx = np.unique(np.asarray(keep, dtype=np.int64))
-    return steps[idx], values[idx]
+    kept, vals = _extremes(Pieces.points(np.asarray(steps), np.asarray(values)), width)
+    return np.asarray(kept, dtype=np.int64), np.asarray(vals, dtype=np.float64)
 
 
 def query_series(
     db: Session, job_id: int, key: str, max_points: int, since_step: int = 0
 ) -> tuple[list[int], list[float | None]]:
-    """``min_max_downsample`` of one stored series, computed by the database."""
-    where = and_(Metric.job_id == job_id, Metric.key == key, Metric.step > since_step)
-    count, first, last = db.execute(
-        select(func.count(), func.min(Metric.step), func.max(Metric.step)).where(where)
-    ).one()
-    if count <= max_points:
-        rows = db.execute(select(Metric.step, Metric.value).where(where).order_by(Metric.step))
-        steps, values = zip(*rows, strict=True) if count else ((), ())
-        return list(steps), list(values)
-
-    width = bucket_width(first, last, max_points)
-    bucket = ((Metric.step - first) // width).label("bucket")
-    extremes = (
-        select(bucket, func.min(Metric.value).label("lo"), func.max(Metric.value).label("hi"))
-        .where(where, Metric.value.is_not(None))
-        .group_by(bucket)
-        .subquery()
+    """``min_max_downsample`` of one stored series' steps after ``since_step``."""
+    store = Store(db.connection(), job_id)
+    head = store.query(
+        "SELECT step, value FROM metrics WHERE job_id = ? AND key = ? AND step > ? "
+        "ORDER BY step LIMIT ?",
+        (job_id, key, since_step, max_points + 1),
     )
-    # Second scan: the first step at which each bucket reaches its minimum and its maximum.
-    in_bucket = (Metric.step - first) // width == extremes.c.bucket
-    rows = db.execute(
-        select(
-            extremes.c.lo,
-            extremes.c.hi,
-            func.min(case((Metric.value == extremes.c.lo, Metric.step))),
-            func.min(case((Metric.value == extremes.c.hi, Metric.step))),
-        )
-        .join(extremes, in_bucket)
-        .where(where)
-        .group_by(extremes.c.bucket, extremes.c.lo, extremes.c.hi)
-    ).all()
-    points = {}
-    for lo, hi, lo_step, hi_step in rows:
-        points[lo_step] = lo
-        points[hi_step] = hi
-    steps = sorted(points)
-    return steps, [points[s] for s in steps]
+    if len(head) <= max_points:  # short enough: whole, NULLs kept
+        return [s for s, _ in head], [v for _, v in head]
+    first, last = head[0][0], store.last(key)
+    width = bucket_width(first, last, max_points)
+    top = max([0] + [level for level in LEVELS if BITS * level <= width.bit_length() - 1])
+    parts = []
+    for level, lo, hi in cover(first, last, top):
+        if level == 0:
+            parts.append(store.raw(key, lo, hi))
+        else:
+            got = store.buckets(key, level, lo, hi)
+            got.group = got.group << (BITS * level)  # a bucket's first step
+            parts.append(got)
+    return _extremes(Pieces.concat(parts), width)

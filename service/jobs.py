@@ -6,10 +6,11 @@ import time
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from . import webhooks
+from . import summaries, webhooks
 from .auth import revoke_worker_tokens
 from .models import TERMINAL, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
@@ -144,6 +145,7 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
         dropped = db.execute(
             delete(Metric).where(Metric.job_id == job.id, Metric.step > step)
         ).rowcount
+        summaries.Store(db.connection(), job.id).truncate(step)
         if dropped:
             job.last_step = min(job.last_step or 0, step)
             db.add(
@@ -205,26 +207,51 @@ _UPSERT_ARRAYS = (
 
 
 def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None, float]]) -> None:
-    """Insert-or-replace (step, key, value, time) points of ``job`` and advance its last
-    step; the caller commits. This is the ingest hot path, so it speaks the driver's SQL: the
-    ORM's per-row parameter processing cost ~10x more than the database's own work
-    (bench/service.py). SQLite takes an executemany; PostgreSQL one statement over arrays,
-    where a point repeated within the batch is kept once (its last value), because one
-    statement may not update a row twice."""
+    """Insert-or-replace (step, key, value, time) points of ``job``, keep its series'
+    summaries exact, and advance its last step; the caller commits. This is the ingest hot
+    path, so it speaks the driver's SQL: the ORM's per-row parameter processing cost ~10x
+    more than the database's own work (bench/service.py). A point repeated within the batch
+    is kept once (its last value). SQLite takes an executemany; PostgreSQL one statement
+    over arrays."""
     if not rows:
         return
     conn = db.connection()
     job_id = job.id
+    by_key: dict[str, tuple[list[int], list[float | None], list[float]]] = {}
+    for step, key, value, t in rows:
+        series = by_key.get(key)
+        if series is None:
+            series = by_key[key] = ([], [], [])
+        series[0].append(step)
+        series[1].append(value)
+        series[2].append(t)
+    points = {}
+    for key, (steps, values, times) in by_key.items():
+        s = np.asarray(steps, dtype=np.int64)
+        if len(s) > 1 and not (s[1:] > s[:-1]).all():  # out of order or repeated: sort, last wins
+            kept = {step: (v, t) for step, v, t in zip(steps, values, times, strict=True)}
+            steps = sorted(kept)
+            values, times = [kept[x][0] for x in steps], [kept[x][1] for x in steps]
+            by_key[key] = (steps, values, times)
+            s = np.asarray(steps, dtype=np.int64)
+        points[key] = (s, np.asarray(values, dtype=np.float64))  # None -> NaN
     if conn.dialect.paramstyle == "qmark":
-        params = [(job_id, step, key, value, t) for step, key, value, t in rows]
+        params = [
+            (job_id, step, key, value, t)
+            for key, (steps, values, times) in by_key.items()
+            for step, value, t in zip(steps, values, times, strict=True)
+        ]
         conn.exec_driver_sql(_UPSERT_ROWS + _ON_CONFLICT, params)
     else:
-        last = {(step, key): (value, t) for step, key, value, t in rows}
-        columns = ([s for s, _ in last], [k for _, k in last])
-        values = list(last.values())
-        arrays = (*columns, [v for v, _ in values], [t for _, t in values])
+        arrays: tuple[list, ...] = ([], [], [], [])
+        for key, (steps, values, times) in by_key.items():
+            arrays[0].extend(steps)
+            arrays[1].extend([key] * len(steps))
+            arrays[2].extend(values)
+            arrays[3].extend(times)
         conn.exec_driver_sql(_UPSERT_ARRAYS + _ON_CONFLICT, (job_id, *arrays))
-    job.last_step = max(job.last_step or 0, max(r[0] for r in rows))
+    summaries.record(conn, job_id, points)
+    job.last_step = max(job.last_step or 0, max(int(s[-1]) for s, _ in points.values()))
 
 
 def final_metrics(

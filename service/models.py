@@ -109,6 +109,34 @@ class Metric(Base):
     )
 
 
+class MetricSeries(Base):
+    """One series of one job: its last step (the frontier of its sealed summaries)."""
+
+    __tablename__ = "metric_series"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_step: Mapped[int] = mapped_column(Integer)
+
+
+class MetricBucket(Base):
+    """A sealed bucket of 16**level steps of one series: its extremes and the first steps
+    holding them (service/summaries.py)."""
+
+    __tablename__ = "metric_buckets"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    lo: Mapped[float] = mapped_column(Float)
+    lo_step: Mapped[int] = mapped_column(Integer)
+    hi: Mapped[float] = mapped_column(Float)
+    hi_step: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
 class Event(Base):
     """A status change of a job (or sweep), with its reason."""
 

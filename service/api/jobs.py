@@ -30,7 +30,7 @@ from ..deps import (
 from ..downsample import query_series
 from ..forecast import RATE_WINDOW, Queued, Running, forecast, steps_per_second
 from ..jobs import cancel_job, create_job, final_metrics, ingest
-from ..models import STATUSES, Event, Job, Metric, User
+from ..models import STATUSES, Event, Job, Metric, MetricSeries, User
 from ..packages import missing_package
 from ..scheduler.queue import ask_resize, handed_jobs
 from ..schemas import (
@@ -400,7 +400,7 @@ def metrics(
     get_job(db, job_id)
     wanted = [k for k in (keys or "").split(",") if k]
     if not wanted:
-        wanted = list(db.scalars(select(Metric.key).where(Metric.job_id == job_id).distinct()))
+        wanted = list(db.scalars(select(MetricSeries.key).where(MetricSeries.job_id == job_id)))
     series = {}
     for key in wanted:
         steps, values = query_series(db, job_id, key, max_points, since_step)
