@@ -217,41 +217,21 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
         return
     conn = db.connection()
     job_id = job.id
-    by_key: dict[str, tuple[list[int], list[float | None], list[float]]] = {}
-    for step, key, value, t in rows:
-        series = by_key.get(key)
-        if series is None:
-            series = by_key[key] = ([], [], [])
-        series[0].append(step)
-        series[1].append(value)
-        series[2].append(t)
-    points = {}
-    for key, (steps, values, times) in by_key.items():
-        s = np.asarray(steps, dtype=np.int64)
-        if len(s) > 1 and not (s[1:] > s[:-1]).all():  # out of order or repeated: sort, last wins
-            kept = {step: (v, t) for step, v, t in zip(steps, values, times, strict=True)}
-            steps = sorted(kept)
-            values, times = [kept[x][0] for x in steps], [kept[x][1] for x in steps]
-            by_key[key] = (steps, values, times)
-            s = np.asarray(steps, dtype=np.int64)
-        points[key] = (s, np.asarray(values, dtype=np.float64))  # None -> NaN
+    names: dict[str, int] = {}
+    step_of, key_of, value_of, _ = zip(*rows, strict=True)
+    series = np.array([names.setdefault(k, len(names)) for k in key_of], np.int64)
+    steps = np.array(step_of, np.int64)
+    order = summaries.batch_order(series, steps)
     if conn.dialect.paramstyle == "qmark":
-        params = [
-            (job_id, step, key, value, t)
-            for key, (steps, values, times) in by_key.items()
-            for step, value, t in zip(steps, values, times, strict=True)
-        ]
+        params = [(job_id, *row) for row in rows]  # ON CONFLICT: a repeated point's last wins
         conn.exec_driver_sql(_UPSERT_ROWS + _ON_CONFLICT, params)
     else:
-        arrays: tuple[list, ...] = ([], [], [], [])
-        for key, (steps, values, times) in by_key.items():
-            arrays[0].extend(steps)
-            arrays[1].extend([key] * len(steps))
-            arrays[2].extend(values)
-            arrays[3].extend(times)
+        kept = [rows[i] for i in order.tolist()]
+        arrays = [[r[i] for r in kept] for i in range(4)]
         conn.exec_driver_sql(_UPSERT_ARRAYS + _ON_CONFLICT, (job_id, *arrays))
-    summaries.record(conn, job_id, points)
-    job.last_step = max(job.last_step or 0, max(int(s[-1]) for s, _ in points.values()))
+    values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
+    summaries.record(conn, job_id, list(names), series[order], steps[order], values)
+    job.last_step = max(job.last_step or 0, int(steps.max()))
 
 
 def final_metrics(

@@ -146,9 +146,23 @@ def reference(steps: np.ndarray, values: np.ndarray) -> dict[int, Pieces]:
 
 
 # ------------------------------------------------------------------ the database
+KEY_SHIFT = 40  # a piece's group in a batch of several series: (series << 40) | bucket
+STEP_MASK = (1 << KEY_SHIFT) - 1
+Range = tuple[str, int, int, int]  # (key, series index, first, last)
+
+
+def batch_order(series: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """The indices that sort points by (series, step), keeping the last of repeated ones."""
+    order = np.lexsort((steps, series))  # stable: repeated points stay in arrival order
+    k, s = series[order], steps[order]
+    last = np.ones(len(order), bool)
+    last[:-1] = (k[1:] != k[:-1]) | (s[1:] != s[:-1])
+    return order[last]
+
+
 class Store:
-    """The summary tables through one connection, in the driver's own SQL (the ingest path
-    is hot: SQLAlchemy's per-statement work costs more than the database's)."""
+    """The summary tables of one job through one connection, in the driver's own SQL (the
+    ingest path is hot: SQLAlchemy's per-statement work costs more than the database's)."""
 
     def __init__(self, conn: Connection, job_id: int) -> None:
         self.conn = conn
@@ -158,8 +172,15 @@ class Store:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.pg else sql
 
-    def query(self, sql: str, params: tuple) -> list[tuple]:
-        return self.conn.exec_driver_sql(self._sql(sql), params).fetchall()
+    def query(self, sql: str, params: Sequence) -> list[tuple]:
+        """Plain tuples from the driver's own cursor (SQLAlchemy's rows cost more to build
+        and to turn into arrays than the database's work)."""
+        cursor = self.conn.connection.cursor()
+        try:
+            cursor.execute(self._sql(sql), params)
+            return cursor.fetchall()
+        finally:
+            cursor.close()
 
     # reads
     def lasts(self) -> dict[str, int]:
@@ -176,69 +197,75 @@ class Store:
         )
         return rows[0][0] if rows else None
 
-    def raw(self, key: str, lo: int, hi: int) -> Pieces:
-        rows = self.query(
-            "SELECT step, value FROM metrics WHERE job_id = ? AND key = ? AND step >= ? "
-            "AND step <= ? AND value IS NOT NULL ORDER BY step",
-            (self.job_id, key, lo, hi),
+    def _ranges(
+        self, table: str, columns: str, pos: str, ranges: list[Range], also: str, params: tuple
+    ) -> tuple[list[tuple], dict[str, int]]:
+        """Rows of ``table`` in several (series, position range)s: one statement, one index
+        search per range (a UNION ALL: SQLite cannot split an OR over a WITHOUT ROWID table)."""
+        part = (
+            f"SELECT key, {columns} FROM {table} WHERE job_id = ? AND key = ?{also} "
+            f"AND {pos} >= ? AND {pos} <= ?"
         )
-        if not rows:
-            return Pieces.empty()
-        a = np.array(rows, dtype=np.float64)
-        s = a[:, 0].astype(np.int64)
-        return Pieces(s, a[:, 1], s, a[:, 1], s)
+        rows = self.query(
+            " UNION ALL ".join([part] * len(ranges)),
+            [x for key, _, lo, hi in ranges for x in (self.job_id, key, *params, lo, hi)],
+        )
+        return rows, {key: i for key, i, _, _ in ranges}
 
-    def buckets(self, key: str, level: int, lo: int, hi: int) -> Pieces:
-        rows = self.query(
-            "SELECT bucket, lo, lo_step, hi, hi_step FROM metric_buckets WHERE job_id = ? "
-            "AND key = ? AND level = ? AND bucket >= ? AND bucket <= ? ORDER BY bucket",
-            (self.job_id, key, level, lo, hi),
-        )
+    def raw(self, ranges: list[Range]) -> Pieces:
+        """The non-NULL raw points in the given step ranges, as pieces of their series."""
+        rows, index = self._ranges("metrics", "step, value", "step", ranges, "", ())
+        rows = [r for r in rows if r[2] is not None]
         if not rows:
             return Pieces.empty()
-        a = np.array(rows, dtype=np.float64)  # ids < 2**53: exact in a double
-        return Pieces(
-            a[:, 0].astype(np.int64), a[:, 1], a[:, 2].astype(np.int64), a[:, 3],
-            a[:, 4].astype(np.int64),
+        k = np.array([index[r[0]] for r in rows], np.int64)
+        a = np.array([r[1:] for r in rows], np.float64)
+        s = a[:, 0].astype(np.int64)
+        return Pieces((k << KEY_SHIFT) | s, a[:, 1], s, a[:, 1], s)
+
+    def buckets(self, level: int, ranges: list[Range]) -> Pieces:
+        """The stored buckets of ``level`` in the given bucket ranges."""
+        rows, index = self._ranges(
+            "metric_buckets", "bucket, lo, lo_step, hi, hi_step", "bucket", ranges,
+            " AND level = ?", (level,),
         )  # fmt: skip
+        if not rows:
+            return Pieces.empty()
+        k = np.array([index[r[0]] for r in rows], np.int64)
+        a = np.array([r[1:] for r in rows], np.float64)  # ids < 2**53: exact in a double
+        i = a.astype(np.int64)
+        return Pieces((k << KEY_SHIFT) | i[:, 0], a[:, 1], i[:, 2], a[:, 3], i[:, 4])
 
     def children(self, key: str, level: int, lo: int, hi: int) -> Pieces:
         """What buckets ``lo``..``hi`` of ``level`` are made of: raw points, or buckets."""
-        s_lo, s_hi = lo << BITS, ((hi + 1) << BITS) - 1
-        if level == 1:
-            return self.raw(key, s_lo, s_hi)
-        return self.buckets(key, level - 1, s_lo, s_hi)
+        span = [(key, 0, lo << BITS, ((hi + 1) << BITS) - 1)]
+        return self.raw(span) if level == 1 else self.buckets(level - 1, span)
 
     # writes
-    def put(self, rows: list[tuple[str, int, Pieces]]) -> None:
-        """Insert (or replace) buckets: (key, level, pieces) with the bucket ids in group."""
-        rows = [r for r in rows if len(r[2].group)]
-        if not rows:
+    def put(self, names: Sequence[str], made: list[tuple[int, Pieces]]) -> None:
+        """Insert (or replace) buckets: (level, pieces grouped by (series << 40) | bucket)."""
+        made = [(level, p) for level, p in made if len(p.group)]
+        if not made:
             return
+        every = Pieces.concat([p for _, p in made])
+        keys = [names[k] for k in (every.group >> KEY_SHIFT).tolist()]
+        levels = [level for level, p in made for _ in range(len(p.group))]
+        columns = [(every.group & STEP_MASK).tolist(), *every.columns()[1:]]
+        insert = "INSERT INTO metric_buckets (job_id, key, level, bucket, lo, lo_step, hi, hi_step)"
         conflict = (
             " ON CONFLICT (job_id, key, level, bucket) DO UPDATE SET lo = excluded.lo, "
             "lo_step = excluded.lo_step, hi = excluded.hi, hi_step = excluded.hi_step"
         )
-        columns = (
-            "INSERT INTO metric_buckets (job_id, key, level, bucket, lo, lo_step, hi, hi_step)"
-        )
         if self.pg:
-            keys = [k for k, _, p in rows for _ in range(len(p.group))]
-            levels = [lv for _, lv, p in rows for _ in range(len(p.group))]
-            arrays = (keys, levels, *Pieces.concat([p for _, _, p in rows]).columns())
             self.conn.exec_driver_sql(
-                columns + " SELECT %s, k, l, b, lo, ls, hi, hs FROM unnest(%s::varchar[], "
+                insert + " SELECT %s, k, l, b, lo, ls, hi, hs FROM unnest(%s::varchar[], "
                 "%s::int[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::int[]) "
                 "AS u(k, l, b, lo, ls, hi, hs)" + conflict,
-                (self.job_id, *arrays),
+                (self.job_id, keys, levels, *columns),
             )
             return
-        params = [
-            (self.job_id, key, level, b, lo, ls, hi, hs)
-            for key, level, p in rows
-            for b, lo, ls, hi, hs in zip(*p.columns(), strict=True)
-        ]
-        self.conn.exec_driver_sql(columns + " VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + conflict, params)
+        params = [(self.job_id, *row) for row in zip(keys, levels, *columns, strict=True)]
+        self.conn.exec_driver_sql(insert + " VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + conflict, params)
 
     def drop(self, key: str, level: int, lo: int, hi: int | None = None) -> None:
         """Delete the buckets ``lo``..``hi`` (to the end when None) of one level."""
@@ -263,29 +290,37 @@ class Store:
             )
 
     # the three ways a series changes
-    def append(self, key: str, after: int | None, batch: Pieces, last: int) -> list:
-        """The buckets sealed by points after ``after`` (the series' last step before this
-        batch; None for a new series) up to ``last``: ``batch`` holds those points (NULLs
-        left out), older ones come from the database. Returns rows for ``put``."""
+    def append(
+        self, names: Sequence[str], after: np.ndarray, last: np.ndarray, batch: Pieces
+    ) -> list[tuple[int, Pieces]]:
+        """The buckets that points after each series' last step seal. Per series i:
+        ``after[i]`` its last step before them (-1: a new series), ``last[i]`` after them;
+        ``batch`` holds the new non-NULL points (grouped by (i << 40) | step). The lower
+        level's pieces sealed before that share a newly sealed bucket (at most 15 per
+        series and level) come from the database. Returns what ``put`` takes."""
         out = []
-        below = batch  # the lower level's pieces for this stretch, in step order
+        below = batch  # the lower level's newly sealed pieces
         for level in LEVELS:
-            first, final = sealed_between(level, after, last)
-            if final < first:
-                break
             s = shift(level)
-            # Lower-level pieces sealed before this batch that share a newly sealed bucket.
+            first, final = (after + 1) >> s, ((last + 1) >> s) - 1
+            if not (final >= first).any():
+                break
+            straddle = np.flatnonzero((final >= first) & ((first << s) <= after))
             older = Pieces.empty()
-            if after is not None and (first << s) <= after:
+            if len(straddle):
                 if level == 1:
-                    older = self.raw(key, first << s, after)
+                    spans = [(names[i], i, int(first[i] << s), int(after[i])) for i in straddle]
+                    older = self.raw(spans)
                 else:
                     was = ((after + 1) >> (s - BITS)) - 1  # the lower level's last sealed
-                    older = self.buckets(key, level - 1, first << BITS, was)
+                    spans = [(names[i], i, int(first[i] << BITS), int(was[i])) for i in straddle]
+                    older = self.buckets(level - 1, spans)
             parts = Pieces.concat([older, below])
-            parts = parts.take((parts.group >> BITS) <= final)
-            made = parts.aggregate(parts.group >> BITS)
-            out.append((key, level, made))
+            series = parts.group >> KEY_SHIFT
+            parent = (parts.group & STEP_MASK) >> BITS
+            keep = parent <= final[series]
+            made = parts.take(keep).aggregate((series[keep] << KEY_SHIFT) | parent[keep])
+            out.append((level, made))
             below = made
         return out
 
@@ -298,9 +333,8 @@ class Store:
             if b_hi < b_lo:
                 break
             parts = self.children(key, level, b_lo, b_hi)
-            made = parts.aggregate(parts.group >> BITS)
             self.drop(key, level, b_lo, b_hi)
-            self.put([(key, level, made)])
+            self.put([key], [(level, parts.aggregate(parts.group >> BITS))])
 
     def truncate(self, after: int) -> None:
         """Points after ``after`` were deleted: each series' new last step, and no bucket
@@ -323,24 +357,29 @@ class Store:
                 self.set_lasts([(key, now)])
 
 
-def record(conn: Connection, job_id: int, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """Keep the summaries of ``job_id`` exact after its points ``series`` (per key: steps
-    ascending and distinct, values with NaN for NULL) were upserted into ``metrics``."""
+def record(
+    conn: Connection,
+    job_id: int,
+    names: Sequence[str],
+    series: np.ndarray,
+    steps: np.ndarray,
+    values: np.ndarray,
+) -> None:
+    """Keep the summaries of ``job_id`` exact after its points were upserted into
+    ``metrics``: point j is step ``steps[j]`` of series ``names[series[j]]`` with value
+    ``values[j]`` (NaN for NULL), sorted by (series, step) without repeats (``batch_order``)."""
     store = Store(conn, job_id)
     lasts = store.lasts()
-    rows: list = []
-    moved: list[tuple[str, int]] = []
-    for key, (steps, values) in series.items():
-        before = lasts.get(key)
-        last = int(steps[-1]) if before is None else max(before, int(steps[-1]))
-        fresh = 0
-        if before is not None and steps[0] <= before:  # re-sent or replaced points
-            fresh = int(np.searchsorted(steps, before, side="right"))
-            store.rebuild(key, int(steps[0]), int(steps[fresh - 1]), before)
-        if fresh < len(steps):
-            new = Pieces.points(steps[fresh:], values[fresh:])
-            rows += store.append(key, before, new, last)
-        if last != before:
-            moved.append((key, last))
-    store.put(rows)
-    store.set_lasts(moved)
+    after = np.array([lasts.get(name, -1) for name in names], np.int64)
+    old = steps <= after[series]
+    if old.any():  # re-sent or replaced points: rare
+        for i in np.unique(series[old]).tolist():
+            at = steps[old & (series == i)]
+            store.rebuild(names[i], int(at[0]), int(at[-1]), int(after[i]))
+    ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each series' last point
+    last = after.copy()
+    last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
+    new = ~old & ~np.isnan(values)
+    k, s, v = series[new], steps[new], values[new]
+    store.put(names, store.append(names, after, last, Pieces((k << KEY_SHIFT) | s, v, s, v, s)))
+    store.set_lasts((names[i], int(last[i])) for i in np.flatnonzero(last != after).tolist())
