@@ -222,6 +222,8 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
     series = np.array([names.setdefault(k, len(names)) for k in key_of], np.int64)
     steps = np.array(step_of, np.int64)
     order = summaries.batch_order(series, steps)
+    values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
+    update = summaries.Update(conn, job_id, list(names), series[order], steps[order], values)
     if conn.dialect.paramstyle == "qmark":
         params = [(job_id, *row) for row in rows]  # ON CONFLICT: a repeated point's last wins
         conn.exec_driver_sql(_UPSERT_ROWS + _ON_CONFLICT, params)
@@ -229,8 +231,7 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
         kept = [rows[i] for i in order.tolist()]
         arrays = [[r[i] for r in kept] for i in range(4)]
         conn.exec_driver_sql(_UPSERT_ARRAYS + _ON_CONFLICT, (job_id, *arrays))
-    values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
-    summaries.record(conn, job_id, list(names), series[order], steps[order], values)
+    update.write()
     job.last_step = max(job.last_step or 0, int(steps.max()))
 
 

@@ -357,29 +357,61 @@ class Store:
                 self.set_lasts([(key, now)])
 
 
-def record(
-    conn: Connection,
-    job_id: int,
-    names: Sequence[str],
-    series: np.ndarray,
-    steps: np.ndarray,
-    values: np.ndarray,
-) -> None:
-    """Keep the summaries of ``job_id`` exact after its points were upserted into
-    ``metrics``: point j is step ``steps[j]`` of series ``names[series[j]]`` with value
-    ``values[j]`` (NaN for NULL), sorted by (series, step) without repeats (``batch_order``)."""
-    store = Store(conn, job_id)
-    lasts = store.lasts()
-    after = np.array([lasts.get(name, -1) for name in names], np.int64)
-    old = steps <= after[series]
-    if old.any():  # re-sent or replaced points: rare
-        for i in np.unique(series[old]).tolist():
-            at = steps[old & (series == i)]
-            store.rebuild(names[i], int(at[0]), int(at[-1]), int(after[i]))
-    ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each series' last point
-    last = after.copy()
-    last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
-    new = ~old & ~np.isnan(values)
-    k, s, v = series[new], steps[new], values[new]
-    store.put(names, store.append(names, after, last, Pieces((k << KEY_SHIFT) | s, v, s, v, s)))
-    store.set_lasts((names[i], int(last[i])) for i in np.flatnonzero(last != after).tolist())
+class Update:
+    """The summaries' part of storing one batch of points of a job, in two halves so that
+    little happens while the database's write lock is held (SQLite has one writer: every
+    millisecond of work there is a millisecond every other job's ingest waits):
+
+    - ``Update(...)``, before the points are written: reads each series' last step and the
+      older pieces the batch completes, and computes the new buckets;
+    - ``write()``, after the points were upserted, in the same transaction: checks that no
+      other transaction moved a series meanwhile (recomputing if one did), then writes.
+
+    Point j is step ``steps[j]`` of series ``names[series[j]]`` with value ``values[j]`` (NaN
+    for NULL), sorted by (series, step) without repeats (``batch_order``). Points at or
+    before a series' last step (re-sent or replaced) are summarised in ``write()``, from the
+    stored points."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        job_id: int,
+        names: Sequence[str],
+        series: np.ndarray,
+        steps: np.ndarray,
+        values: np.ndarray,
+    ) -> None:
+        self.store = Store(conn, job_id)
+        self.names, self.series, self.steps, self.values = names, series, steps, values
+        self.made: list[tuple[int, Pieces]] | None = None
+        self._plan()
+
+    def _plan(self) -> None:
+        lasts = self.store.lasts()
+        self.after = np.array([lasts.get(name, -1) for name in self.names], np.int64)
+        self.old = self.steps <= self.after[self.series]
+        self.made = None if self.old.any() else self._append()
+
+    def _append(self) -> list[tuple[int, Pieces]]:
+        series, steps, values, after = self.series, self.steps, self.values, self.after
+        ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each's last point
+        self.last = after.copy()
+        self.last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
+        new = ~self.old & ~np.isnan(values)
+        k, s, v = series[new], steps[new], values[new]
+        batch = Pieces((k << KEY_SHIFT) | s, v, s, v, s)
+        return self.store.append(self.names, after, self.last, batch)
+
+    def write(self) -> None:
+        lasts = self.store.lasts()
+        now = np.array([lasts.get(name, -1) for name in self.names], np.int64)
+        if self.made is None or not np.array_equal(now, self.after):  # rare: see above
+            self.after = now
+            self.old = self.steps <= now[self.series]
+            for i in np.unique(self.series[self.old]).tolist():
+                at = self.steps[self.old & (self.series == i)]
+                self.store.rebuild(self.names[i], int(at[0]), int(at[-1]), int(now[i]))
+            self.made = self._append()
+        self.store.put(self.names, self.made)
+        moved = np.flatnonzero(self.last != self.after).tolist()
+        self.store.set_lasts((self.names[i], int(self.last[i])) for i in moved)
