@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from .db import serial_writes
 from .jobs import store_points
 from .models import Job
 
@@ -61,6 +62,7 @@ def _store(sessions: Callable[[], Session], job_id: int, rows: list[tuple]) -> i
         job = db.get(Job, job_id, with_for_update=True)  # ingest's order (see jobs.ingest)
         if job is None:
             return 0
-        store_points(db, job, rows)
-        db.commit()
+        with serial_writes(db):
+            store_points(db, job, rows)
+            db.commit()
     return len(rows)

@@ -3,7 +3,10 @@ ingest path can share one file; PostgreSQL is used as given."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -35,6 +38,27 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, **pooling)
+
+
+_WRITERS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+_WRITERS_LOCK = threading.Lock()
+
+
+@contextmanager
+def serial_writes(db: Session) -> Iterator[None]:
+    """Hold around a hot write transaction (first write to commit). SQLite has one writer,
+    and a connection that finds the write lock taken sleeps in SQLite's busy handler (1, 2,
+    5, 10 ms ...) rather than being woken when it frees, so concurrent ingests lost more to
+    sleeping than to writing; queued on a mutex, this process's writers hand the lock on
+    at once. PostgreSQL locks rows, not the database: nothing to do."""
+    engine = db.get_bind()
+    if engine.dialect.name != "sqlite":
+        yield
+        return
+    with _WRITERS_LOCK:
+        lock = _WRITERS.setdefault(engine, threading.Lock())
+    with lock:
+        yield
 
 
 def upgrade(url: str, revision: str = "head") -> None:

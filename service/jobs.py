@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from . import summaries, webhooks
 from .auth import revoke_worker_tokens
+from .db import serial_writes
 from .models import TERMINAL, Event, Job, Metric, utcnow
 from .schemas import MetricBatch
 
@@ -140,24 +141,26 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
         for point in batch.points
         for key, value in point.values.items()
     ]
-    if batch.resume_from_step is not None:  # a restart: points after it will come again
-        step = batch.resume_from_step
-        dropped = db.execute(
-            delete(Metric).where(Metric.job_id == job.id, Metric.step > step)
-        ).rowcount
-        summaries.Store(db.connection(), job.id).truncate(step)
-        if dropped:
-            job.last_step = min(job.last_step or 0, step)
-            db.add(
-                Event(
-                    job_id=job.id,
-                    status=job.status,
-                    reason=f"workers restarted: {dropped} points after step {step} discarded; "
-                    "training resumes from there",
+    with serial_writes(db):
+        if batch.resume_from_step is not None:  # a restart: points after it will come again
+            step = batch.resume_from_step
+            dropped = db.execute(
+                delete(Metric).where(Metric.job_id == job.id, Metric.step > step)
+            ).rowcount
+            summaries.Store(db.connection(), job.id).truncate(step)
+            if dropped:
+                job.last_step = min(job.last_step or 0, step)
+                db.add(
+                    Event(
+                        job_id=job.id,
+                        status=job.status,
+                        reason=f"workers restarted: {dropped} points after step {step} "
+                        "discarded; "
+                        "training resumes from there",
+                    )
                 )
-            )
-    store_points(db, job, rows)
-    db.commit()
+        store_points(db, job, rows)
+        db.commit()
     if batch.status == "running" and job.status == "queued":
         on = f" on {batch.world_size}" if batch.world_size else ""
         transition(db, job, "running", f"workers started{on}")
