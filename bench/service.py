@@ -62,20 +62,27 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_nestor(tmp: Path, tree: Path = ROOT) -> tuple[subprocess.Popen, str]:
-    """The service of the checkout at ``tree`` (another build, for a before/after run)."""
+def start_nestor(
+    tmp: Path, tree: Path = ROOT, db_url: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`nestor serve --api-only` of the checkout at ``tree`` (another build, for a
+    before/after run): the server a user runs, with its settings (GIL switch interval,
+    frozen heap), on SQLite in a fresh home or on ``db_url``."""
     port = free_port()
     home = tmp / f"nestor-{port}"
-    code = (
-        "import uvicorn; from service.app import create_app; from service.settings import "
-        f"Settings; s = Settings(home={str(home)!r}, admin_token={TOKEN!r}); "
-        f"uvicorn.run(create_app(s, scheduler=False), host='127.0.0.1', port={port}, "
-        "log_level='warning')"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tree),
+        NESTOR_HOME=str(home),
+        NESTOR_PORT=str(port),
+        NESTOR_ADMIN_TOKEN=TOKEN,
     )
+    if db_url:
+        env["NESTOR_DATABASE_URL"] = db_url
     proc = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-m", "service.cli", "serve", "--api-only"],
         cwd=tree,
-        env=dict(os.environ, PYTHONPATH=str(tree)),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

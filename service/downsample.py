@@ -65,15 +65,9 @@ def query_series(
     first, last = head[0][0], store.last(key)
     width = bucket_width(first, last, max_points)
     top = max([0] + [level for level in LEVELS if BITS * level <= width.bit_length() - 1])
-    by_level: dict[int, list] = {}
-    for level, lo, hi in cover(first, last, top):  # one read per level: its edge pieces
-        by_level.setdefault(level, []).append((key, 0, lo, hi))
+    spans = [(level, key, 0, lo, hi) for level, lo, hi in cover(first, last, top)]
     parts = []
-    for level, spans in by_level.items():
-        if level == 0:
-            parts.append(store.raw(spans))
-        else:
-            got = store.buckets(level, spans)
-            got.group = got.group << (BITS * level)  # a bucket's first step
-            parts.append(got)
+    for level, got in store.pieces(spans).items():
+        got.group = got.group << (BITS * level)  # each piece's first step
+        parts.append(got)
     return _extremes(Pieces.concat(parts), width)

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from . import summaries, webhooks
@@ -133,9 +133,11 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
     """Store points idempotently ((job, key, step) is unique: a re-sent point replaces
     itself) and apply a reported status.
 
-    The job's row is locked first, so one job's ingests commit one after another and its
-    metric ids grow in commit order (live streams read them as a cursor)."""
-    db.refresh(job, with_for_update=True)
+    The job's row is locked first (on SQLite, which has one writer, this process's ingests
+    queue on a mutex instead), so one job's ingests commit one after another and its metric
+    ids grow in commit order (live streams read them as a cursor)."""
+    if db.get_bind().dialect.name != "sqlite":  # SQLite: serial_writes below orders them
+        db.refresh(job, with_for_update=True)
     rows = [
         (point.step, key[:100], value, point.time if point.time is not None else time.time())
         for point in batch.points
@@ -149,7 +151,8 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
             ).rowcount
             summaries.Store(db.connection(), job.id).truncate(step)
             if dropped:
-                job.last_step = min(job.last_step or 0, step)
+                earlier = case((Job.last_step > step, step), else_=Job.last_step)
+                db.execute(update(Job).where(Job.id == job.id).values(last_step=earlier))
                 db.add(
                     Event(
                         job_id=job.id,
@@ -226,7 +229,6 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
     steps = np.array(step_of, np.int64)
     order = summaries.batch_order(series, steps)
     values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
-    update = summaries.Update(conn, job_id, list(names), series[order], steps[order], values)
     if conn.dialect.paramstyle == "qmark":
         params = [(job_id, *row) for row in rows]  # ON CONFLICT: a repeated point's last wins
         conn.exec_driver_sql(_UPSERT_ROWS + _ON_CONFLICT, params)
@@ -234,8 +236,9 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
         kept = [rows[i] for i in order.tolist()]
         arrays = [[r[i] for r in kept] for i in range(4)]
         conn.exec_driver_sql(_UPSERT_ARRAYS + _ON_CONFLICT, (job_id, *arrays))
-    update.write()
-    job.last_step = max(job.last_step or 0, int(steps.max()))
+    summaries.record(conn, job_id, list(names), series[order], steps[order], values)
+    top = int(steps.max())  # in SQL: the row may have moved since ``job`` was read
+    job.last_step = case((Job.last_step > top, Job.last_step), else_=top)
 
 
 def final_metrics(

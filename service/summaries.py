@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 from sqlalchemy.engine import Connection
@@ -148,16 +149,32 @@ def reference(steps: np.ndarray, values: np.ndarray) -> dict[int, Pieces]:
 # ------------------------------------------------------------------ the database
 KEY_SHIFT = 40  # a piece's group in a batch of several series: (series << 40) | bucket
 STEP_MASK = (1 << KEY_SHIFT) - 1
-Range = tuple[str, int, int, int]  # (key, series index, first, last)
+Span = tuple[int, str, int, int, int]  # (level, key, series index, first, last); 0: steps
 
 
 def batch_order(series: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """The indices that sort points by (series, step), keeping the last of repeated ones."""
-    order = np.lexsort((steps, series))  # stable: repeated points stay in arrival order
+    order = np.argsort(series, kind="stable")  # a reporter sends each series in step order
+    s = steps[order]
+    if not (s[1:] > s[:-1])[series[order][1:] == series[order][:-1]].all():
+        order = np.lexsort((steps, series))  # stable: repeated points stay in arrival order
     k, s = series[order], steps[order]
     last = np.ones(len(order), bool)
     last[:-1] = (k[1:] != k[:-1]) | (s[1:] != s[:-1])
     return order[last]
+
+
+_PUT = "INSERT INTO metric_buckets (job_id, key, level, bucket, lo, lo_step, hi, hi_step)"
+_REPLACE = (
+    " ON CONFLICT (job_id, key, level, bucket) DO UPDATE SET lo = excluded.lo, "
+    "lo_step = excluded.lo_step, hi = excluded.hi, hi_step = excluded.hi_step"
+)
+_PUT_ROWS = _PUT + " VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + _REPLACE
+_PUT_ARRAYS = (
+    _PUT + " SELECT %s, k, l, b, lo, ls, hi, hs FROM unnest(%s::varchar[], %s::int[], "
+    "%s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::int[]) AS u(k, l, b, lo, ls, "
+    "hi, hs)" + _REPLACE
+)
 
 
 class Store:
@@ -197,49 +214,40 @@ class Store:
         )
         return rows[0][0] if rows else None
 
-    def _ranges(
-        self, table: str, columns: str, pos: str, ranges: list[Range], also: str, params: tuple
-    ) -> tuple[list[tuple], dict[str, int]]:
-        """Rows of ``table`` in several (series, position range)s: one statement, one index
-        search per range (a UNION ALL: SQLite cannot split an OR over a WITHOUT ROWID table)."""
-        part = (
-            f"SELECT key, {columns} FROM {table} WHERE job_id = ? AND key = ?{also} "
-            f"AND {pos} >= ? AND {pos} <= ?"
+    def pieces(self, spans: Sequence[Span]) -> dict[int, Pieces]:
+        """The stored pieces in several spans, in one statement (a UNION ALL of one index
+        search each: SQLite cannot split an OR over a WITHOUT ROWID table): per level, raw
+        points (level 0, NULLs left out) or buckets, grouped by (series << 40) | position."""
+        if not spans:
+            return {}
+        raw = (
+            "SELECT 0, ?, step, value, step, value, step FROM metrics "
+            "WHERE job_id = ? AND key = ? AND step >= ? AND step <= ?"
         )
-        rows = self.query(
-            " UNION ALL ".join([part] * len(ranges)),
-            [x for key, _, lo, hi in ranges for x in (self.job_id, key, *params, lo, hi)],
+        stored = (
+            "SELECT level, ?, bucket, lo, lo_step, hi, hi_step FROM metric_buckets "
+            "WHERE job_id = ? AND key = ? AND level = ? AND bucket >= ? AND bucket <= ?"
         )
-        return rows, {key: i for key, i, _, _ in ranges}
-
-    def raw(self, ranges: list[Range]) -> Pieces:
-        """The non-NULL raw points in the given step ranges, as pieces of their series."""
-        rows, index = self._ranges("metrics", "step, value", "step", ranges, "", ())
-        rows = [r for r in rows if r[2] is not None]
+        sql, params = [], []
+        for level, key, i, lo, hi in spans:
+            sql.append(stored if level else raw)
+            params += (
+                (i, self.job_id, key, level, lo, hi) if level else (i, self.job_id, key, lo, hi)
+            )
+        rows = self.query(" UNION ALL ".join(sql), params)
         if not rows:
-            return Pieces.empty()
-        k = np.array([index[r[0]] for r in rows], np.int64)
-        a = np.array([r[1:] for r in rows], np.float64)
-        s = a[:, 0].astype(np.int64)
-        return Pieces((k << KEY_SHIFT) | s, a[:, 1], s, a[:, 1], s)
-
-    def buckets(self, level: int, ranges: list[Range]) -> Pieces:
-        """The stored buckets of ``level`` in the given bucket ranges."""
-        rows, index = self._ranges(
-            "metric_buckets", "bucket, lo, lo_step, hi, hi_step", "bucket", ranges,
-            " AND level = ?", (level,),
-        )  # fmt: skip
-        if not rows:
-            return Pieces.empty()
-        k = np.array([index[r[0]] for r in rows], np.int64)
-        a = np.array([r[1:] for r in rows], np.float64)  # ids < 2**53: exact in a double
+            return {}
+        a = np.array(rows, np.float64)  # ids < 2**53: exact in a double; NULL -> NaN
+        a = a[~np.isnan(a[:, 3])]
         i = a.astype(np.int64)
-        return Pieces((k << KEY_SHIFT) | i[:, 0], a[:, 1], i[:, 2], a[:, 3], i[:, 4])
+        every = Pieces((i[:, 1] << KEY_SHIFT) | i[:, 2], a[:, 3], i[:, 4], a[:, 5], i[:, 6])
+        levels = i[:, 0]
+        return {lv: every.take(levels == lv) for lv in set(levels.tolist())}
 
     def children(self, key: str, level: int, lo: int, hi: int) -> Pieces:
         """What buckets ``lo``..``hi`` of ``level`` are made of: raw points, or buckets."""
-        span = [(key, 0, lo << BITS, ((hi + 1) << BITS) - 1)]
-        return self.raw(span) if level == 1 else self.buckets(level - 1, span)
+        got = self.pieces([(level - 1, key, 0, lo << BITS, ((hi + 1) << BITS) - 1)])
+        return got.get(level - 1, Pieces.empty())
 
     # writes
     def put(self, names: Sequence[str], made: list[tuple[int, Pieces]]) -> None:
@@ -251,21 +259,11 @@ class Store:
         keys = [names[k] for k in (every.group >> KEY_SHIFT).tolist()]
         levels = [level for level, p in made for _ in range(len(p.group))]
         columns = [(every.group & STEP_MASK).tolist(), *every.columns()[1:]]
-        insert = "INSERT INTO metric_buckets (job_id, key, level, bucket, lo, lo_step, hi, hi_step)"
-        conflict = (
-            " ON CONFLICT (job_id, key, level, bucket) DO UPDATE SET lo = excluded.lo, "
-            "lo_step = excluded.lo_step, hi = excluded.hi, hi_step = excluded.hi_step"
-        )
         if self.pg:
-            self.conn.exec_driver_sql(
-                insert + " SELECT %s, k, l, b, lo, ls, hi, hs FROM unnest(%s::varchar[], "
-                "%s::int[], %s::bigint[], %s::float8[], %s::int[], %s::float8[], %s::int[]) "
-                "AS u(k, l, b, lo, ls, hi, hs)" + conflict,
-                (self.job_id, keys, levels, *columns),
-            )
-            return
-        params = [(self.job_id, *row) for row in zip(keys, levels, *columns, strict=True)]
-        self.conn.exec_driver_sql(insert + " VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + conflict, params)
+            self.conn.exec_driver_sql(_PUT_ARRAYS, (self.job_id, keys, levels, *columns))
+        else:
+            rows = zip(repeat(self.job_id), keys, levels, *columns)
+            self.conn.exec_driver_sql(_PUT_ROWS, list(rows))
 
     def drop(self, key: str, level: int, lo: int, hi: int | None = None) -> None:
         """Delete the buckets ``lo``..``hi`` (to the end when None) of one level."""
@@ -298,6 +296,17 @@ class Store:
         ``batch`` holds the new non-NULL points (grouped by (i << 40) | step). The lower
         level's pieces sealed before that share a newly sealed bucket (at most 15 per
         series and level) come from the database. Returns what ``put`` takes."""
+        spans: list[Span] = []  # what each level's newly sealed buckets hold from before
+        for level in LEVELS:
+            s = shift(level)
+            first, final = (after + 1) >> s, ((last + 1) >> s) - 1
+            if not (final >= first).any():
+                break
+            was = ((after + 1) >> (s - BITS)) - 1  # the last sealed piece of the level below
+            for i in np.flatnonzero((final >= first) & ((first << s) <= after)).tolist():
+                start = int(first[i] << s) if level == 1 else int(first[i] << BITS)
+                spans.append((level - 1, names[i], i, start, int(was[i])))
+        older = self.pieces(spans)
         out = []
         below = batch  # the lower level's newly sealed pieces
         for level in LEVELS:
@@ -305,17 +314,7 @@ class Store:
             first, final = (after + 1) >> s, ((last + 1) >> s) - 1
             if not (final >= first).any():
                 break
-            straddle = np.flatnonzero((final >= first) & ((first << s) <= after))
-            older = Pieces.empty()
-            if len(straddle):
-                if level == 1:
-                    spans = [(names[i], i, int(first[i] << s), int(after[i])) for i in straddle]
-                    older = self.raw(spans)
-                else:
-                    was = ((after + 1) >> (s - BITS)) - 1  # the lower level's last sealed
-                    spans = [(names[i], i, int(first[i] << BITS), int(was[i])) for i in straddle]
-                    older = self.buckets(level - 1, spans)
-            parts = Pieces.concat([older, below])
+            parts = Pieces.concat([older.get(level - 1, Pieces.empty()), below])
             series = parts.group >> KEY_SHIFT
             parent = (parts.group & STEP_MASK) >> BITS
             keep = parent <= final[series]
@@ -357,61 +356,32 @@ class Store:
                 self.set_lasts([(key, now)])
 
 
-class Update:
-    """The summaries' part of storing one batch of points of a job, in two halves so that
-    little happens while the database's write lock is held (SQLite has one writer: every
-    millisecond of work there is a millisecond every other job's ingest waits):
-
-    - ``Update(...)``, before the points are written: reads each series' last step and the
-      older pieces the batch completes, and computes the new buckets;
-    - ``write()``, after the points were upserted, in the same transaction: checks that no
-      other transaction moved a series meanwhile (recomputing if one did), then writes.
-
-    Point j is step ``steps[j]`` of series ``names[series[j]]`` with value ``values[j]`` (NaN
-    for NULL), sorted by (series, step) without repeats (``batch_order``). Points at or
-    before a series' last step (re-sent or replaced) are summarised in ``write()``, from the
-    stored points."""
-
-    def __init__(
-        self,
-        conn: Connection,
-        job_id: int,
-        names: Sequence[str],
-        series: np.ndarray,
-        steps: np.ndarray,
-        values: np.ndarray,
-    ) -> None:
-        self.store = Store(conn, job_id)
-        self.names, self.series, self.steps, self.values = names, series, steps, values
-        self.made: list[tuple[int, Pieces]] | None = None
-        self._plan()
-
-    def _plan(self) -> None:
-        lasts = self.store.lasts()
-        self.after = np.array([lasts.get(name, -1) for name in self.names], np.int64)
-        self.old = self.steps <= self.after[self.series]
-        self.made = None if self.old.any() else self._append()
-
-    def _append(self) -> list[tuple[int, Pieces]]:
-        series, steps, values, after = self.series, self.steps, self.values, self.after
-        ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each's last point
-        self.last = after.copy()
-        self.last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
-        new = ~self.old & ~np.isnan(values)
-        k, s, v = series[new], steps[new], values[new]
-        batch = Pieces((k << KEY_SHIFT) | s, v, s, v, s)
-        return self.store.append(self.names, after, self.last, batch)
-
-    def write(self) -> None:
-        lasts = self.store.lasts()
-        now = np.array([lasts.get(name, -1) for name in self.names], np.int64)
-        if self.made is None or not np.array_equal(now, self.after):  # rare: see above
-            self.after = now
-            self.old = self.steps <= now[self.series]
-            for i in np.unique(self.series[self.old]).tolist():
-                at = self.steps[self.old & (self.series == i)]
-                self.store.rebuild(self.names[i], int(at[0]), int(at[-1]), int(now[i]))
-            self.made = self._append()
-        self.store.put(self.names, self.made)
-        moved = np.flatnonzero(self.last != self.after).tolist()
-        self.store.set_lasts((self.names[i], int(self.last[i])) for i in moved)
+def record(
+    conn: Connection,
+    job_id: int,
+    names: Sequence[str],
+    series: np.ndarray,
+    steps: np.ndarray,
+    values: np.ndarray,
+) -> None:
+    """Keep the summaries of ``job_id`` exact after points were upserted into ``metrics``,
+    in the same transaction: point j is step ``steps[j]`` of series ``names[series[j]]``
+    with value ``values[j]`` (NaN for NULL), sorted by (series, step) without repeats
+    (``batch_order``). Four statements for points after each series' last step (the last
+    steps, the older pieces the batch completes, the new buckets, the new last steps); a
+    rebuild of the buckets they touch for points at or before it (re-sent or replaced)."""
+    store = Store(conn, job_id)
+    lasts = store.lasts()
+    after = np.array([lasts.get(name, -1) for name in names], np.int64)
+    old = steps <= after[series]
+    if old.any():  # rare
+        for i in np.unique(series[old]).tolist():
+            at = steps[old & (series == i)]
+            store.rebuild(names[i], int(at[0]), int(at[-1]), int(after[i]))
+    ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each one's last point
+    last = after.copy()
+    last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
+    new = ~old & ~np.isnan(values)
+    k, s, v = series[new], steps[new], values[new]
+    store.put(names, store.append(names, after, last, Pieces((k << KEY_SHIFT) | s, v, s, v, s)))
+    store.set_lasts((names[i], int(last[i])) for i in np.flatnonzero(last != after).tolist())
