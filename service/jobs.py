@@ -212,6 +212,11 @@ _UPSERT_ARRAYS = (
 )
 
 
+_ADVANCE = (
+    "UPDATE jobs SET last_step = CASE WHEN last_step > ? THEN last_step ELSE ? END WHERE id = ?"
+)
+
+
 def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None, float]]) -> None:
     """Insert-or-replace (step, key, value, time) points of ``job``, keep its series'
     summaries exact, and advance its last step; the caller commits. This is the ingest hot
@@ -229,7 +234,8 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
     steps = np.array(step_of, np.int64)
     order = summaries.batch_order(series, steps)
     values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
-    if conn.dialect.paramstyle == "qmark":
+    sqlite = conn.dialect.paramstyle == "qmark"
+    if sqlite:
         params = [(job_id, *row) for row in rows]  # ON CONFLICT: a repeated point's last wins
         conn.exec_driver_sql(_UPSERT_ROWS + _ON_CONFLICT, params)
     else:
@@ -237,8 +243,10 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
         arrays = [[r[i] for r in kept] for i in range(4)]
         conn.exec_driver_sql(_UPSERT_ARRAYS + _ON_CONFLICT, (job_id, *arrays))
     summaries.record(conn, job_id, list(names), series[order], steps[order], values)
-    top = int(steps.max())  # in SQL: the row may have moved since ``job`` was read
-    job.last_step = case((Job.last_step > top, Job.last_step), else_=top)
+    # In SQL (the row may have moved since ``job`` was read) and without the ORM's flush.
+    top = int(steps.max())
+    conn.exec_driver_sql(_ADVANCE.replace("?", "?" if sqlite else "%s"), (top, top, job_id))
+    db.expire(job, ["last_step"])
 
 
 def final_metrics(
