@@ -84,9 +84,9 @@ def seed_nestor(settings: Settings, n: int) -> int:
                 rows.append((step, "val_loss", float(loss[step - 1]), 0.0))
                 rows.append((step, "val_accuracy", 0.9, 0.0))
             if len(rows) >= 100_000:
-                store_points(s, job, rows)
+                store_points(s, job.id, rows)
                 rows = []
-        store_points(s, job, rows)
+        store_points(s, job.id, rows)
         s.commit()
         transition(s, job, "succeeded", "bench")
         return job.id

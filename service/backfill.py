@@ -63,6 +63,6 @@ def _store(sessions: Callable[[], Session], job_id: int, rows: list[tuple]) -> i
         if job is None:
             return 0
         with serial_writes(db):
-            store_points(db, job, rows)
+            store_points(db, job_id, rows)
             db.commit()
     return len(rows)

@@ -7,8 +7,8 @@ kept, so spikes survive and a million points become a few thousand. Aligned buck
 keep a live chart still: a point arriving at the end changes the last bucket only, never the
 ones before it (until the width doubles). ``min_max_downsample`` is the readable NumPy
 definition; ``query_series`` computes the same points from the series' stored summaries
-(``service.summaries``): a window at width w reads fewer than 8 summary rows per bucket
-shown, plus at most 15 per level at its edges, however long the series is. NaN / NULL
+(``service.summaries``): a window at width w reads at most 16 summary rows per bucket
+shown, plus 31 per level at its edges, however long the series is. NaN / NULL
 points are dropped by both once a series is downsampled; a series short enough to be
 returned whole keeps them.
 """

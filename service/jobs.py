@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from . import summaries, webhooks
 from .auth import revoke_worker_tokens
@@ -129,15 +130,21 @@ def cancel_job(db: Session, job: Job, reason: str) -> bool:
     return True
 
 
-def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
+def ingest(db: Session, job_id: int, batch: MetricBatch) -> int:
     """Store points idempotently ((job, key, step) is unique: a re-sent point replaces
-    itself) and apply a reported status.
+    itself) and apply a reported status. The job must exist.
 
     The job's row is locked first (on SQLite, which has one writer, this process's ingests
     queue on a mutex instead), so one job's ingests commit one after another and its metric
-    ids grow in commit order (live streams read them as a cursor)."""
-    if db.get_bind().dialect.name != "sqlite":  # SQLite: serial_writes below orders them
-        db.refresh(job, with_for_update=True)
+    ids grow in commit order (live streams read them as a cursor). A batch of points alone
+    (the common case) never loads the job as an object."""
+    sqlite = db.get_bind().dialect.name == "sqlite"
+    plain = batch.status is None and batch.resume_from_step is None and not batch.world_size
+    job = None if plain else db.get(Job, job_id)
+    if not sqlite:  # SQLite: serial_writes below orders them
+        db.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+        if job is not None:
+            db.refresh(job)
     rows = [
         (point.step, key[:100], value, point.time if point.time is not None else time.time())
         for point in batch.points
@@ -147,23 +154,24 @@ def ingest(db: Session, job: Job, batch: MetricBatch) -> int:
         if batch.resume_from_step is not None:  # a restart: points after it will come again
             step = batch.resume_from_step
             dropped = db.execute(
-                delete(Metric).where(Metric.job_id == job.id, Metric.step > step)
+                delete(Metric).where(Metric.job_id == job_id, Metric.step > step)
             ).rowcount
-            summaries.Store(db.connection(), job.id).truncate(step)
+            summaries.Store(db.connection(), job_id).truncate(step)
             if dropped:
                 earlier = case((Job.last_step > step, step), else_=Job.last_step)
-                db.execute(update(Job).where(Job.id == job.id).values(last_step=earlier))
+                db.execute(update(Job).where(Job.id == job_id).values(last_step=earlier))
                 db.add(
                     Event(
-                        job_id=job.id,
+                        job_id=job_id,
                         status=job.status,
                         reason=f"workers restarted: {dropped} points after step {step} "
-                        "discarded; "
-                        "training resumes from there",
+                        "discarded; training resumes from there",
                     )
                 )
-        store_points(db, job, rows)
+        store_points(db, job_id, rows)
         db.commit()
+    if job is None:
+        return len(rows)
     if batch.status == "running" and job.status == "queued":
         on = f" on {batch.world_size}" if batch.world_size else ""
         transition(db, job, "running", f"workers started{on}")
@@ -217,8 +225,10 @@ _ADVANCE = (
 )
 
 
-def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None, float]]) -> None:
-    """Insert-or-replace (step, key, value, time) points of ``job``, keep its series'
+def store_points(
+    db: Session, job_id: int, rows: list[tuple[int, str, float | None, float]]
+) -> None:
+    """Insert-or-replace (step, key, value, time) points of job ``job_id``, keep its series'
     summaries exact, and advance its last step; the caller commits. This is the ingest hot
     path, so it speaks the driver's SQL: the ORM's per-row parameter processing cost ~10x
     more than the database's own work (bench/service.py). A point repeated within the batch
@@ -227,10 +237,9 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
     if not rows:
         return
     conn = db.connection()
-    job_id = job.id
-    names: dict[str, int] = {}
     step_of, key_of, value_of, _ = zip(*rows, strict=True)
-    series = np.array([names.setdefault(k, len(names)) for k in key_of], np.int64)
+    names = {key: i for i, key in enumerate(dict.fromkeys(key_of))}
+    series = np.fromiter(map(names.__getitem__, key_of), np.int64, len(rows))
     steps = np.array(step_of, np.int64)
     order = summaries.batch_order(series, steps)
     values = np.array(value_of, dtype=np.float64)[order]  # None -> NaN
@@ -245,8 +254,12 @@ def store_points(db: Session, job: Job, rows: list[tuple[int, str, float | None,
     summaries.record(conn, job_id, list(names), series[order], steps[order], values)
     # In SQL (the row may have moved since ``job`` was read) and without the ORM's flush.
     top = int(steps.max())
-    conn.exec_driver_sql(_ADVANCE.replace("?", "?" if sqlite else "%s"), (top, top, job_id))
-    db.expire(job, ["last_step"])
+    cursor = conn.connection.cursor()
+    cursor.execute(_ADVANCE.replace("?", "?" if sqlite else "%s"), (top, top, job_id))
+    cursor.close()
+    job = db.identity_map.get(identity_key(Job, job_id))
+    if job is not None:
+        db.expire(job, ["last_step"])
 
 
 def final_metrics(

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -110,17 +111,19 @@ class Metric(Base):
 
 
 class MetricSeries(Base):
-    """One series of one job: its last step (the frontier of its sealed summaries)."""
+    """One series of one job: its last step (the frontier of its sealed summaries) and
+    its open buckets (service/summaries.py: Open; NULL when not known)."""
 
     __tablename__ = "metric_series"
 
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     last_step: Mapped[int] = mapped_column(Integer)
+    open: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class MetricBucket(Base):
-    """A sealed bucket of 16**level steps of one series: its extremes and the first steps
+    """A sealed bucket of 32**level steps of one series: its extremes and the first steps
     holding them (service/summaries.py)."""
 
     __tablename__ = "metric_buckets"

@@ -1,24 +1,26 @@
 """Summaries of metric series at several resolutions, kept at ingest, so that a chart of any
 window costs what it shows, not what the series holds.
 
-Beside its raw points, every series (job, key) keeps, at each level i = 1..7, one row per
-bucket of 16**i steps (aligned at multiples of the size): the bucket's smallest value and the
+Beside its raw points, every series (job, key) keeps, at each level i = 1..6, one row per
+bucket of 32**i steps (aligned at multiples of the size): the bucket's smallest value and the
 first step holding it, its largest value and the first step holding that (NULL points are
-left out; a bucket with none stored is no row). A bucket is stored once it is *sealed*: its
-last step is at or before the series' last step, so points arriving in step order cannot
-change it. The open buckets at the end of a series are never stored: a read covers them
-with sealed buckets of finer levels and, below 16 steps, raw points (``cover``). So appending
-only ever inserts rows (about one per 15 points), and a read of a window at a bucket width w
-touches fewer than 8 rows per bucket shown plus at most 15 per level at each edge, however
-long the series is.
+left out; a bucket with none is no row). A bucket is stored once it is *sealed*: its last
+step is at or before the series' last step, so points arriving in step order cannot change
+it. A read covers the open end of a series with sealed buckets of finer levels and, below 32
+steps, raw points (``cover``): a window at a bucket width w touches at most 16 rows per
+bucket shown plus 31 per level at each edge, however long the series is.
+
+Appending only inserts rows, about one per 31 points. The series' row (``metric_series``)
+keeps its last step and, per level, the extremes of what its open bucket holds so far
+(``Open``), so a batch of points in step order needs one read (the series rows) and three
+writes (the points, the sealed buckets, the series rows), whatever the levels it completes.
 
 ``reference`` is the readable definition (NumPy over every raw point); the tests hold the
-stored rows to it after appends, re-sent and replaced points, and restarts. ``append``
-(points after the series' last step, the hot path) computes the new rows from the batch in
-memory plus the at most 15 older rows of each level it completes; ``rebuild`` (points at or
-before the last step: a re-sent or replaced batch; the migration) recomputes the buckets
-touched from the level below; ``truncate`` (a restart that discards points after a step)
-drops what is no longer sealed.
+stored rows to it after appends, re-sent and replaced points, and restarts. ``append`` is the
+hot path; ``rebuild`` (points at or before the last step: a re-sent or replaced batch; the
+migration) recomputes the buckets touched from the level below and forgets the open buckets
+(read again from the database when next needed); ``truncate`` (a restart that discards
+points after a step) drops what is no longer sealed.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from itertools import repeat
 import numpy as np
 from sqlalchemy.engine import Connection
 
-BITS = 4  # a level's buckets are 16x its lower level's
-LEVELS = range(1, 8)  # 16 ... 268M steps: a step id fits 31 bits
+BITS = 5  # a level's buckets are 32x its lower level's
+LEVELS = range(1, 7)  # 32 ... 2**30 steps: a step id fits 31 bits
 
 
 def shift(level: int) -> int:
@@ -164,6 +166,40 @@ def batch_order(series: np.ndarray, steps: np.ndarray) -> np.ndarray:
     return order[last]
 
 
+class Open:
+    """A series' open buckets, one per level: the extremes of what it holds so far (the
+    points of the open bucket of level 1, the sealed buckets of the level below in the
+    others), kept in the series' row so that a batch needs no read of them. A (levels, 4)
+    array of (lo, lo_step, hi, hi_step), NaN where a bucket holds nothing yet; 192 bytes."""
+
+    @staticmethod
+    def encode(o: np.ndarray | None) -> bytes | None:
+        return None if o is None else o.astype("<f8").tobytes()
+
+    @staticmethod
+    def decode(blob: bytes | None) -> np.ndarray | None:
+        return None if blob is None else np.frombuffer(blob, "<f8").reshape(len(LEVELS), 4)
+
+    @staticmethod
+    def pieces(opens: np.ndarray, known: np.ndarray, after: np.ndarray, level: int) -> Pieces:
+        """The known open buckets of ``level`` (``opens``: (series, levels, 4)) as pieces of
+        the level below, grouped so that their parent is the open bucket: (i << 40) |
+        (open bucket << 4)."""
+        a = opens[:, level - 1]
+        i = np.flatnonzero(known & ~np.isnan(a[:, 0]))
+        if not len(i):
+            return Pieces.empty()
+        a = a[i]
+        bucket = (after[i] + 1) >> shift(level)
+        return Pieces(
+            (i << KEY_SHIFT) | (bucket << BITS),
+            a[:, 0],
+            a[:, 1].astype(np.int64),
+            a[:, 2],
+            a[:, 3].astype(np.int64),
+        )
+
+
 _PUT = "INSERT INTO metric_buckets (job_id, key, level, bucket, lo, lo_step, hi, hi_step)"
 _REPLACE = (
     " ON CONFLICT (job_id, key, level, bucket) DO UPDATE SET lo = excluded.lo, "
@@ -199,13 +235,26 @@ class Store:
         finally:
             cursor.close()
 
+    def execute(self, sql: str, rows: list[Sequence]) -> None:
+        """A statement for each of ``rows`` through the driver's cursor (SQLAlchemy's
+        execution machinery costs more than inserting a few rows)."""
+        cursor = self.conn.connection.cursor()
+        try:
+            cursor.executemany(self._sql(sql), rows)
+        finally:
+            cursor.close()
+
     # reads
     def lasts(self) -> dict[str, int]:
         """Each series' last step."""
+        return {key: last for key, (last, _) in self.series().items()}
+
+    def series(self) -> dict[str, tuple[int, np.ndarray | None]]:
+        """Each series' last step and its open buckets (``Open``; None: not known)."""
         rows = self.query(
-            "SELECT key, last_step FROM metric_series WHERE job_id = ?", (self.job_id,)
+            "SELECT key, last_step, open FROM metric_series WHERE job_id = ?", (self.job_id,)
         )
-        return dict(rows)
+        return {key: (last, Open.decode(blob)) for key, last, blob in rows}
 
     def last(self, key: str) -> int | None:
         rows = self.query(
@@ -260,10 +309,9 @@ class Store:
         levels = [level for level, p in made for _ in range(len(p.group))]
         columns = [(every.group & STEP_MASK).tolist(), *every.columns()[1:]]
         if self.pg:
-            self.conn.exec_driver_sql(_PUT_ARRAYS, (self.job_id, keys, levels, *columns))
+            self.execute(_PUT_ARRAYS, [(self.job_id, keys, levels, *columns)])
         else:
-            rows = zip(repeat(self.job_id), keys, levels, *columns)
-            self.conn.exec_driver_sql(_PUT_ROWS, list(rows))
+            self.execute(_PUT_ROWS, list(zip(repeat(self.job_id), keys, levels, *columns)))
 
     def drop(self, key: str, level: int, lo: int, hi: int | None = None) -> None:
         """Delete the buckets ``lo``..``hi`` (to the end when None) of one level."""
@@ -276,52 +324,65 @@ class Store:
             (self.job_id, key, level, lo) + (() if hi is None else (hi,)),
         )
 
-    def set_lasts(self, lasts: Iterable[tuple[str, int]]) -> None:
-        params = [(self.job_id, key, step) for key, step in lasts]
+    def set_lasts(self, lasts: Iterable[tuple[str, int, np.ndarray | None]]) -> None:
+        """Each given series' last step and open buckets (None: not known)."""
+        params = [(self.job_id, key, step, Open.encode(o)) for key, step, o in lasts]
         if params:
-            self.conn.exec_driver_sql(
-                self._sql(
-                    "INSERT INTO metric_series (job_id, key, last_step) VALUES (?, ?, ?) "
-                    "ON CONFLICT (job_id, key) DO UPDATE SET last_step = excluded.last_step"
-                ),
+            self.execute(
+                "INSERT INTO metric_series (job_id, key, last_step, open) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job_id, key) DO UPDATE SET last_step = excluded.last_step, "
+                "open = excluded.open",
                 params,
             )
 
     # the three ways a series changes
     def append(
-        self, names: Sequence[str], after: np.ndarray, last: np.ndarray, batch: Pieces
-    ) -> list[tuple[int, Pieces]]:
+        self,
+        names: Sequence[str],
+        after: np.ndarray,
+        last: np.ndarray,
+        batch: Pieces,
+        opens: list[np.ndarray | None],
+    ) -> tuple[list[tuple[int, Pieces]], list[np.ndarray]]:
         """The buckets that points after each series' last step seal. Per series i:
-        ``after[i]`` its last step before them (-1: a new series), ``last[i]`` after them;
-        ``batch`` holds the new non-NULL points (grouped by (i << 40) | step). The lower
-        level's pieces sealed before that share a newly sealed bucket (at most 15 per
-        series and level) come from the database. Returns what ``put`` takes."""
-        spans: list[Span] = []  # what each level's newly sealed buckets hold from before
-        for level in LEVELS:
+        ``after[i]`` its last step before them (-1: a new series), ``last[i]`` after them,
+        ``opens[i]`` its open buckets before them (``Open``; None: read the pieces they
+        hold from the database); ``batch`` holds the new non-NULL points (grouped by
+        (i << 40) | step). Returns what ``put`` takes, and each series' open buckets after."""
+        unknown = [i for i, o in enumerate(opens) if o is None]
+        spans: list[Span] = []  # rare: the pieces of each open bucket, from the database
+        for level in LEVELS if unknown else ():
             s = shift(level)
-            first, final = (after + 1) >> s, ((last + 1) >> s) - 1
-            if not (final >= first).any():
-                break
-            was = ((after + 1) >> (s - BITS)) - 1  # the last sealed piece of the level below
-            for i in np.flatnonzero((final >= first) & ((first << s) <= after)).tolist():
-                start = int(first[i] << s) if level == 1 else int(first[i] << BITS)
-                spans.append((level - 1, names[i], i, start, int(was[i])))
-        older = self.pieces(spans)
-        out = []
+            for i in unknown:
+                first = int(after[i] + 1) >> s  # the open bucket
+                was = (int(after[i] + 1) >> (s - BITS)) - 1  # the level below's last sealed
+                start = first << s if level == 1 else first << BITS
+                if start <= was:
+                    spans.append((level - 1, names[i], i, start, was))
+        stored = self.pieces(spans)
+        known = np.array([o is not None for o in opens])
+        now = np.stack([np.full((len(LEVELS), 4), np.nan) if o is None else o for o in opens])
+        made_at: list[tuple[int, Pieces]] = []
         below = batch  # the lower level's newly sealed pieces
         for level in LEVELS:
             s = shift(level)
-            first, final = (after + 1) >> s, ((last + 1) >> s) - 1
-            if not (final >= first).any():
-                break
-            parts = Pieces.concat([older.get(level - 1, Pieces.empty()), below])
+            final = ((last + 1) >> s) - 1
+            sealing = (final >= ((after + 1) >> s)).any()
+            if not (sealing or len(below.group) or unknown):
+                break  # nothing new at this level or above: their open buckets stay
+            held = Open.pieces(now, known, after, level)  # before this level is updated
+            parts = Pieces.concat([stored.get(level - 1, Pieces.empty()), held, below])
             series = parts.group >> KEY_SHIFT
             parent = (parts.group & STEP_MASK) >> BITS
             keep = parent <= final[series]
             made = parts.take(keep).aggregate((series[keep] << KEY_SHIFT) | parent[keep])
-            out.append((level, made))
+            if sealing:
+                made_at.append((level, made))
+            rest = parts.take(~keep).aggregate(series[~keep])  # each series' open bucket
+            now[:, level - 1] = np.nan  # nothing in it yet, but where rest says
+            now[rest.group, level - 1] = np.stack([rest.lo, rest.lo_step, rest.hi, rest.hi_step], 1)
             below = made
-        return out
+        return made_at, list(now)
 
     def rebuild(self, key: str, lo: int, hi: int, last: int) -> None:
         """Recompute every sealed bucket (of a series whose last step is ``last``) that
@@ -334,6 +395,7 @@ class Store:
             parts = self.children(key, level, b_lo, b_hi)
             self.drop(key, level, b_lo, b_hi)
             self.put([key], [(level, parts.aggregate(parts.group >> BITS))])
+        self.set_lasts([(key, last, None)])  # its open buckets may have changed too
 
     def truncate(self, after: int) -> None:
         """Points after ``after`` were deleted: each series' new last step, and no bucket
@@ -353,7 +415,7 @@ class Store:
                     (self.job_id, key),
                 )
             else:
-                self.set_lasts([(key, now)])
+                self.set_lasts([(key, now, None)])
 
 
 def record(
@@ -371,17 +433,23 @@ def record(
     steps, the older pieces the batch completes, the new buckets, the new last steps); a
     rebuild of the buckets they touch for points at or before it (re-sent or replaced)."""
     store = Store(conn, job_id)
-    lasts = store.lasts()
-    after = np.array([lasts.get(name, -1) for name in names], np.int64)
+    known = store.series()
+    after = np.array([known.get(name, (-1, None))[0] for name in names], np.int64)
     old = steps <= after[series]
     if old.any():  # rare
         for i in np.unique(series[old]).tolist():
             at = steps[old & (series == i)]
             store.rebuild(names[i], int(at[0]), int(at[-1]), int(after[i]))
+        known = store.series()  # their open buckets are read again below
+    opens = [
+        known[name][1] if name in known else np.full((len(LEVELS), 4), np.nan) for name in names
+    ]
     ends = np.flatnonzero(np.append(series[1:] != series[:-1], True))  # each one's last point
     last = after.copy()
     last[series[ends]] = np.maximum(after[series[ends]], steps[ends])
     new = ~old & ~np.isnan(values)
     k, s, v = series[new], steps[new], values[new]
-    store.put(names, store.append(names, after, last, Pieces((k << KEY_SHIFT) | s, v, s, v, s)))
-    store.set_lasts((names[i], int(last[i])) for i in np.flatnonzero(last != after).tolist())
+    batch = Pieces((k << KEY_SHIFT) | s, v, s, v, s)
+    made, opens = store.append(names, after, last, batch, opens)
+    store.put(names, made)
+    store.set_lasts(zip(names, last.tolist(), opens, strict=True))

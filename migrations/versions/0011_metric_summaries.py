@@ -1,4 +1,4 @@
-"""Metric summaries: each series' last step and its sealed buckets at 16**level steps
+"""Metric summaries: each series' last step, open buckets and sealed buckets at 32**level steps
 (service/summaries.py), built here for the series already stored.
 
 Revision ID: 0011
@@ -22,6 +22,7 @@ def upgrade() -> None:
         job_id,
         sa.Column("key", sa.String(100)),
         sa.Column("last_step", sa.Integer(), nullable=False),
+        sa.Column("open", sa.LargeBinary()),
         sa.PrimaryKeyConstraint("job_id", "key"),
     )
     op.create_table(
@@ -49,7 +50,7 @@ def build_existing(conn: sa.Connection) -> None:
     ).all()
     for job_id, key, first, last in series:
         store = Store(conn, job_id)
-        store.set_lasts([(key, last)])
+        store.set_lasts([(key, last, None)])  # open buckets: read when next needed
         store.rebuild(key, first, last, last)
 
 

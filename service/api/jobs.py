@@ -465,8 +465,9 @@ def ingest_metrics(
     when the attempt ends); an admin token may ingest too (tools, backfills)."""
     if token.role == "worker" and token.job_id != job_id:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this token belongs to another job")
-    job = get_job(db, job_id)
-    accepted = ingest(db, job, batch)
+    if db.scalar(select(Job.id).where(Job.id == job_id)) is None:  # not the whole row
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    accepted = ingest(db, job_id, batch)
     request.app.state.ingested.inc(accepted)
     return IngestResult(accepted=accepted)
 

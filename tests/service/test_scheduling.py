@@ -154,7 +154,7 @@ def test_backfill_skips_torn_lines_and_reads_only_after_the_last_stored_step(tmp
         job = create_job(s, "long", SPEC, 0)
         job.run_dir, job.submission_id = str(run_dir), "test-long"
         transition(s, job, "running", "test")
-        store_points(s, job, [(st, "train_loss", -1.0, 0.0) for st in range(1, 4001)])
+        store_points(s, job.id, [(st, "train_loss", -1.0, 0.0) for st in range(1, 4001)])
         s.commit()
         commits = []
         event.listen(db.engine, "commit", lambda conn: commits.append(1))
