@@ -11,6 +11,7 @@ each; the same client threads drive them, alternating round by round:
   GET metrics/get-history (the same 10k points; MLflow has no downsampling).
 
     python bench/service.py [--rounds 2] [--batches 40] [--tree DIR ...] [--no-mlflow]
+                            [--db sqlite|postgresql]
 
 ``--tree DIR`` runs another checkout's service too, interleaved round by round with this
 one's (a before/after comparison in one run).
@@ -27,9 +28,13 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.postgres import postgres_server
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS, STEPS_PER_BATCH, KEYS = 4, 200, ("loss", "val_loss", "lr", "grad_norm", "acc")
@@ -178,6 +183,17 @@ class MLflow:
         ).raise_for_status()
 
 
+def new_database(url: str, name: str) -> str:
+    """A fresh database on the server of ``url``; its URL."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
 def rev(tree: Path) -> str:
     """The checkout's short commit, to label its row."""
     out = subprocess.run(
@@ -236,16 +252,26 @@ def main() -> None:
         "interleaved with this one: a before/after comparison in one run",
     )
     parser.add_argument("--no-mlflow", action="store_true", help="Nestor builds only")
+    parser.add_argument(
+        "--db",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="Nestor's database: postgresql starts a private server, a database per build "
+        "(MLflow stays on SQLite)",
+    )
     args = parser.parse_args()
     results: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         procs: list[subprocess.Popen] = []
+        pg = stack.enter_context(postgres_server()) if args.db == "postgresql" else None
         try:
             servers: list = []
-            for tree in [ROOT, *args.tree]:
-                proc, url = start_nestor(Path(tmp), tree)
+            for i, tree in enumerate([ROOT, *args.tree]):
+                proc, url = start_nestor(Path(tmp), tree, pg and new_database(pg, f"nestor{i}"))
                 procs.append(proc)
                 label = None if tree == ROOT and not args.tree else f"Nestor ({rev(tree)})"
+                if args.db == "postgresql":
+                    label = f"{label or 'Nestor'}, PostgreSQL"
                 servers.append(Nestor(url, label))
             if not args.no_mlflow:
                 proc, mlflow_url = start_mlflow(Path(tmp))

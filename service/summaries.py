@@ -419,21 +419,22 @@ class Store:
 
 
 def record(
-    conn: Connection,
-    job_id: int,
+    store: Store,
     names: Sequence[str],
     series: np.ndarray,
     steps: np.ndarray,
     values: np.ndarray,
+    known: dict[str, tuple[int, np.ndarray | None]] | None = None,
 ) -> None:
-    """Keep the summaries of ``job_id`` exact after points were upserted into ``metrics``,
-    in the same transaction: point j is step ``steps[j]`` of series ``names[series[j]]``
-    with value ``values[j]`` (NaN for NULL), sorted by (series, step) without repeats
-    (``batch_order``). Four statements for points after each series' last step (the last
-    steps, the older pieces the batch completes, the new buckets, the new last steps); a
-    rebuild of the buckets they touch for points at or before it (re-sent or replaced)."""
-    store = Store(conn, job_id)
-    known = store.series()
+    """Keep the summaries of ``store``'s job exact after points were upserted into
+    ``metrics``, in the same transaction: point j is step ``steps[j]`` of series
+    ``names[series[j]]`` with value ``values[j]`` (NaN for NULL), sorted by (series, step)
+    without repeats (``batch_order``). ``known``: ``store.series()`` if the caller read it
+    already (under the job's lock). Three statements for points after each series' last
+    step (the series rows, the new buckets, the series rows again); a rebuild of the
+    buckets they touch for points at or before it (re-sent or replaced)."""
+    if known is None:
+        known = store.series()
     after = np.array([known.get(name, (-1, None))[0] for name in names], np.int64)
     old = steps <= after[series]
     if old.any():  # rare
