@@ -1,16 +1,20 @@
 """Time until the job page of a 1,000,000-point run is drawn, in headless Chromium, beside the
-same series in MLflow's UI.
+same series in MLflow's UI; and what the page's metrics request costs for that series
+against one of 10,000 points.
 
-Nestor: a job whose train_loss has 1,000,000 steps (plus lr, grad_norm, samples_per_s,
-opt_state_bytes every 100 steps and val_loss/val_accuracy every 1000), stored by the service's
-own ingest path into SQLite; the page is loaded signed in, and the time is navigation start ->
-every chart drawn (the page's `nestor:charts-drawn` mark, set after Plotly has drawn all six
-charts). MLflow: the same 1,000,000-point train_loss in a run logged through log-batch to an
-MLflow tracking server (SQLite store), and the time from navigation start to the run's metric
-chart having a drawn trace. Cold = first load in a fresh browser context (no cache); warm =
-median of the following loads.
+Nestor: `nestor serve --api-only` (SQLite) with a job whose train_loss has 1,000,000 steps
+(plus lr, grad_norm, samples_per_s, opt_state_bytes every 100 steps and val_loss /
+val_accuracy every 1000), sent through the ingest API in batches of 10,000 points; the page
+is loaded signed in, and the time is navigation start -> every chart drawn (the page's
+`nestor:charts-drawn` mark, set after Plotly has drawn all six charts). The metrics request
+is the page's own (`?keys=train_loss&max_points=2000`), timed from a client, for the long
+job and for a job of 10,000 steps. MLflow: the same 1,000,000-point train_loss logged
+through log-batch to an MLflow tracking server (SQLite store), and the time from navigation
+start to the run's metric chart having a drawn trace. Cold = first load in a fresh browser
+context (no cache); warm = median of the following loads. ``--tree DIR`` runs another
+checkout's service the same way (a before/after comparison in one run).
 
-    python bench/dashboard.py [--points 1000000] [--loads 5] [--skip-mlflow]
+    python bench/dashboard.py [--points 1000000] [--loads 5] [--skip-mlflow] [--tree DIR]
 """
 
 from __future__ import annotations
@@ -18,11 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,14 +34,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import uvicorn  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from service.app import create_app  # noqa: E402
-from service.jobs import create_job, store_points, transition  # noqa: E402
-from service.settings import Settings  # noqa: E402
+# bench/service.py's launchers, loaded by path (its module name is taken).
+_loader = importlib.util.spec_from_file_location("bench_service", Path(_HERE) / "service.py")
+bench_service = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(bench_service)
 
-TOKEN = "nst_bench_dashboard_token"
+TOKEN = bench_service.TOKEN
 CHROMIUM = "/usr/bin/chromium"
 SPEC = {
     "model": "mnist1d-mlp",
@@ -50,6 +52,7 @@ SPEC = {
     "num_workers": 1,
     "max_steps": 1_000_000,
 }
+PER_REQUEST = 10_000  # points per ingest request (the API's limit)
 
 
 def loss_curve(n: int) -> np.ndarray:
@@ -60,49 +63,44 @@ def loss_curve(n: int) -> np.ndarray:
     return loss
 
 
-def seed_nestor(settings: Settings, n: int) -> int:
-    from service.db import Database, upgrade
-
-    upgrade(settings.db_url)
-    db = Database(settings.db_url)
+def seed_nestor(http: httpx.Client, name: str, n: int) -> int:
+    """A succeeded job with ``n`` train_loss steps and the page's other series, through the
+    ingest API."""
+    job_id = (
+        http.post("/v1/jobs", json={"name": name, "spec": SPEC}).raise_for_status().json()["id"]
+    )
     loss = loss_curve(n)
-    with db.sessions() as s:
-        job = create_job(s, "million-points", SPEC, 0)
-        transition(s, job, "running", "bench")
-        rows = []
-        for step in range(1, n + 1):
-            rows.append((step, "train_loss", float(loss[step - 1]), 0.0))
-            if step % 100 == 0:
-                for key, value in (
-                    ("lr", 0.01),
-                    ("grad_norm", 1.0),
-                    ("samples_per_s", 5e4),
-                    ("opt_state_bytes", 1e6),
-                ):
-                    rows.append((step, key, value, 0.0))
-            if step % 1000 == 0:
-                rows.append((step, "val_loss", float(loss[step - 1]), 0.0))
-                rows.append((step, "val_accuracy", 0.9, 0.0))
-            if len(rows) >= 100_000:
-                store_points(s, job.id, rows)
-                rows = []
-        store_points(s, job.id, rows)
-        s.commit()
-        transition(s, job, "succeeded", "bench")
-        return job.id
+    points = []
+
+    def send(status: str | None = None) -> None:
+        body = {"points": points, **({"status": status} if status else {})}
+        http.post(f"/v1/jobs/{job_id}/ingest", json=body).raise_for_status()
+        points.clear()
+
+    send("running")
+    for step in range(1, n + 1):
+        values = {"train_loss": float(loss[step - 1])}
+        if step % 100 == 0:
+            values |= {"lr": 0.01, "grad_norm": 1.0, "samples_per_s": 5e4, "opt_state_bytes": 1e6}
+        if step % 1000 == 0:
+            values |= {"val_loss": float(loss[step - 1]), "val_accuracy": 0.9}
+        points.append({"step": step, "time": 0.0, "values": values})
+        if len(points) == PER_REQUEST:
+            send()
+    send("succeeded")
+    return job_id
 
 
-def serve(settings: Settings) -> str:
-    app = create_app(settings, scheduler=False)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning")
-    server = uvicorn.Server(config)
-    threading.Thread(target=server.run, daemon=True).start()
-    url = f"http://127.0.0.1:{settings.port}"
-    for _ in range(200):
-        if server.started:
-            return url
-        time.sleep(0.05)
-    raise RuntimeError("service did not start")
+def request_times(http: httpx.Client, job_id: int, count: int = 20) -> list[float]:
+    """The page's metrics request for train_loss, ``count`` times, in seconds."""
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        http.get(
+            f"/v1/jobs/{job_id}/metrics", params={"keys": "train_loss", "max_points": 2000}
+        ).raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def time_nestor(browser, url: str, job_id: int, loads: int) -> list[float]:
@@ -131,10 +129,6 @@ def time_nestor(browser, url: str, job_id: int, loads: int) -> list[float]:
 
 
 def time_mlflow(browser, tmp: Path, n: int, loads: int) -> list[float] | str:
-    # bench/service.py's MLflow launcher, loaded by path (its module name is taken).
-    loader = importlib.util.spec_from_file_location("bench_service", Path(_HERE) / "service.py")
-    bench_service = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(bench_service)
     proc, url = bench_service.start_mlflow(tmp)
     try:
         http = httpx.Client(base_url=url, timeout=120)
@@ -173,10 +167,10 @@ def time_mlflow(browser, tmp: Path, n: int, loads: int) -> list[float] | str:
 
 def summary(name: str, times: list[float] | str) -> None:
     if isinstance(times, str):
-        print(f"{name:<40} {times}")
+        print(f"{name:<48} {times}")
         return
     warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
-    print(f"{name:<40} cold {times[0]:.2f} s   warm median {warm:.2f} s   (target <= 2 s)")
+    print(f"{name:<48} cold {times[0]:.2f} s   warm median {warm:.2f} s   (target <= 1 s)")
 
 
 def main() -> None:
@@ -184,32 +178,61 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--skip-mlflow", action="store_true")
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run the service of another checkout (git worktree add DIR REV)",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nestor-bench-dash-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    (tmp / "nestor").mkdir()
-    settings = Settings(home=tmp / "nestor", admin_token=TOKEN, port=port)
-    t = time.time()
-    job_id = seed_nestor(settings, args.points)
-    print(f"seeded job {job_id}: {args.points} train_loss points in {time.time() - t:.0f} s")
-    url = serve(settings)
+    pages: dict[str, list[float]] = {}
+    requests: dict[str, tuple[list[float], list[float]]] = {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
             args=["--headless", "--no-sandbox", "--disable-background-networking"],
         )
-        nestor = time_nestor(browser, url, job_id, args.loads)
+        for tree in [bench_service.ROOT, *args.tree]:
+            name = f"Nestor ({bench_service.rev(tree)})"
+            proc, url = bench_service.start_nestor(tmp, tree)
+            try:
+                http = httpx.Client(
+                    base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=600
+                )
+                t = time.time()
+                long = seed_nestor(http, "million-points", args.points)
+                short = seed_nestor(http, "ten-thousand-points", 10_000)
+                print(
+                    f"{name}: seeded {args.points:,} points in {time.time() - t:.0f} s", flush=True
+                )
+                pages[name] = time_nestor(browser, url, long, args.loads)
+                requests[name] = (request_times(http, short), request_times(http, long))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
         mlflow = (
             "skipped" if args.skip_mlflow else time_mlflow(browser, tmp, args.points, args.loads)
         )
         browser.close()
     print()
     print(f"job page with {args.points:,} train_loss points, headless Chromium, loopback")
-    summary("Nestor /jobs/{id} (all six charts)", nestor)
+    for name, times in pages.items():
+        summary(f"{name} /jobs/{{id}} (all six charts)", times)
     summary("MLflow run page (model metrics chart)", mlflow)
+    print()
+    print("the page's metrics request (train_loss, max_points=2000), 20 times each, ms")
+    print("| server | 10k points p50 / p99 | 1M points p50 / p99 | 1M / 10k (p50) |")
+    print("|---|---|---|---|")
+    for name, (short, long) in requests.items():
+        q = [statistics.quantiles(x, n=100) for x in (short, long)]
+        print(
+            f"| {name} | {1e3 * statistics.median(short):.1f} / {1e3 * q[0][98]:.1f} "
+            f"| {1e3 * statistics.median(long):.1f} / {1e3 * q[1][98]:.1f} "
+            f"| {statistics.median(long) / statistics.median(short):.2f}x |"
+        )
 
 
 if __name__ == "__main__":
