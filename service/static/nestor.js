@@ -267,13 +267,14 @@ export function start(render) {
 
 // ---- charts -------------------------------------------------------------------------------
 
-// plotly.js (4.8 MB) is fetched in parallel with the page's data (the pages preload it) and
-// executed once, when a page first needs it.
+// plotly.js is fetched in parallel with the page's data (the pages preload their bundle:
+// the basic one, 1.2 MB, for a job page, the full one, 4.8 MB, for a sweep's) and executed
+// once, when a page first needs it.
 let plotlyLoading = null;
 export function loadPlotly() {
   plotlyLoading ||= new Promise((resolve, reject) => {
     const script = document.createElement("script");
-    script.src = "/vendor/plotly.min.js";
+    script.src = document.getElementById("plotly")?.getAttribute("href") || "/vendor/plotly.min.js";
     script.onload = () => resolve(window.Plotly);
     script.onerror = () => reject(new Error("could not load the charting library"));
     document.head.append(script);
