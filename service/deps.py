@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -12,11 +12,17 @@ from starlette.concurrency import run_in_threadpool
 
 from .auth import Principal, lookup
 from .capacity import Capacity, Resources
+from .db import MAX_OVERFLOW, POOL_SIZE
 from .settings import Settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    yield from request.app.state.db.session()
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A request's session, opened and closed on the event loop (see SessionDep)."""
+    session = request.app.state.db.sessions()
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 async def get_settings(request: Request) -> Settings:  # no I/O: no thread-pool hop
@@ -44,7 +50,17 @@ def get_cluster(request: Request) -> Resources | None:
         return None
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+# A request's session holds a pooled connection from its first query until it closes. FastAPI
+# serializes a sync endpoint's response in the thread pool, so a session that lived until
+# after the response made a cycle under a burst of requests (forty job pages opening at
+# once): every pool thread waited for a connection that only a serialization queued behind
+# them would free, and requests failed after the pool's 30 s timeout. So at most
+# SESSION_LIMIT sessions are open at once, fewer than the pool's connections (a request past
+# the limit waits on the event loop, holding neither a thread nor a connection), and each
+# closes when its endpoint's response is built, before the body is sent (a download or a
+# stream holds none).
+SESSION_LIMIT = POOL_SIZE + MAX_OVERFLOW - 5
+SessionDep = Annotated[Session, Depends(get_db, scope="function", max_concurrency=SESSION_LIMIT)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 CapacityDep = Annotated[Capacity | None, Depends(get_capacity)]
 ClusterDep = Annotated[Resources | None, Depends(get_cluster)]

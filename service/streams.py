@@ -27,11 +27,11 @@ from typing import Any
 
 import anyio
 from fastapi import HTTPException, status
-from sqlalchemy import func, select
+from sqlalchemy import func, select, union_all
 from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse
 
-from .models import TERMINAL, Event, Job, Metric
+from .models import TERMINAL, Event, Job, Metric, MetricSeries
 
 log = logging.getLogger("nestor.streams")
 
@@ -132,9 +132,20 @@ def start_cursor(db: Session, job_id: int, since_step: int) -> Cursor:
     newest point when there is none yet); every status event is sent."""
     if not since_step:
         return Cursor()
-    first = db.scalar(
-        select(func.min(Metric.id)).where(Metric.job_id == job_id, Metric.step > since_step)
-    )
+    last = db.scalar(select(Job.last_step).where(Job.id == job_id)) or 0
+    if since_step < last / 2:  # few rows before it: scan in id order up to the first after
+        first = db.scalar(
+            select(func.min(Metric.id)).where(Metric.job_id == job_id, Metric.step > since_step)
+        )
+    else:  # few rows after it: each series' points after it, by (job, key, step)
+        keys = db.scalars(select(MetricSeries.key).where(MetricSeries.job_id == job_id)).all()
+        firsts = [
+            select(func.min(Metric.id).label("id")).where(
+                Metric.job_id == job_id, Metric.key == key, Metric.step > since_step
+            )
+            for key in keys
+        ]
+        first = db.scalar(select(func.min(union_all(*firsts).subquery().c.id))) if keys else None
     if first is not None:
         return Cursor(0, first - 1)
     newest = db.scalar(select(func.max(Metric.id)).where(Metric.job_id == job_id))

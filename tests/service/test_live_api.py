@@ -118,6 +118,34 @@ def test_thirty_open_job_pages_hold_no_database_connection_and_all_see_new_point
     assert not live.app.state.streams.feeds  # closed pages stop their poller
 
 
+def test_forty_job_pages_opening_at_once_are_all_answered(api_server):
+    """Forty pages opening together send ~600 requests at once, far more than the pool's 15
+    connections and the 40 worker threads: every one is answered, and soon. (A request's
+    session used to live until after its response, which FastAPI builds in the thread pool:
+    pool threads waited for connections that only responses queued behind them would free,
+    and requests failed with a 500 after the pool's 30 s timeout.)"""
+    live, client = api_server
+    job = client.submit(SPEC, name="opened")
+    ingest(live, job["id"], list(range(1, 3001)))
+    base = f"/v1/jobs/{job['id']}"
+    page = [base, f"{base}/events/history", "/v1/me", f"{base}/artifacts", "/v1/jobs"]
+    charts = [f"{base}/metrics?keys={key}&max_points=2000" for key in ("train_loss", "lr")]
+    page += charts * 5
+
+    async def scenario() -> list[int]:
+        limits = httpx.Limits(max_connections=1000)
+        async with httpx.AsyncClient(
+            base_url=live.url, headers=AUTH, timeout=25, limits=limits
+        ) as http:
+            answers = await asyncio.gather(*[http.get(path) for _ in range(40) for path in page])
+        return [r.status_code for r in answers]
+
+    started = time.perf_counter()
+    codes = run(scenario())
+    assert len(codes) == 40 * len(page) and set(codes) == {200}
+    assert time.perf_counter() - started < 25  # the pool's timeout is 30 s
+
+
 def test_streams_per_token_are_capped_with_a_clear_429(api_server):
     live, client = api_server
     job = client.submit(SPEC, name="capped")
