@@ -7,14 +7,14 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from . import summaries, webhooks
 from .auth import revoke_worker_tokens
 from .db import serial_writes
-from .models import TERMINAL, Event, Job, Metric, utcnow
+from .models import TERMINAL, Event, Job, Metric, MetricSeries, utcnow
 from .schemas import MetricBatch
 
 # The only legal moves; anything else is a caller's mistake (HTTP 409) or a no-op. A running
@@ -277,53 +277,27 @@ def store_points(
 def final_metrics(
     db: Session, job_ids: list[int], keys: list[str] | None = None
 ) -> dict[int, dict[str, float | None]]:
-    """Per job, each metric's value at its last reported step (only ``keys`` if given)."""
+    """Per job, each metric's value at its last reported step (only ``keys`` if given): each
+    series' last step (``metric_series``) joined to its point, one index probe per series
+    instead of a scan of every point (the runs list asks for this every few seconds). A
+    series whose last value was NaN has a step: it is there, as None."""
     if not job_ids:
         return {}
-    if keys is not None:
-        return _last_values(db, job_ids, keys)
-    where = [Metric.job_id.in_(job_ids)]
-    last = (
-        select(Metric.job_id, Metric.key, func.max(Metric.step).label("step"))
-        .where(*where)
-        .group_by(Metric.job_id, Metric.key)
-        .subquery()
-    )
-    rows = db.execute(
-        select(Metric.job_id, Metric.key, Metric.value).join(
-            last,
+    query = (
+        select(MetricSeries.job_id, MetricSeries.key, Metric.value)
+        .join(
+            Metric,
             and_(
-                Metric.job_id == last.c.job_id, Metric.key == last.c.key, Metric.step == last.c.step
+                Metric.job_id == MetricSeries.job_id,
+                Metric.key == MetricSeries.key,
+                Metric.step == MetricSeries.last_step,
             ),
         )
-    ).all()
+        .where(MetricSeries.job_id.in_(job_ids))
+    )
+    if keys is not None:
+        query = query.where(MetricSeries.key.in_(keys))
     finals: dict[int, dict[str, float | None]] = {}
-    for job_id, key, value in rows:
+    for job_id, key, value in db.execute(query):
         finals.setdefault(job_id, {})[key] = value
     return finals
-
-
-def _last_values(
-    db: Session, job_ids: list[int], keys: list[str]
-) -> dict[int, dict[str, float | None]]:
-    """``final_metrics`` for named keys: index probes per (job, key) for the last step instead
-    of a scan of every point (the runs list asks for this every few seconds)."""
-
-    def last(column, key: str):
-        return (
-            select(column)
-            .where(Metric.job_id == Job.id, Metric.key == key)
-            .order_by(Metric.step.desc())
-            .limit(1)
-            .correlate(Job)
-            .scalar_subquery()
-        )
-
-    columns = [c for key in keys for c in (last(Metric.step, key), last(Metric.value, key))]
-    finals: dict[int, dict[str, float | None]] = {}
-    for job_id, *row in db.execute(select(Job.id, *columns).where(Job.id.in_(job_ids))):
-        # A key with no points has no last step; one whose last value was NaN has a step.
-        finals[job_id] = {
-            key: row[2 * i + 1] for i, key in enumerate(keys) if row[2 * i] is not None
-        }
-    return {job_id: values for job_id, values in finals.items() if values}
