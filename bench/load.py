@@ -109,6 +109,8 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
                 role = "service"
             elif "RayTrainWorker" in cmd or "workers.driver" in cmd or "TrainController" in cmd:
                 role = "training job"
+            elif "postgres" in cmd:
+                role = "PostgreSQL"
             elif "ray" in cmd or "gcs_server" in cmd or "raylet" in cmd:
                 role = "Ray"
             elif "multiprocessing" in cmd or "bench/load.py" in cmd:

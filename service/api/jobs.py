@@ -72,12 +72,18 @@ def owner_names(db: Session, ids: set[int | None]) -> dict[int, str]:
     return dict(db.execute(select(User.id, User.name).where(User.id.in_(wanted))).all())
 
 
-def with_latest(db: Session, jobs: list[Job], cluster: Resources | None = None) -> list[JobPublic]:
+def with_latest(
+    db: Session,
+    jobs: list[Job],
+    cluster: Resources | None = None,
+    names: dict[int | None, str | None] | None = None,
+) -> list[JobPublic]:
     """The jobs as the API shows them: with their latest metrics, owner, and for queued and
     running jobs their place, rate and estimated start or end (``cluster``: the cluster's
-    resources, None when unknown)."""
+    resources, None when unknown; ``names``: the owners' names, when already read)."""
     latest = final_metrics(db, [j.id for j in jobs], LATEST_KEYS)
-    names = owner_names(db, {j.owner_id for j in jobs})
+    if names is None:
+        names = owner_names(db, {j.owner_id for j in jobs})
     timing = queue_timing(db, cluster) if any(j.status in LIVE for j in jobs) else {}
     return [
         JobPublic.model_validate(j).model_copy(
@@ -288,9 +294,22 @@ def list_jobs(
         query = query.where(Job.status == status_)
     if sweep is not None:
         query = query.where(Job.sweep_id == sweep)
-    count = db.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = db.scalars(query.order_by(Job.id.desc()).offset(skip).limit(limit)).all()
-    return JobList(data=with_latest(db, rows, cluster), count=count)
+    # One read for the page, the total and the owners' names (each read is a round trip that
+    # a busy PostgreSQL makes a list wait for).
+    page = db.execute(
+        query.add_columns(func.count().over(), User.name)
+        .outerjoin(User, User.id == Job.owner_id)
+        .order_by(Job.id.desc())
+        .offset(skip)
+        .limit(limit)
+    ).all()
+    if page:
+        count = page[0][1]
+    else:  # past the end (or nothing): the total alone
+        count = db.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = [row[0] for row in page]
+    names = {row[0].owner_id: row[2] for row in page}
+    return JobList(data=with_latest(db, rows, cluster, names), count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
