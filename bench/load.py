@@ -267,9 +267,12 @@ def probes_process(url: str, seconds: float, out: mp.Queue) -> None:
         while time.time() < deadline:
             for name, path in (("healthz", "/healthz"), ("jobs", "/v1/jobs?limit=100")):
                 t0 = time.perf_counter()
-                r = http.get(path)
+                try:
+                    failed = http.get(path).status_code >= 500
+                except httpx.HTTPError:  # no answer within 30 s: counted, and timed as such
+                    failed = True
                 lat[name].append((time.perf_counter() - t0) * 1000)
-                errors += r.status_code >= 500
+                errors += failed
             time.sleep(0.05)
     out.put((lat, errors))
 
@@ -296,10 +299,13 @@ def ingest_process(
                 for i in range(1, STEPS_PER_BATCH + 1)
             ]
             step += STEPS_PER_BATCH
-            r = http.post(f"/v1/jobs/{job_id}/ingest", json={"points": points})
-            if r.status_code == 200:
-                sent += r.json()["accepted"]
-            errors += r.status_code >= 500
+            try:
+                r = http.post(f"/v1/jobs/{job_id}/ingest", json={"points": points})
+                if r.status_code == 200:
+                    sent += r.json()["accepted"]
+                errors += r.status_code >= 500
+            except httpx.HTTPError:
+                errors += 1
             n += 1
             pause = start + n * interval - time.perf_counter()
             if pause > 0:
