@@ -65,6 +65,14 @@ def query_series(
     first, last = head[0][0], store.last(key)
     width = bucket_width(first, last, max_points)
     top = max([0] + [level for level in LEVELS if BITS * level <= width.bit_length() - 1])
+    if top == 0:  # buckets narrower than the finest summaries: fewer than 16 x max_points rows
+        rows = store.query(
+            "SELECT step, value FROM metrics WHERE job_id = ? AND key = ? AND step > ? "
+            "ORDER BY step",
+            (job_id, key, since_step),
+        )
+        a = np.array(rows, dtype=np.float64)  # NULL -> NaN
+        return _extremes(Pieces.points(a[:, 0].astype(np.int64), a[:, 1]), width)
     spans = [(level, key, 0, lo, hi) for level, lo, hi in cover(first, last, top)]
     parts = []
     for level, got in store.pieces(spans).items():

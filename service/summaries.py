@@ -184,7 +184,7 @@ class Open:
     def pieces(opens: np.ndarray, known: np.ndarray, after: np.ndarray, level: int) -> Pieces:
         """The known open buckets of ``level`` (``opens``: (series, levels, 4)) as pieces of
         the level below, grouped so that their parent is the open bucket: (i << 40) |
-        (open bucket << 4)."""
+        (open bucket << BITS)."""
         a = opens[:, level - 1]
         i = np.flatnonzero(known & ~np.isnan(a[:, 0]))
         if not len(i):
