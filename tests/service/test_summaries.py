@@ -16,15 +16,7 @@ from service.models import Job, MetricBucket, MetricSeries
 from service.schemas import MetricBatch
 from service.summaries import BITS, LEVELS, Store, cover, reference
 
-SPEC = {
-    "model": "mnist1d-mlp",
-    "dataset": {"name": "mnist1d"},
-    "optimizer": {"name": "adan"},
-    "batch_size": 256,
-    "micro_batch_size": 256,
-    "num_workers": 1,
-    "max_steps": 10,
-}
+from .test_api import SPEC
 
 
 @pytest.fixture
