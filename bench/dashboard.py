@@ -178,13 +178,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=1_000_000)
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--skip-mlflow", action="store_true")
-    parser.add_argument(
-        "--tree",
-        type=Path,
-        action="append",
-        default=[],
-        help="also run the service of another checkout (git worktree add DIR REV)",
-    )
+    bench_service.add_tree_option(parser)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nestor-bench-dash-"))
     pages: dict[str, list[float]] = {}

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +47,11 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import httpx  # noqa: E402
+
+# bench/service.py's helpers, loaded by path (its module name is taken).
+_loader = importlib.util.spec_from_file_location("bench_service", Path(_HERE) / "service.py")
+bench_service = importlib.util.module_from_spec(_loader)
+_loader.loader.exec_module(bench_service)
 
 TOKEN = "nst_bench_load_admin"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,12 +74,6 @@ RUNNING = {
 # Waits in the queue behind RUNNING (it asks for both CPUs): a job that only receives points.
 RECEIVING = {**RUNNING, "num_workers": 2, "batch_size": 512}
 SEEDED = {**RUNNING, "max_steps": 100}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -368,7 +367,7 @@ def run(db: str, pinned: bool, tree: Path, args: argparse.Namespace) -> dict:
             if db == "postgresql"
             else f"sqlite:///{home / 'nestor.db'}"
         )
-        port = free_port()
+        port = bench_service.free_port()
         url = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
@@ -513,13 +512,6 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else float("nan")
 
 
-def rev(tree: Path) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or tree.name
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
@@ -535,13 +527,7 @@ def main() -> None:
         help="on: the service on a core of its own, everything else on the others",
     )
     parser.add_argument("--training", action="store_true", help="a job training beside")
-    parser.add_argument(
-        "--tree",
-        type=Path,
-        action="append",
-        default=[],
-        help="also run the service of another checkout (git worktree add DIR REV)",
-    )
+    bench_service.add_tree_option(parser)
     args = parser.parse_args()
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     pins = {"both": [False, True], "on": [True], "off": [False]}[args.pin]
@@ -572,7 +558,7 @@ def main() -> None:
         s, p, e = r["rss"]
         where = "a core of its own" if r["pinned"] else "shared"
         print(
-            f"| {rev(r['tree'])} | {r['db']} | {where}, {100 * r['cpu']:.0f}% busy "
+            f"| {bench_service.rev(r['tree'])} | {r['db']} | {where}, {100 * r['cpu']:.0f}% busy "
             f"| {r['rate']:,.0f} | {pct(r['healthz'], 50):.1f} / {pct(r['healthz'], 99):.1f} "
             f"| {pct(r['jobs'], 50):.1f} / {pct(r['jobs'], 99):.1f} "
             f"| {pct(r['loads'], 50):.0f} / {pct(r['loads'], 99):.0f} "
@@ -581,8 +567,9 @@ def main() -> None:
         )
     for r in results:
         mode = "a core of its own" if r["pinned"] else "shared"
+        build = bench_service.rev(r["tree"])
         print(
-            f"{rev(r['tree'])}, {r['db']}, {mode}: the service's threads waited for a CPU "
+            f"{build}, {r['db']}, {mode}: the service's threads waited for a CPU "
             f"{100 * r['waited']:.0f}% of the time; the hypervisor took {100 * r['stolen']:.0f}% "
             "of a CPU; CPU used, in CPUs: "
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["roles"].items()))

@@ -194,6 +194,19 @@ def new_database(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
+def add_tree_option(parser: argparse.ArgumentParser) -> None:
+    """``--tree DIR`` (repeatable): also run the service of another checkout, for a
+    before/after comparison in one run (bench/service.py, dashboard.py, load.py)."""
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run the service of another checkout (git worktree add DIR REV), "
+        "in the same run as this one: a before/after comparison",
+    )
+
+
 def rev(tree: Path) -> str:
     """The checkout's short commit, to label its row."""
     out = subprocess.run(
@@ -243,14 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40, help="per thread per round")
-    parser.add_argument(
-        "--tree",
-        type=Path,
-        action="append",
-        default=[],
-        help="also run the service of another checkout (git worktree add DIR REV), "
-        "interleaved with this one: a before/after comparison in one run",
-    )
+    add_tree_option(parser)
     parser.add_argument("--no-mlflow", action="store_true", help="Nestor builds only")
     parser.add_argument(
         "--db",

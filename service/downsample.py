@@ -66,10 +66,10 @@ def query_series(
     width = bucket_width(first, last, max_points)
     top = max([0] + [level for level in LEVELS if BITS * level <= width.bit_length() - 1])
     if top == 0:  # buckets narrower than the finest summaries: fewer than 16 x max_points rows
-        rows = store.query(
+        rows = head + store.query(  # the rest of the window, after the rows already read
             "SELECT step, value FROM metrics WHERE job_id = ? AND key = ? AND step > ? "
             "ORDER BY step",
-            (job_id, key, since_step),
+            (job_id, key, head[-1][0]),
         )
         a = np.array(rows, dtype=np.float64)  # NULL -> NaN
         return _extremes(Pieces.points(a[:, 0].astype(np.int64), a[:, 1]), width)
